@@ -1,0 +1,123 @@
+"""Shared test fixtures.
+
+- Async tests run on uvloop (the production loop); tests marked ``both_loops`` also run
+  on plain asyncio (pytest-asyncio's loop-factory hook parametrizes them).
+- ``moto_endpoint``: a moto S3 server in its own process on a free loopback port,
+  reached over real HTTP. ``S3_UPLOAD_PART_MIN_SIZE`` is left at S3's 5 MiB unless a
+  test module lowers it through ``moto_part_min_size``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+
+import pytest
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    uvloop = None  # type: ignore[assignment]
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {}
+    if uvloop is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    if item.get_closest_marker("both_loops") is not None or uvloop is None:
+        factories["asyncio"] = asyncio.new_event_loop
+    return factories
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until something accepts connections on 127.0.0.1:port (a readiness
+    check, not a sleep: it returns as soon as the server is up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_aws_env() -> Iterator[None]:
+    """Never reach a real AWS account: drop AWS_* variables, set fake credentials."""
+    saved = {key: value for key, value in os.environ.items() if key.startswith("AWS_")}
+    for key in saved:
+        del os.environ[key]
+    os.environ.update(AWS_TEST_ENV)
+    os.environ.setdefault("AWS_CONFIG_FILE", os.devnull)
+    os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    yield
+    for key in [key for key in os.environ if key.startswith("AWS_")]:
+        del os.environ[key]
+    os.environ.update(saved)
+
+
+def start_moto(part_min_size: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a moto S3 server process; returns (process, endpoint_url)."""
+    port = free_port()
+    env = dict(os.environ)
+    env.update(AWS_TEST_ENV)
+    if part_min_size is not None:
+        env["S3_UPLOAD_PART_MIN_SIZE"] = str(part_min_size)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, process=process)
+    endpoint = f"http://127.0.0.1:{port}"
+    return process, endpoint
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A moto S3 server with S3's real 5 MiB minimum part size."""
+    process, endpoint = start_moto()
+    try:
+        yield endpoint
+    finally:
+        stop_process(process)
+
+
+def reset_moto(endpoint: str) -> None:
+    """Forget every bucket and object in the moto server (between tests)."""
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(request, timeout=10):
+        pass

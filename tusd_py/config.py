@@ -1,0 +1,424 @@
+"""Typed configuration: defaults < config.toml < environment < CLI flags.
+
+Every key lives in one dataclass below, with its default and why. Unknown keys in a
+file or a ``TUSD_PY_*`` variable are errors that name the key. Environment variables
+are ``TUSD_PY_<SECTION>_<KEY>`` upper-cased, dots as underscores, e.g.
+``TUSD_PY_SERVER_PORT=8080`` or ``TUSD_PY_STORE_S3_BUCKET=uploads``.
+
+Sizes accept a number of bytes or a string with a unit (``"8MiB"``, ``"1GiB"``, ``"512KB"``);
+durations are seconds (int or float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+ENV_PREFIX = "TUSD_PY_"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+class Size(int):
+    """A byte count; accepts ``"8MiB"``-style strings in config files and variables."""
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": KiB, "kb": 1000, "kib": KiB,
+    "m": MiB, "mb": 1000**2, "mib": MiB,
+    "g": GiB, "gb": 1000**3, "gib": GiB,
+    "t": TiB, "tb": 1000**4, "tib": TiB,
+}
+
+
+def parse_size(value: object, key: str) -> Size:
+    """Parse ``8388608``, ``"8MiB"`` or ``"1.5 GiB"`` into a byte count."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        number = float(value)
+        unit = ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        if match is None or match.group(2).lower() not in _SIZE_UNITS:
+            raise ConfigError(f"{key}: expected a size like 8388608 or \"8MiB\", got {value!r}")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * _SIZE_UNITS[unit])
+    if size < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    return Size(size)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Listen address. Loopback by default: put nginx in front, or set 0.0.0.0."""
+    port: int = 1080
+    base_path: str = "/files/"
+    """URL path under which uploads live; always ends with '/'."""
+    behind_proxy: bool = False
+    """Trust Forwarded / X-Forwarded-Host / X-Forwarded-Proto when building URLs.
+    Enable only behind a proxy that sets them."""
+    max_size: Size = Size(0)
+    """Largest upload accepted (Tus-Max-Size). 0: no limit beyond the store's own
+    (S3: 5 TiB per object)."""
+    network_timeout: float = 60.0
+    """Seconds a request body may stall (no byte arriving) before the PATCH is ended
+    and what arrived is stored."""
+    header_timeout: float = 10.0
+    """Seconds a client has to send the request line and headers (slowloris guard)."""
+    keepalive_timeout: float = 75.0
+    """Seconds an idle keep-alive connection is kept open (above nginx's 60 s default
+    upstream keepalive_timeout, so the proxy closes first)."""
+    max_header_size: Size = Size(16 * KiB)
+    """Largest request line + headers; larger gets 431."""
+    max_connections: int = 10000
+    """Open connections above this are refused (closed at accept)."""
+    drain_limit: Size = Size(1 * MiB)
+    """After an early response, read and discard at most this much of the unread
+    body to keep the connection alive; more than that and the connection is closed."""
+    shutdown_timeout: float = 30.0
+    """On SIGTERM/SIGINT: seconds running requests get to store what they received."""
+    workers: int = 1
+    """Worker processes sharing the port (SO_REUSEPORT). >1 needs a lock backend
+    shared between processes (file or consul)."""
+
+
+@dataclass
+class FileStoreConfig:
+    directory: str = "./data"
+
+
+@dataclass
+class S3StoreConfig:
+    bucket: str = ""
+    prefix: str = ""
+    """Key prefix for every object of this server (e.g. "uploads/")."""
+    endpoint_url: str = ""
+    """For S3-compatible services (MinIO, R2, Backblaze, Ceph); enables path-style
+    addressing. Empty: AWS."""
+    region: str = ""
+    """Empty: from the standard AWS chain (AWS_REGION, profile), else us-east-1."""
+    part_size: Size = Size(8 * MiB)
+    """Preferred part size. Raised per upload so no upload needs a 10,001st part."""
+    max_buffered_parts: int = 4
+    """Spool ring slots per PATCH: parts received but not yet uploaded. A full ring
+    pauses the client's socket."""
+    max_concurrent_part_uploads: int = 8
+    """UploadPart calls in flight across the whole process."""
+    spool: str = "file"
+    """Where received parts wait for upload: "file" (spool_dir) or "memory"."""
+    spool_dir: str = ""
+    """Empty: the system temp directory."""
+    tail_cache_size: Size = Size(64 * MiB)
+    """Bytes of recently written tail segments kept in memory so this instance need
+    not read them back from S3 when they complete a part. 0 disables."""
+    deferred_length_ceiling: Size = Size(0)
+    """Largest total length of an upload whose length is deferred; it fixes the part
+    size of such uploads. 0: max_size if set, else part_size x 10,000."""
+
+
+@dataclass
+class StoreConfig:
+    backend: str = "file"
+    """"file" (embedded default) or "s3"."""
+    file: FileStoreConfig = field(default_factory=FileStoreConfig)
+    s3: S3StoreConfig = field(default_factory=S3StoreConfig)
+
+
+@dataclass
+class FileLockConfig:
+    directory: str = ""
+    """Lock files live here. Empty: "<store.file.directory>/.locks", or a temp dir
+    shared by the workers for the S3 store."""
+
+
+@dataclass
+class ConsulLockConfig:
+    address: str = "127.0.0.1:8500"
+    """host:port of the local Consul agent."""
+    scheme: str = "http"
+    token: str = ""
+    """ACL token; prefer the CONSUL_HTTP_TOKEN variable over writing it here."""
+    key_prefix: str = "tusd-py/"
+    session_ttl: float = 15.0
+    """Session TTL in seconds (Consul accepts 10 to 86400); renewed every ttl/3."""
+    lock_delay: float = 1.0
+    """Seconds Consul refuses a lock after its holder's session was invalidated."""
+    behavior: str = "release"
+    """What Consul does with held locks when the session is invalidated:
+    "release" or "delete"."""
+
+
+@dataclass
+class LockConfig:
+    backend: str = "memory"
+    """"memory" (one process), "file" (workers on one host), "consul" (several hosts)."""
+    acquire_timeout: float = 20.0
+    """Seconds a request waits for a held lock (after asking the holder to release)
+    before it gets 423."""
+    file: FileLockConfig = field(default_factory=FileLockConfig)
+    consul: ConsulLockConfig = field(default_factory=ConsulLockConfig)
+
+
+@dataclass
+class CorsConfig:
+    enabled: bool = True
+    allow_origins: list[str] = field(default_factory=lambda: ["*"])
+    """Origins allowed to use the API from a browser; ["*"] allows any."""
+    allow_credentials: bool = False
+    max_age: int = 86400
+    """Seconds browsers may cache a preflight answer."""
+
+
+@dataclass
+class LogConfig:
+    level: str = "info"
+    """debug, info, warning, error."""
+    format: str = "text"
+    """"text" or "json" (one JSON object per line)."""
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    path: str = "/metrics"
+
+
+@dataclass
+class HooksConfig:
+    url: str = ""
+    """Webhook endpoint that receives hook events as JSON POSTs. Empty: no webhooks."""
+    events: list[str] = field(
+        default_factory=lambda: ["pre-create", "post-create", "post-receive", "post-finish", "post-terminate"]
+    )
+    timeout: float = 5.0
+    retries: int = 2
+    progress_interval: float = 1.0
+    """Minimum seconds between two post-receive events of one upload."""
+
+
+@dataclass
+class ExpirationConfig:
+    lifetime: float = 0.0
+    """Seconds an unfinished upload lives after creation. 0: uploads never expire."""
+    sweep_interval: float = 0.0
+    """Seconds between in-server sweeps of expired uploads. 0: no sweeper (run
+    `tusd-py cleanup` from a timer instead)."""
+
+
+@dataclass
+class ChecksumConfig:
+    max_buffered_size: Size = Size(64 * MiB)
+    """Largest PATCH body that may carry Upload-Checksum on a store that must hold the
+    body before committing it (S3 spools it to disk first)."""
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    lock: LockConfig = field(default_factory=LockConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    expiration: ExpirationConfig = field(default_factory=ExpirationConfig)
+    checksum: ChecksumConfig = field(default_factory=ChecksumConfig)
+
+
+# --- loading -------------------------------------------------------------------------
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _convert(value: Any, tp: Any, key: str, from_text: bool) -> Any:
+    """Convert a TOML value (or, with ``from_text``, an environment/CLI string)."""
+    if tp is Size:
+        return parse_size(value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).lower() in {"1", "true", "yes", "on"}:
+            return True
+        if from_text and str(value).lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text and re.fullmatch(r"-?[0-9]+", str(value).strip()):
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_text:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number of seconds, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if from_text and isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return list(value)
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    if isinstance(tp, types.UnionType):  # pragma: no cover - no optional keys yet
+        raise ConfigError(f"{key}: unsupported type")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def _apply_table(section: Any, table: Mapping[str, Any], path: str) -> None:
+    hints = _field_types(type(section))
+    for name, value in table.items():
+        key = f"{path}.{name}" if path else name
+        if name not in hints:
+            raise ConfigError(f"unknown config key {key!r}")
+        tp = hints[name]
+        if _is_section(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a table [{key}]")
+            _apply_table(getattr(section, name), value, key)
+        else:
+            setattr(section, name, _convert(value, tp, key, from_text=False))
+
+
+def all_keys(config: Config | None = None) -> dict[str, tuple[Any, Any]]:
+    """Every leaf key as ``"section.sub.key" -> (owning section object, type)``."""
+    root = config if config is not None else Config()
+    keys: dict[str, tuple[Any, Any]] = {}
+
+    def walk(section: Any, path: str) -> None:
+        for name, tp in _field_types(type(section)).items():
+            key = f"{path}.{name}" if path else name
+            if _is_section(tp):
+                walk(getattr(section, name), key)
+            else:
+                keys[key] = (section, tp)
+
+    walk(root, "")
+    return keys
+
+
+def env_name(key: str) -> str:
+    """``"store.s3.bucket"`` -> ``"TUSD_PY_STORE_S3_BUCKET"``."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def set_key(config: Config, key: str, value: Any, from_text: bool = True) -> None:
+    """Set one dotted key (used for environment variables and CLI flags)."""
+    keys = all_keys(config)
+    if key not in keys:
+        raise ConfigError(f"unknown config key {key!r}")
+    section, tp = keys[key]
+    setattr(section, key.rsplit(".", 1)[-1], _convert(value, tp, key, from_text=from_text))
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config: defaults, then the TOML file at ``path`` (if given), then
+    ``TUSD_PY_*`` variables from ``environ``, then ``overrides`` (dotted key -> value,
+    from CLI flags). Raises ``ConfigError`` naming the offending key."""
+    config = Config()
+    if path is not None:
+        try:
+            with open(path, "rb") as file:
+                table = tomllib.load(file)
+        except FileNotFoundError as error:
+            raise ConfigError(f"config file not found: {path}") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: invalid TOML: {error}") from error
+        _apply_table(config, table, "")
+    environ = os.environ if environ is None else environ
+    names = {env_name(key): key for key in all_keys(config)}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name not in names:
+            raise ConfigError(f"unknown config variable {name} (no such key)")
+        set_key(config, names[name], value, from_text=True)
+    for key, value in (overrides or {}).items():
+        set_key(config, key, value, from_text=isinstance(value, str))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks, each with a message an operator can act on."""
+    server = config.server
+    if not server.base_path.startswith("/"):
+        raise ConfigError("server.base_path must start with '/'")
+    if not server.base_path.endswith("/"):
+        server.base_path += "/"
+    if not 0 <= server.port <= 65535:
+        raise ConfigError(f"server.port must be 0-65535, got {server.port}")
+    if server.workers < 1:
+        raise ConfigError("server.workers must be at least 1")
+    for name in ("network_timeout", "header_timeout", "keepalive_timeout", "shutdown_timeout"):
+        if getattr(server, name) <= 0:
+            raise ConfigError(f"server.{name} must be positive")
+    if server.max_connections < 1:
+        raise ConfigError("server.max_connections must be at least 1")
+    if config.store.backend not in {"file", "s3"}:
+        raise ConfigError(f"store.backend must be \"file\" or \"s3\", got {config.store.backend!r}")
+    if config.store.backend == "s3" and not config.store.s3.bucket:
+        raise ConfigError("store.s3.bucket is required when store.backend = \"s3\"")
+    s3 = config.store.s3
+    if s3.part_size < 5 * MiB or s3.part_size > 5 * GiB:
+        raise ConfigError("store.s3.part_size must be between 5MiB and 5GiB (S3 part limits)")
+    if s3.spool not in {"file", "memory"}:
+        raise ConfigError(f"store.s3.spool must be \"file\" or \"memory\", got {s3.spool!r}")
+    if s3.max_buffered_parts < 1 or s3.max_concurrent_part_uploads < 1:
+        raise ConfigError("store.s3.max_buffered_parts and max_concurrent_part_uploads must be at least 1")
+    if config.lock.backend not in {"memory", "file", "consul"}:
+        raise ConfigError(f"lock.backend must be \"memory\", \"file\" or \"consul\", got {config.lock.backend!r}")
+    if server.workers > 1 and config.lock.backend == "memory":
+        raise ConfigError(
+            "server.workers > 1 needs a lock shared between processes: "
+            "set lock.backend = \"file\" (one host) or \"consul\" (several hosts)"
+        )
+    if config.lock.acquire_timeout <= 0:
+        raise ConfigError("lock.acquire_timeout must be positive")
+    if config.lock.consul.behavior not in {"release", "delete"}:
+        raise ConfigError("lock.consul.behavior must be \"release\" or \"delete\"")
+    if not 10 <= config.lock.consul.session_ttl <= 86400:
+        raise ConfigError("lock.consul.session_ttl must be between 10 and 86400 seconds (Consul's range)")
+    if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError(f"log.level must be debug, info, warning or error, got {config.log.level!r}")
+    if config.log.format not in {"text", "json"}:
+        raise ConfigError(f"log.format must be \"text\" or \"json\", got {config.log.format!r}")
+    if not config.metrics.path.startswith("/"):
+        raise ConfigError("metrics.path must start with '/'")
+    if config.expiration.lifetime < 0 or config.expiration.sweep_interval < 0:
+        raise ConfigError("expiration.lifetime and expiration.sweep_interval must not be negative")

@@ -1,0 +1,1 @@
+"""HTTP/1.1 over asyncio and h11. Knows nothing of tus."""

@@ -1,0 +1,121 @@
+"""The small interface where the HTTP layer meets an application.
+
+Only these objects cross the boundary: the application never sees h11, a transport
+or a socket, and the HTTP layer never sees tus. An application is an async callable
+``handler(request) -> Response``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Headers:
+    """Request headers: names are lower-case, values are str (decoded as latin-1).
+
+    Kept in arrival order; a name may repeat.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items: list[tuple[str, str]] = [(name.lower(), value) for name, value in items]
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or ``default``."""
+        name = name.lower()
+        for key, value in self._items:
+            if key == name:
+                return value
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of header ``name``, in arrival order."""
+        name = name.lower()
+        return [value for key, value in self._items if key == name]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the request body was complete."""
+
+
+class BodyTimeout(Exception):
+    """No body bytes arrived within the body read timeout."""
+
+
+class Body(Protocol):
+    """A request body, streamed.
+
+    Iterating yields the body in chunks as they arrive (never an empty chunk). The
+    first read sends ``100 Continue`` when the client asked for it. Reading raises
+    ``ClientDisconnected`` or ``BodyTimeout`` when the body cannot be completed.
+    Cancelling a pending read is safe: no byte is lost, the next read returns it.
+    """
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """Iterate over the chunks of the body."""
+        ...
+
+    @property
+    def length(self) -> int | None:
+        """The declared Content-Length, or None for a chunked body."""
+        ...
+
+    @property
+    def received(self) -> int:
+        """How many body bytes the application has been handed so far."""
+        ...
+
+
+Informational = Callable[[int, list[tuple[str, str]]], Awaitable[None]]
+"""Send an informational (1xx) response: ``await send_informational(104, headers)``."""
+
+
+@dataclass(slots=True)
+class Request:
+    """One HTTP request as the application sees it."""
+
+    method: str
+    """Upper-case method as sent, e.g. ``"PATCH"``."""
+    target: str
+    """The raw request target: path plus optional ``?query``."""
+    headers: Headers
+    body: Body
+    send_informational: Informational
+    """Sends a 1xx response before the final one (e.g. 104 for the IETF draft)."""
+    client: tuple[str, int] | None = None
+    """Peer address, when known."""
+    http_version: str = "1.1"
+    request_id: str = ""
+    """From the X-Request-ID header when present (sanitized), else generated; also
+    in the access log line and echoed as X-Request-ID on the response."""
+
+
+@dataclass(slots=True)
+class Response:
+    """The final response. ``body`` is bytes, or an async iterable of chunks.
+
+    For a streamed body set ``content-length`` in ``headers`` when known; otherwise the
+    HTTP layer uses chunked transfer encoding. Responses to HEAD never carry a body.
+    """
+
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes | AsyncIterable[bytes] = b""
+
+
+Handler = Callable[[Request], Awaitable[Response]]

@@ -1,0 +1,1 @@
+"""Per-upload lockers behind the interface of base.py."""

@@ -1,0 +1,63 @@
+"""Locker interface: one holder per upload, with release requests.
+
+Every request that reads or changes an upload holds its lock::
+
+    async with locker.lock(upload_id, on_release_request) as held:
+        ...  # held.lost is set if the lock is lost while held (e.g. Consul session)
+
+When another request wants a held lock, the locker calls the holder's
+``on_release_request`` (in the holder's process, whichever host it is on). The holder
+stops reading its body, stores what it received, answers its client and leaves the
+``async with``; the waiter then gets the lock. A waiter that does not get the lock
+within the locker's acquire timeout gets ``LockTimeout``. This is what fixes the
+classic "423 Locked forever" after a client reconnects while its old, half-open
+connection still holds the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol, runtime_checkable
+
+ReleaseRequest = Callable[[], None]
+"""Called (on the holder's event loop) when another request wants the lock."""
+
+
+class LockError(Exception):
+    """Base class of locker errors."""
+
+
+class LockTimeout(LockError):
+    """The lock was not released by its holder within the acquire timeout."""
+
+
+class LockUnavailable(LockError):
+    """The lock service cannot be reached (answer 503; nothing is written)."""
+
+
+class HeldLock:
+    """A lock while it is held. ``lost`` is set when the locker can no longer
+    guarantee exclusivity (session expired, lock service restarted); the holder must
+    stop writing as soon as it can."""
+
+    __slots__ = ("lost",)
+
+    def __init__(self) -> None:
+        self.lost = asyncio.Event()
+
+
+@runtime_checkable
+class Locker(Protocol):
+    """Per-upload exclusive locks with release requests."""
+
+    def lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AbstractAsyncContextManager[HeldLock]:
+        """Acquire the lock of ``upload_id``; raises ``LockTimeout`` or
+        ``LockUnavailable``. ``on_release_request`` is called while the lock is held
+        each time another request asks for it."""
+        ...
+
+    async def close(self) -> None:
+        """Release every held lock and background resource (sessions, watchers)."""
+        ...

@@ -1,0 +1,1 @@
+"""Upload stores behind the interfaces of base.py."""
