@@ -1,0 +1,142 @@
+"""Config loading: precedence, unknown keys, types, and the shipped config.toml."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tusd_py import cli
+from tusd_py.config import MiB, Config, ConfigError, all_keys, env_name, load_config, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    config = load_config(environ={})
+    assert config.server.host == "127.0.0.1"
+    assert config.server.port == 1080
+    assert config.server.base_path == "/files/"
+    assert config.store.backend == "file"
+    assert config.store.file.directory == "./data"
+    assert config.lock.backend == "memory"
+
+
+def test_shipped_config_toml_lists_every_key_with_its_default() -> None:
+    with open(ROOT / "config.toml", "rb") as file:
+        table = tomllib.load(file)
+    shipped: dict[str, object] = {}
+
+    def walk(node: dict[str, object], path: str) -> None:
+        for key, value in node.items():
+            dotted = f"{path}.{key}" if path else key
+            if isinstance(value, dict):
+                walk(value, dotted)
+            else:
+                shipped[dotted] = value
+
+    walk(table, "")
+    assert set(shipped) == set(all_keys()), "config.toml and config.py disagree on keys"
+    from_file = load_config(ROOT / "config.toml", environ={})
+    assert _normalized(from_file) == _normalized(Config()), "config.toml shows a value other than the default"
+
+
+def _normalized(config: Config) -> dict[str, object]:
+    return {key: getattr(section, key.rsplit(".", 1)[-1]) for key, (section, _) in all_keys(config).items()}
+
+
+def test_precedence_file_env_flags(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[server]\nport = 2000\nhost = '0.0.0.0'\n[store.file]\ndirectory = '/x'\n")
+    config = load_config(path, environ={"TUSD_PY_SERVER_PORT": "3000"}, overrides={})
+    assert (config.server.port, config.server.host, config.store.file.directory) == (3000, "0.0.0.0", "/x")
+    config = load_config(path, environ={"TUSD_PY_SERVER_PORT": "3000"}, overrides={"server.port": 4000})
+    assert config.server.port == 4000
+
+
+def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[server]\nprot = 1\n")
+    with pytest.raises(ConfigError, match="'server.prot'"):
+        load_config(path, environ={})
+
+
+def test_unknown_section_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[stroe]\nbackend = 'file'\n")
+    with pytest.raises(ConfigError, match="'stroe'"):
+        load_config(path, environ={})
+
+
+def test_unknown_environment_variable_is_named() -> None:
+    with pytest.raises(ConfigError, match="TUSD_PY_SERVER_PROT"):
+        load_config(environ={"TUSD_PY_SERVER_PROT": "1"})
+
+
+def test_type_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="server.port"):
+        load_config(_write(tmp_path, "[server]\nport = 'eighty'\n"), environ={})
+    with pytest.raises(ConfigError, match="server.behind_proxy"):
+        load_config(environ={"TUSD_PY_SERVER_BEHIND_PROXY": "maybe"})
+
+
+def test_sizes() -> None:
+    assert parse_size("8MiB", "k") == 8 * MiB
+    assert parse_size("1.5 KiB", "k") == 1536
+    assert parse_size(42, "k") == 42
+    assert parse_size("1MB", "k") == 1_000_000
+    with pytest.raises(ConfigError):
+        parse_size("8 parsecs", "k")
+    with pytest.raises(ConfigError):
+        parse_size(True, "k")
+    config = load_config(environ={"TUSD_PY_STORE_S3_PART_SIZE": "16MiB"})
+    assert config.store.s3.part_size == 16 * MiB
+
+
+def test_env_names() -> None:
+    assert env_name("store.s3.bucket") == "TUSD_PY_STORE_S3_BUCKET"
+    names = [env_name(key) for key in all_keys()]
+    assert len(names) == len(set(names)), "two keys map to one environment variable"
+
+
+def test_cross_field_validation() -> None:
+    with pytest.raises(ConfigError, match="workers"):
+        load_config(environ={"TUSD_PY_SERVER_WORKERS": "2"})
+    load_config(environ={"TUSD_PY_SERVER_WORKERS": "2", "TUSD_PY_LOCK_BACKEND": "file"})
+    with pytest.raises(ConfigError, match="bucket"):
+        load_config(environ={"TUSD_PY_STORE_BACKEND": "s3"})
+    with pytest.raises(ConfigError, match="part_size"):
+        load_config(environ={"TUSD_PY_STORE_S3_PART_SIZE": "1MiB"})
+    with pytest.raises(ConfigError, match="base_path"):
+        load_config(environ={"TUSD_PY_SERVER_BASE_PATH": "files"})
+    assert load_config(environ={"TUSD_PY_SERVER_BASE_PATH": "/up"}).server.base_path == "/up/"
+
+
+def test_list_from_environment() -> None:
+    config = load_config(environ={"TUSD_PY_CORS_ALLOW_ORIGINS": "https://a.example, https://b.example"})
+    assert config.cors.allow_origins == ["https://a.example", "https://b.example"]
+
+
+def test_cli_flags_override(tmp_path: Path) -> None:
+    args = cli._parser().parse_args(["--port", "9999", "--directory", str(tmp_path), "--host", "::1"])
+    config = cli.config_from_args(args)
+    assert (config.server.port, config.server.host, config.store.file.directory) == (9999, "::1", str(tmp_path))
+
+
+def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, "[server]\nbogus = 1\n")
+    assert cli.main(["--config", str(path)]) == 2
+    assert "server.bogus" in capsys.readouterr().err
+
+
+def test_cli_help_explains_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--host", "--port", "--directory"):
+        assert flag in out
