@@ -1,0 +1,108 @@
+"""The HTTP server: listening socket, connection bookkeeping, graceful shutdown.
+
+Usage (see ``tusd_py.cli``)::
+
+    server = HTTPServer(handler, HTTPLimits())
+    port = await server.start("127.0.0.1", 0)
+    ...
+    server.stop_accepting()
+    await server.stop(timeout=30)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from tusd_py.http.limits import HTTPLimits
+from tusd_py.http.protocol import HTTPProtocol, ServerContext
+from tusd_py.http.types import Handler
+
+__all__ = ["HTTPLimits", "HTTPServer"]
+
+log = logging.getLogger("tusd_py.http")
+
+# After ``stop`` aborted the remaining connections, how long their cancelled handlers
+# get to unwind before ``stop`` returns anyway.
+_CANCEL_GRACE_SECONDS = 1.0
+
+
+class HTTPServer:
+    """An asyncio HTTP/1.1 server that calls ``handler(request)`` for every request."""
+
+    def __init__(self, handler: Handler, limits: HTTPLimits | None = None) -> None:
+        self._context = ServerContext(handler, limits if limits is not None else HTTPLimits())
+        self._server: asyncio.Server | None = None
+
+    @property
+    def limits(self) -> HTTPLimits:
+        """The limits this server enforces."""
+        return self._context.limits
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (including ones whose handler is still finishing)."""
+        return len(self._context.connections)
+
+    @property
+    def connections(self) -> frozenset[HTTPProtocol]:
+        """The open connections (introspection for tests and metrics)."""
+        return frozenset(self._context.connections)
+
+    @property
+    def flow_observer(self) -> Callable[[HTTPProtocol, bool], None] | None:
+        """Called with (connection, paused) when a connection pauses or resumes reading."""
+        return self._context.flow_observer
+
+    @flow_observer.setter
+    def flow_observer(self, observer: Callable[[HTTPProtocol, bool], None] | None) -> None:
+        self._context.flow_observer = observer
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listen on ``host:port`` and return the bound port (``port=0`` picks a free one)."""
+        if self._server is not None:
+            raise RuntimeError("the server is already started")
+        loop = asyncio.get_running_loop()
+        context = self._context
+        context.stopping = False
+        self._server = await loop.create_server(
+            lambda: HTTPProtocol(context),
+            host,
+            port,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
+            # A large backlog absorbs connection bursts (tus clients retry in herds
+            # after an outage); the kernel caps it at net.core.somaxconn.
+            backlog=4096,
+        )
+        sockets = self._server.sockets
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket(s); open connections are not touched."""
+        if self._server is not None:
+            self._server.close()
+
+    async def stop(self, timeout: float) -> None:  # noqa: ASYNC109 - the API cli.py uses
+        """Stop accepting, close idle keep-alive connections, wait up to ``timeout``
+        seconds for in-flight requests to finish, then abort what remains."""
+        self.stop_accepting()
+        context = self._context
+        context.stopping = True  # busy connections close after their response
+        for connection in list(context.connections):
+            connection.close_if_idle()
+        try:
+            async with asyncio.timeout(timeout):
+                await context.wait_empty()
+        except TimeoutError:
+            remaining = list(context.connections)
+            log.warning("aborting %d connections still busy after %.1fs", len(remaining), timeout)
+            tasks = [task for connection in remaining if (task := connection.task) is not None]
+            for connection in remaining:
+                connection.abort()
+            if tasks:
+                await asyncio.wait(tasks, timeout=_CANCEL_GRACE_SECONDS)
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.wait_closed()
