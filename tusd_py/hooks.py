@@ -1,0 +1,584 @@
+"""Hooks: tell other systems about uploads, and let one of them veto or shape creation.
+
+Events, in the life of an upload:
+
+- ``pre-create``: before the store creates an upload. The answer may reject it (the
+  client gets the given 4xx status and message), choose its id, or change its metadata.
+  The request waits for it (bounded by ``hooks.timeout`` and ``hooks.retries``).
+- ``post-create``: the upload exists.
+- ``post-receive``: progress while a PATCH streams, at most one per
+  ``hooks.progress_interval`` per upload, plus always one when the PATCH ends.
+- ``post-finish``: the upload is complete (the store finished it).
+- ``post-terminate``: a client deleted the upload.
+
+``post-*`` events never make a request wait: they go into a bounded queue that a few
+background tasks deliver. When the queue is full an event is dropped and logged (a
+hook receiver that is down must not take memory or the upload service with it).
+Failed deliveries are retried, then logged; they never raise into the handler.
+
+Two kinds of receivers, both optional:
+
+- An HTTP webhook (``hooks.url``): each enabled event (``hooks.events``) is POSTed as
+  JSON (see ``HookEvent.to_json``). Deliveries are at least once: a retry after a
+  timeout may repeat an event the receiver already handled, so every event carries an
+  ``event_id`` that stays the same across retries. With ``hooks.secret`` set, the body is
+  signed: ``Tusd-Py-Signature: sha256=<hex HMAC-SHA256 of the body>``.
+- Python callables registered by embedders with ``hooks.on(event, fn)``; they are called
+  for their event whatever ``hooks.events`` says (registering one is the opt-in).
+
+A pre-create answer (webhook JSON, or a ``PreCreateAnswer`` from a callable)::
+
+    {}                                             accept unchanged
+    {"reject": true, "status": 403, "message": "quota exceeded"}
+    {"id": "invoice-42"}                           use this upload id
+    {"metadata": {"owner": "alice", "tmp": null}}  set keys (text values), remove "tmp"
+
+Callables run first, in registration order, then the webhook; each sees the upload as
+changed by the ones before it; the first rejection wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from tusd_py import __version__
+from tusd_py.config import HOOK_EVENT_NAMES, HooksConfig
+from tusd_py.http.types import Request
+from tusd_py.metrics import Metrics
+from tusd_py.stores.base import UploadInfo, is_valid_upload_id
+
+log = logging.getLogger("tusd_py.hooks")
+
+PRE_CREATE: Final = "pre-create"
+POST_CREATE: Final = "post-create"
+POST_RECEIVE: Final = "post-receive"
+POST_FINISH: Final = "post-finish"
+POST_TERMINATE: Final = "post-terminate"
+HOOK_EVENTS: Final = HOOK_EVENT_NAMES
+assert HOOK_EVENTS == (PRE_CREATE, POST_CREATE, POST_RECEIVE, POST_FINISH, POST_TERMINATE)
+
+# Request headers never forwarded to a hook receiver: credentials of the client.
+SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+SIGNATURE_HEADER: Final = "Tusd-Py-Signature"
+
+# A pre-create answer is a small JSON document; refuse to buffer more than this.
+MAX_ANSWER_BYTES: Final = 64 * 1024
+# The rejection message goes into the response body; keep it short.
+MAX_REJECT_MESSAGE_CHARS: Final = 1024
+DEFAULT_REJECT_STATUS: Final = 403
+DEFAULT_REJECT_MESSAGE: Final = "upload rejected by the server's pre-create hook"
+# Retry delays double from hooks.retry_backoff up to this.
+MAX_RETRY_DELAY_SECONDS: Final = 30.0
+# post-receive throttling remembers one timestamp per upload with a PATCH in progress;
+# this bounds that table if a caller ever forgets the final event.
+MAX_TRACKED_PROGRESS: Final = 100_000
+
+# tus metadata keys: non-empty ASCII without spaces and commas.
+_METADATA_KEY = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
+# Statuses worth retrying: the receiver is overloaded or restarting.
+_RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class HookError(Exception):
+    """The pre-create hook could not be consulted or gave an invalid answer.
+
+    The handler answers ``status`` with a generic message (the details are logged, not
+    sent to the client): 503 when the receiver was unreachable, timed out or failed
+    after the retries (clients retry later), 500 when its answer was invalid.
+    """
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What a hook receiver is told about the HTTP request behind an event."""
+
+    method: str
+    uri: str
+    """The request target (path and query) as sent."""
+    remote_addr: str
+    """The client's address; behind a trusted proxy, the last X-Forwarded-For entry."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """Lower-case names, in arrival order, without ``SECRET_HEADERS``."""
+    request_id: str = ""
+
+    @classmethod
+    def from_request(cls, request: Request, *, behind_proxy: bool = False) -> RequestContext:
+        """Build the context of an HTTP request. ``behind_proxy``: trust the
+        X-Forwarded-For header the proxy appended (``server.behind_proxy``)."""
+        remote_addr = request.client[0] if request.client else ""
+        if behind_proxy:
+            forwarded = ",".join(request.headers.get_all("x-forwarded-for"))
+            # The last entry is the one our proxy appended (the peer it saw); earlier
+            # ones come from the client and may be forged.
+            hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+            if hops:
+                remote_addr = hops[-1]
+        headers = tuple((name, value) for name, value in request.headers if name not in SECRET_HEADERS)
+        return cls(request.method, request.target, remote_addr, headers, request.request_id)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form: headers as ``{name: [values]}`` (like Go's http.Header)."""
+        headers: dict[str, list[str]] = {}
+        for name, value in self.headers:
+            if name.lower() not in SECRET_HEADERS:
+                headers.setdefault(name.lower(), []).append(value)
+        return {
+            "method": self.method,
+            "uri": self.uri,
+            "remote_addr": self.remote_addr,
+            "request_id": self.request_id,
+            "headers": headers,
+        }
+
+
+def _snapshot(info: UploadInfo) -> UploadInfo:
+    """A copy of ``info`` that later changes by the handler or store cannot touch."""
+    return dataclasses.replace(
+        info,
+        metadata=dict(info.metadata),
+        storage=dict(info.storage),
+        partial_ids=None if info.partial_ids is None else list(info.partial_ids),
+        state=None,
+    )
+
+
+def upload_to_json(info: UploadInfo) -> dict[str, Any]:
+    """The upload as hook receivers see it: metadata decoded to text."""
+    return {
+        "id": info.id,
+        "size": info.length,
+        "size_is_deferred": info.length is None,
+        "offset": info.offset,
+        "metadata": {key: info.metadata_text(key) for key in info.metadata},
+        "is_partial": info.is_partial,
+        "is_final": info.is_final,
+        "partial_uploads": info.partial_ids,
+        "finished": info.finished,
+        "created_at": info.created_at,
+        "expires_at": info.expires_at,
+        "storage": info.storage,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class HookEvent:
+    """One event, as passed to Python callables and (as JSON) to the webhook."""
+
+    type: str
+    upload: UploadInfo
+    """A snapshot of the upload when the event happened."""
+    request: RequestContext | None = None
+    event_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    time: float = dataclasses.field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "event_id": self.event_id,
+            "time": self.time,
+            "upload": upload_to_json(self.upload),
+            "request": None if self.request is None else self.request.to_json(),
+        }
+
+    def body(self) -> bytes:
+        """The webhook body. ``default=str`` keeps odd store fields from failing it."""
+        return json.dumps(self.to_json(), default=str, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class PreCreateAnswer:
+    """What a pre-create hook may answer; the default accepts the upload unchanged."""
+
+    reject: bool = False
+    status: int = DEFAULT_REJECT_STATUS
+    """Status of the rejection, 400-499 (anything else becomes 403)."""
+    message: str = DEFAULT_REJECT_MESSAGE
+    upload_id: str | None = None
+    """Use this id for the upload (letters, digits, '-', '_'; at most 128)."""
+    metadata: Mapping[str, str | None] | None = None
+    """Metadata keys to set (text values) or, with None, to remove."""
+
+    @classmethod
+    def from_json(cls, document: object) -> PreCreateAnswer:
+        """Parse a webhook's JSON answer; raises ``HookError`` when it is malformed."""
+        if not isinstance(document, dict):
+            raise HookError("pre-create answer is not a JSON object")
+        upload_id = document.get("id")
+        if upload_id is not None and not isinstance(upload_id, str):
+            raise HookError("pre-create answer: \"id\" must be a string")
+        metadata = document.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise HookError("pre-create answer: \"metadata\" must be an object")
+        status = document.get("status", DEFAULT_REJECT_STATUS)
+        message = document.get("message", DEFAULT_REJECT_MESSAGE)
+        return cls(
+            reject=document.get("reject") is True,
+            status=status if isinstance(status, int) and not isinstance(status, bool) else -1,
+            message=message if isinstance(message, str) else DEFAULT_REJECT_MESSAGE,
+            upload_id=upload_id,
+            metadata=metadata,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A pre-create hook refused the upload: answer ``status`` with ``message``."""
+
+    status: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreCreateResult:
+    """Outcome of ``Hooks.pre_create``: the upload to create (possibly with another id
+    or metadata), or a rejection to answer instead."""
+
+    info: UploadInfo
+    rejection: Rejection | None = None
+
+
+def _apply_answer(info: UploadInfo, answer: PreCreateAnswer, source: str) -> PreCreateResult:
+    """Validate ``answer`` and apply it to a copy of ``info``."""
+    if answer.reject:
+        status = answer.status
+        if not 400 <= status <= 499:
+            # The intent (reject) is clear; only the status is unusable. A 2xx/5xx here
+            # would tell tus clients the upload exists or to retry forever.
+            log.warning("pre-create hook rejected with status %r; answering 403 instead", status,
+                        extra={"hook": source})
+            status = DEFAULT_REJECT_STATUS
+        message = (answer.message or DEFAULT_REJECT_MESSAGE)[:MAX_REJECT_MESSAGE_CHARS]
+        return PreCreateResult(info, Rejection(status, message))
+    changes: dict[str, Any] = {}
+    if answer.upload_id is not None:
+        if not is_valid_upload_id(answer.upload_id):
+            raise HookError(f"{source} answered an invalid upload id {answer.upload_id[:200]!r}")
+        changes["id"] = answer.upload_id
+    if answer.metadata is not None:
+        metadata = dict(info.metadata)
+        for key, text in answer.metadata.items():
+            if not isinstance(key, str) or _METADATA_KEY.fullmatch(key) is None:
+                raise HookError(f"{source} answered an invalid metadata key {key!r}")
+            if text is None:
+                metadata.pop(key, None)
+            elif isinstance(text, str):
+                metadata[key] = base64.b64encode(text.encode()).decode("ascii")
+            else:
+                raise HookError(f"{source} answered a non-text value for metadata key {key!r}")
+        changes["metadata"] = metadata
+    return PreCreateResult(dataclasses.replace(info, **changes) if changes else info)
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without credentials or query, for logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+class WebhookSender:
+    """POSTs event bodies to one URL with a per-attempt timeout and retries."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        retries: int,
+        retry_backoff: float,
+        secret: str = "",
+        max_connections: int = 100,
+    ) -> None:
+        self._url = url
+        self.safe_url = _safe_url(url)
+        self._timeout = timeout
+        self._retries = retries
+        self._retry_backoff = retry_backoff
+        self._secret = secret.encode()
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        # Created on first use: a ClientSession belongs to the running event loop.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                # The overall bound is asyncio.timeout() per attempt; this one only
+                # stops aiohttp's own 5-minute default from applying.
+                timeout=aiohttp.ClientTimeout(total=None),
+                headers={"User-Agent": f"tusd-py/{__version__}"},
+            )
+        return self._session
+
+    async def send(self, event_type: str, body: bytes) -> bytes:
+        """POST ``body``; return the answer body of the first 2xx response.
+
+        Connection errors, timeouts and 408/425/429/5xx answers are retried after
+        ``retry_backoff * 2**n`` seconds. Raises ``HookError`` (status 503) when every
+        attempt failed, or (status 500) on another status or an oversized answer.
+        """
+        session = self._get_session()
+        headers = {"Content-Type": "application/json", "Hook-Name": event_type}
+        if self._secret:
+            digest = hmac.new(self._secret, body, hashlib.sha256).hexdigest()
+            headers[SIGNATURE_HEADER] = f"sha256={digest}"
+        problem = ""
+        attempts = self._retries + 1
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(min(self._retry_backoff * 2 ** (attempt - 1), MAX_RETRY_DELAY_SECONDS))
+            try:
+                async with asyncio.timeout(self._timeout):
+                    async with session.post(self._url, data=body, headers=headers) as response:
+                        answer = await _read_limited(response)
+                        if 200 <= response.status < 300:
+                            return answer
+                        problem = f"answered {response.status}"
+                        if response.status not in _RETRY_STATUSES:
+                            raise HookError(f"{event_type} hook at {self.safe_url} {problem}")
+            except TimeoutError:
+                problem = f"did not answer within {self._timeout:g}s"
+            except aiohttp.ClientError as error:
+                problem = f"failed: {type(error).__name__}: {error}"
+            log.debug("%s hook at %s %s (attempt %d of %d)", event_type, self.safe_url, problem, attempt + 1,
+                      attempts)
+        raise HookError(f"{event_type} hook at {self.safe_url} {problem} ({attempts} attempts)", status=503)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
+    """The response body, refusing one larger than ``MAX_ANSWER_BYTES``."""
+    answer = bytearray()
+    async for chunk in response.content.iter_chunked(16 * 1024):
+        answer += chunk
+        if len(answer) > MAX_ANSWER_BYTES:
+            raise HookError(f"hook answer is larger than {MAX_ANSWER_BYTES} bytes")
+    return bytes(answer)
+
+
+HookCallable = Callable[[HookEvent], Awaitable[PreCreateAnswer | None]]
+"""An embedder's hook: ``async def fn(event) -> PreCreateAnswer | None``. The return
+value matters only for pre-create."""
+
+
+class Hooks:
+    """The hook events of one server: a webhook sender and registered callables.
+
+    Create one per server with the ``[hooks]`` config; the tus handler calls
+    ``pre_create`` (awaited) and the ``post_*`` methods (plain calls that never block);
+    ``close`` at shutdown delivers what is pending, within a time limit.
+    """
+
+    def __init__(
+        self,
+        config: HooksConfig,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock`` (monotonic seconds) is injectable so progress throttling can be
+        tested without sleeping."""
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._sender: WebhookSender | None = None
+        if config.url:
+            self._sender = WebhookSender(
+                config.url,
+                timeout=config.timeout,
+                retries=config.retries,
+                retry_backoff=config.retry_backoff,
+                secret=config.secret,
+            )
+        self._webhook_events = frozenset(config.events) if self._sender is not None else frozenset()
+        self._callables: dict[str, list[HookCallable]] = {event: [] for event in HOOK_EVENTS}
+        self._queue: asyncio.Queue[HookEvent] = asyncio.Queue(maxsize=config.max_pending)
+        self._workers: list[asyncio.Task[None]] = []
+        self._closed = False
+        # upload id -> clock() of the last post-receive sent (or of the PATCH's start).
+        self._progress_sent: dict[str, float] = {}
+
+    def on(self, event: str, fn: HookCallable) -> None:
+        """Call ``fn`` for every ``event`` (one of ``HOOK_EVENTS``)."""
+        if event not in self._callables:
+            raise ValueError(f"unknown hook event {event!r}; expected one of {', '.join(HOOK_EVENTS)}")
+        self._callables[event].append(fn)
+
+    def wants(self, event: str) -> bool:
+        """True when something receives ``event`` (lets callers skip building it)."""
+        return event in self._webhook_events or bool(self._callables.get(event))
+
+    # --- pre-create: the request waits for the answer --------------------------------
+
+    async def pre_create(self, info: UploadInfo, request: RequestContext | None = None) -> PreCreateResult:
+        """Ask the callables, then the webhook, whether to create ``info`` and how.
+
+        Returns the (possibly changed) upload or a rejection. Raises ``HookError`` when
+        the webhook is unreachable or an answer is invalid: the upload must then not be
+        created (fail closed: a pre-create hook is often an authorization check).
+        """
+        result = PreCreateResult(info)
+        for fn in self._callables[PRE_CREATE]:
+            try:
+                answer = await fn(HookEvent(PRE_CREATE, _snapshot(result.info), request))
+            except HookError:
+                raise
+            except Exception as error:
+                log.exception("pre-create hook %r raised", fn)
+                raise HookError(f"pre-create hook {fn!r} raised {type(error).__name__}") from error
+            if answer is not None:
+                result = _apply_answer(result.info, answer, f"pre-create hook {fn!r}")
+                if result.rejection is not None:
+                    return result
+        if self._sender is not None and PRE_CREATE in self._webhook_events:
+            event = HookEvent(PRE_CREATE, _snapshot(result.info), request)
+            try:
+                raw = await self._sender.send(PRE_CREATE, event.body())
+                try:
+                    document = json.loads(raw) if raw.strip() else {}
+                except ValueError as error:
+                    raise HookError("pre-create hook answered invalid JSON") from error
+                result = _apply_answer(result.info, PreCreateAnswer.from_json(document), "pre-create webhook")
+            except HookError as error:
+                log.warning("pre-create hook failed: %s", error, extra={"upload_id": info.id})
+                self._count(PRE_CREATE, "failed")
+                raise
+            self._count(PRE_CREATE, "ok")
+        return result
+
+    # --- post-*: fire and forget --------------------------------------------------------
+
+    def post_create(self, info: UploadInfo, request: RequestContext | None = None) -> None:
+        """The upload was created (after the store's ``create``)."""
+        self._emit(POST_CREATE, info, request)
+
+    def post_receive(self, info: UploadInfo, *, final: bool = False, request: RequestContext | None = None) -> None:
+        """Progress of a PATCH: ``info.offset`` is the bytes received so far.
+
+        Call it as often as you like while the body streams (it is a clock read and a
+        dict lookup when throttled); an event goes out at most once per
+        ``progress_interval`` per upload, the first one an interval after the PATCH
+        began. Call it with ``final=True`` when the PATCH ends (in a ``finally``), with
+        the stored offset: that event is always sent and resets the throttle.
+        """
+        if not self.wants(POST_RECEIVE):
+            return
+        if final:
+            self._progress_sent.pop(info.id, None)
+        else:
+            now = self._clock()
+            last = self._progress_sent.get(info.id)
+            if last is None:
+                # The PATCH just began: start its throttle window without an event, so
+                # a short PATCH sends only its final event.
+                if len(self._progress_sent) >= MAX_TRACKED_PROGRESS:
+                    del self._progress_sent[next(iter(self._progress_sent))]
+                self._progress_sent[info.id] = now
+                return
+            if now - last < self._config.progress_interval:
+                return
+            self._progress_sent[info.id] = now
+        self._emit(POST_RECEIVE, info, request)
+
+    def post_finish(self, info: UploadInfo, request: RequestContext | None = None) -> None:
+        """The upload is complete (after the store's ``finish``)."""
+        self._progress_sent.pop(info.id, None)
+        self._emit(POST_FINISH, info, request)
+
+    def post_terminate(self, info: UploadInfo, request: RequestContext | None = None) -> None:
+        """The upload was deleted (after the store's ``terminate``)."""
+        self._progress_sent.pop(info.id, None)
+        self._emit(POST_TERMINATE, info, request)
+
+    def _emit(self, event_type: str, info: UploadInfo, request: RequestContext | None) -> None:
+        if not self.wants(event_type):
+            return
+        if self._closed:
+            log.warning("%s hook dropped: hooks are closed", event_type, extra={"upload_id": info.id})
+            self._count(event_type, "dropped")
+            return
+        try:
+            self._queue.put_nowait(HookEvent(event_type, _snapshot(info), request))
+        except asyncio.QueueFull:
+            log.warning("%s hook dropped: %d deliveries already pending", event_type, self._queue.qsize(),
+                        extra={"upload_id": info.id})
+            self._count(event_type, "dropped")
+            return
+        if not self._workers:
+            self._workers = [
+                asyncio.get_running_loop().create_task(self._deliver_forever(), name=f"tusd-py hooks {number}")
+                for number in range(self._config.max_concurrent_deliveries)
+            ]
+
+    async def _deliver_forever(self) -> None:
+        while True:
+            event = await self._queue.get()
+            try:
+                await self._deliver(event)
+            finally:
+                self._queue.task_done()
+
+    async def _deliver(self, event: HookEvent) -> None:
+        """Give ``event`` to every receiver; log failures, never raise them."""
+        upload_id = event.upload.id
+        for fn in self._callables[event.type]:
+            try:
+                await fn(event)
+            except Exception:
+                log.exception("%s hook %r raised", event.type, fn, extra={"upload_id": upload_id})
+        if self._sender is not None and event.type in self._webhook_events:
+            try:
+                await self._sender.send(event.type, event.body())
+            except HookError as error:
+                log.warning("%s hook failed: %s", event.type, error, extra={"upload_id": upload_id})
+                self._count(event.type, "failed")
+            else:
+                self._count(event.type, "ok")
+
+    def _count(self, event_type: str, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.hook_delivery(event_type, outcome)
+
+    async def close(self, drain_timeout: float = 5.0) -> None:
+        """Stop taking events and deliver the pending ones for at most ``drain_timeout``
+        seconds; what is still pending then is abandoned (and logged)."""
+        self._closed = True
+        if self._workers:
+            try:
+                async with asyncio.timeout(drain_timeout):
+                    await self._queue.join()
+            except TimeoutError:
+                log.warning("hooks closed with deliveries pending after %.1fs (up to %d abandoned)", drain_timeout,
+                            self._queue.qsize() + len(self._workers))
+            for worker in self._workers:
+                worker.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
+            self._workers = []
+        if self._sender is not None:
+            await self._sender.close()
