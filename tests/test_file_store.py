@@ -1,0 +1,177 @@
+"""FileStore: layout, atomic info, offsets from data, interrupted writes, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import pytest
+from tus_fakes import files_in
+
+from tusd_py.stores.base import (
+    Store,
+    StoreError,
+    SupportsDeferredLength,
+    SupportsDownload,
+    SupportsTermination,
+    UploadInfo,
+    UploadNotFound,
+)
+from tusd_py.stores.file import WRITE_BATCH_SIZE, FileStore
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[FileStore]:
+    file_store = FileStore(str(tmp_path / "uploads" / "nested"))
+    yield file_store
+    await file_store.close()
+
+
+async def chunks(parts: Iterable[bytes], error: BaseException | None = None) -> AsyncIterator[bytes]:
+    for part in parts:
+        await asyncio.sleep(0)
+        yield part
+    if error is not None:
+        raise error
+
+
+async def read_all(store: FileStore, info: UploadInfo, start: int, stop: int) -> bytes:
+    return b"".join([chunk async for chunk in store.read(info, start, stop)])
+
+
+def test_capabilities(tmp_path: Path) -> None:
+    store = FileStore(str(tmp_path))
+    for protocol in (Store, SupportsTermination, SupportsDeferredLength, SupportsDownload):
+        assert isinstance(store, protocol)
+
+
+@pytest.mark.both_loops
+async def test_create_write_read(store: FileStore) -> None:
+    info = await store.create(UploadInfo(id="abc", length=10, metadata={"k": "dg=="}))
+    directory = Path(store.directory)
+    assert (directory / "abc").read_bytes() == b""
+    document = json.loads((directory / "abc.info").read_text())
+    assert document["length"] == 10 and document["metadata"] == {"k": "dg=="}
+    assert files_in(directory) == ["abc", "abc.info"]
+
+    info = await store.get_info("abc")
+    assert info.offset == 0
+    assert await store.write(info, chunks([b"01234", b"567"])) == 8
+    info = await store.get_info("abc")
+    assert info.offset == 8
+    assert await store.write(info, chunks([b"89"])) == 10
+    info = await store.finish(await store.get_info("abc"))
+    assert (await store.get_info("abc")).finished
+    assert await read_all(store, info, 0, 10) == b"0123456789"
+    assert await read_all(store, info, 3, 5) == b"34"
+
+
+async def test_large_write_is_exact(store: FileStore) -> None:
+    data = bytes(range(256)) * (WRITE_BATCH_SIZE // 256 * 3 + 17)
+    info = await store.create(UploadInfo(id="big", length=len(data)))
+    parts = [data[i : i + 4000] for i in range(0, len(data), 4000)]
+    assert await store.write(info, chunks(parts)) == len(data)
+    assert (Path(store.directory) / "big").read_bytes() == data
+    assert await read_all(store, info, 0, len(data)) == data
+
+
+async def test_tiny_chunks_are_batched_by_count(store: FileStore) -> None:
+    data = bytes(range(256)) * 10
+    info = await store.create(UploadInfo(id="tiny", length=len(data)))
+    assert await store.write(info, chunks([data[i : i + 1] for i in range(len(data))])) == len(data)
+    assert (Path(store.directory) / "tiny").read_bytes() == data
+
+
+async def test_interrupted_write_keeps_every_byte_and_reraises(store: FileStore) -> None:
+    info = await store.create(UploadInfo(id="cut", length=100))
+    with pytest.raises(ConnectionError):
+        await store.write(info, chunks([b"a" * 30, b"b" * 20], error=ConnectionError()))
+    assert (await store.get_info("cut")).offset == 50
+    assert (Path(store.directory) / "cut").read_bytes() == b"a" * 30 + b"b" * 20
+
+
+async def test_cancelled_write_keeps_received_bytes(store: FileStore) -> None:
+    info = await store.create(UploadInfo(id="cancel", length=100))
+    stalled = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"x" * 40
+        stalled.set()
+        await asyncio.Event().wait()  # a read that never completes
+        yield b""  # pragma: no cover
+
+    task = asyncio.create_task(store.write(info, body()))
+    await stalled.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await store.get_info("cancel")).offset == 40
+
+
+async def test_write_never_goes_past_length(store: FileStore) -> None:
+    info = await store.create(UploadInfo(id="bound", length=5))
+    assert await store.write(info, chunks([b"abc", b"defgh"])) == 5
+    assert (Path(store.directory) / "bound").read_bytes() == b"abcde"
+
+
+async def test_offset_is_capped_at_length(store: FileStore) -> None:
+    await store.create(UploadInfo(id="over", length=3))
+    (Path(store.directory) / "over").write_bytes(b"abcdef")  # e.g. written by hand
+    assert (await store.get_info("over")).offset == 3
+
+
+async def test_deferred_length(store: FileStore) -> None:
+    info = await store.create(UploadInfo(id="defer", length=None))
+    assert await store.write(info, chunks([b"abc"])) == 3
+    info = await store.declare_length(await store.get_info("defer"), 6)
+    info = await store.get_info("defer")
+    assert info.length == 6 and info.offset == 3
+
+
+async def test_terminate(store: FileStore) -> None:
+    info = await store.create(UploadInfo(id="gone", length=1))
+    await store.terminate(info)
+    assert files_in(store.directory) == []
+    with pytest.raises(UploadNotFound):
+        await store.get_info("gone")
+    with pytest.raises(UploadNotFound):
+        await store.terminate(info)
+
+
+@pytest.mark.parametrize("upload_id", ["../x", "..", "a/b", "", "a.info", "%2e%2e", "x" * 129, "a\x00b"])
+async def test_invalid_ids_never_reach_the_file_system(store: FileStore, upload_id: str) -> None:
+    with pytest.raises(UploadNotFound):
+        await store.get_info(upload_id)
+    with pytest.raises(UploadNotFound):
+        await store.create(UploadInfo(id=upload_id, length=1))
+    assert files_in(store.directory) == []
+
+
+async def test_unknown_and_orphan_uploads(store: FileStore) -> None:
+    with pytest.raises(UploadNotFound):
+        await store.get_info("nothing")
+    (Path(store.directory) / "orphan").write_bytes(b"data without info")
+    with pytest.raises(UploadNotFound):
+        await store.get_info("orphan")
+
+
+async def test_corrupt_info_is_a_store_error(store: FileStore) -> None:
+    await store.create(UploadInfo(id="bad", length=1))
+    (Path(store.directory) / "bad.info").write_text("{not json")
+    with pytest.raises(StoreError):
+        await store.get_info("bad")
+
+
+async def test_finish_is_idempotent(store: FileStore) -> None:
+    info = await store.create(UploadInfo(id="fin", length=0))
+    info = await store.finish(info)
+    info = await store.finish(info)
+    assert (await store.get_info("fin")).finished
+
+
+async def test_duplicate_create_fails(store: FileStore) -> None:
+    await store.create(UploadInfo(id="dup", length=1))
+    with pytest.raises(FileExistsError):
+        await store.create(UploadInfo(id="dup", length=1))

@@ -1,0 +1,183 @@
+"""OPTIONS discovery and CORS."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from tus_fakes import BASE, Harness, StaticBody, header, make_harness, make_request
+
+from tusd_py.config import Config
+from tusd_py.http.types import Headers, Response
+
+
+@pytest.fixture
+async def tus(tmp_path: Path) -> AsyncIterator[Harness]:
+    harness = make_harness(tmp_path / "data")
+    yield harness
+    await harness.store.close()
+    await harness.locker.close()
+
+
+def all_headers(response: Response, name: str) -> list[str]:
+    return Headers(response.headers).get_all(name)
+
+
+async def test_options_lists_version_and_extensions(tus: Harness) -> None:
+    response = await tus(make_request("OPTIONS", BASE, tus=False))
+    assert response.status == 204
+    assert header(response, "Tus-Version") == "1.0.0"
+    assert header(response, "Tus-Extension") == "creation,creation-with-upload,creation-defer-length,termination"
+    assert header(response, "Tus-Max-Size") is None
+    assert header(response, "Tus-Resumable") == "1.0.0"
+
+
+async def test_options_ignores_the_client_version(tus: Harness) -> None:
+    response = await tus(make_request("OPTIONS", BASE, {"Tus-Resumable": "0.2.2"}))
+    assert response.status == 204
+
+
+async def test_options_shows_max_size(tmp_path: Path) -> None:
+    config = Config()
+    config.server.max_size = 1 << 30  # type: ignore[assignment]
+    tus = make_harness(tmp_path, config)
+    try:
+        response = await tus(make_request("OPTIONS", BASE))
+        assert header(response, "Tus-Max-Size") == str(1 << 30)
+    finally:
+        await tus.store.close()
+
+
+class _CoreOnlyStore:
+    """A store with no optional capability: only core + creation may be offered."""
+
+    async def create(self, info: object) -> object:
+        raise NotImplementedError
+
+    async def get_info(self, upload_id: str) -> object:
+        raise NotImplementedError
+
+    async def write(self, info: object, chunks: object) -> int:
+        raise NotImplementedError
+
+    async def finish(self, info: object) -> object:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_extensions_follow_store_capabilities() -> None:
+    from tusd_py.lockers.memory import MemoryLocker
+    from tusd_py.tus.handler import TusHandler
+
+    handler = TusHandler(_CoreOnlyStore(), MemoryLocker(1.0), Config())  # type: ignore[arg-type]
+    response = await handler(make_request("OPTIONS", BASE))
+    assert header(response, "Tus-Extension") == "creation,creation-with-upload"
+    response = await handler(make_request("DELETE", BASE + "a" * 32))
+    assert response.status == 405
+    assert header(response, "Allow") == "HEAD, PATCH, OPTIONS"
+    response = await handler(make_request("POST", BASE, {"Upload-Defer-Length": "1"}))
+    assert response.status == 400
+
+
+async def test_cors_preflight(tus: Harness) -> None:
+    response = await tus(
+        make_request(
+            "OPTIONS",
+            BASE,
+            {
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "PATCH",
+                "Access-Control-Request-Headers": "tus-resumable, upload-offset",
+            },
+            tus=False,
+        )
+    )
+    assert response.status == 204
+    assert header(response, "Access-Control-Allow-Origin") == "https://app.example"
+    assert "PATCH" in (header(response, "Access-Control-Allow-Methods") or "")
+    allowed = (header(response, "Access-Control-Allow-Headers") or "").lower()
+    for name in ("tus-resumable", "upload-offset", "upload-length", "upload-metadata", "x-http-method-override"):
+        assert name in allowed
+    assert header(response, "Access-Control-Max-Age") == "86400"
+    assert header(response, "Vary") == "Origin"
+
+
+async def test_preflight_for_upload_url(tus: Harness) -> None:
+    upload_id = await tus.create(1)
+    response = await tus(
+        make_request(
+            "OPTIONS",
+            BASE + upload_id,
+            {"Origin": "https://app.example", "Access-Control-Request-Method": "DELETE"},
+            tus=False,
+        )
+    )
+    assert response.status == 204
+    assert header(response, "Access-Control-Allow-Origin") == "https://app.example"
+
+
+async def test_responses_expose_tus_headers(tus: Harness) -> None:
+    response = await tus(make_request("POST", BASE, {"Upload-Length": "1", "Origin": "https://app.example"}))
+    assert response.status == 201
+    assert header(response, "Access-Control-Allow-Origin") == "https://app.example"
+    exposed = [name.strip() for name in (header(response, "Access-Control-Expose-Headers") or "").split(",")]
+    for name in (
+        "Upload-Offset", "Location", "Upload-Length", "Tus-Version", "Tus-Resumable", "Tus-Max-Size",
+        "Tus-Extension", "Upload-Metadata", "Upload-Defer-Length", "Upload-Concat", "Upload-Expires",
+        "Upload-Checksum",
+    ):
+        assert name in exposed
+    # Errors carry CORS headers too, or the browser hides the status from the app.
+    error = await tus(make_request("HEAD", BASE + "0" * 32, {"Origin": "https://app.example"}))
+    assert error.status == 404
+    assert header(error, "Access-Control-Allow-Origin") == "https://app.example"
+
+
+async def test_disallowed_origin_gets_no_cors_headers(tmp_path: Path) -> None:
+    config = Config()
+    config.cors.allow_origins = ["https://good.example"]
+    config.cors.allow_credentials = True
+    tus = make_harness(tmp_path, config)
+    try:
+        bad = await tus(
+            make_request("OPTIONS", BASE, {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        )
+        assert header(bad, "Access-Control-Allow-Origin") is None
+        assert header(bad, "Tus-Version") == "1.0.0"  # answered as a plain OPTIONS
+        good = await tus(
+            make_request("OPTIONS", BASE, {"Origin": "https://good.example", "Access-Control-Request-Method": "POST"})
+        )
+        assert header(good, "Access-Control-Allow-Origin") == "https://good.example"
+        assert header(good, "Access-Control-Allow-Credentials") == "true"
+        upload_id = await tus.create(1, **{"Origin": "https://evil.example"})
+        head = await tus(make_request("HEAD", BASE + upload_id, {"Origin": "https://evil.example"}))
+        assert all_headers(head, "Access-Control-Allow-Origin") == []
+    finally:
+        await tus.store.close()
+
+
+async def test_cors_disabled(tmp_path: Path) -> None:
+    config = Config()
+    config.cors.enabled = False
+    tus = make_harness(tmp_path, config)
+    try:
+        response = await tus(
+            make_request("OPTIONS", BASE, {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        )
+        assert header(response, "Access-Control-Allow-Origin") is None
+        body = StaticBody([b"a"])
+        response = await tus(
+            make_request(
+                "POST",
+                BASE,
+                {"Upload-Length": "1", "Content-Type": "application/offset+octet-stream", "Origin": "https://a.example"},
+                body,
+            )
+        )
+        assert response.status == 201
+        assert header(response, "Access-Control-Expose-Headers") is None
+    finally:
+        await tus.store.close()

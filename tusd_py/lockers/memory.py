@@ -1,0 +1,132 @@
+"""In-process locker: one event loop, one process.
+
+Each upload id with a holder has an entry: the holder and a FIFO queue of waiters.
+A new waiter asks the holder to release (``on_release_request``) and waits up to
+``acquire_timeout``. Release hands the lock directly to the first waiter, so a late
+arrival can never overtake the queue; when that new holder still has others queued
+behind it, it is asked to release in turn, so a stalled request never blocks the
+queue for long. Entries are removed when the lock is free and nobody waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+
+from tusd_py.lockers.base import HeldLock, LockTimeout, LockUnavailable, ReleaseRequest
+
+log = logging.getLogger("tusd_py.lockers.memory")
+
+
+class _Holder:
+    __slots__ = ("held", "on_release_request", "granted")
+
+    def __init__(self, on_release_request: ReleaseRequest) -> None:
+        self.held = HeldLock()
+        self.on_release_request = on_release_request
+        self.granted: asyncio.Future[None] | None = None
+        """Resolved when the lock is handed to this waiter."""
+
+    def ask_to_release(self) -> None:
+        try:
+            self.on_release_request()
+        except Exception:  # a buggy callback must not break the locker
+            log.exception("on_release_request callback failed")
+
+
+class _Entry:
+    __slots__ = ("holder", "waiters")
+
+    def __init__(self, holder: _Holder) -> None:
+        self.holder: _Holder | None = holder
+        self.waiters: collections.deque[_Holder] = collections.deque()
+
+
+class MemoryLocker:
+    """Per-upload exclusive locks with release requests, for a single process."""
+
+    def __init__(self, acquire_timeout: float) -> None:
+        self._acquire_timeout = acquire_timeout
+        self._entries: dict[str, _Entry] = {}
+        self._closed = False
+
+    def lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AbstractAsyncContextManager[HeldLock]:
+        """Acquire the lock of ``upload_id`` (see ``lockers.base.Locker.lock``)."""
+        return self._lock(upload_id, on_release_request)
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AsyncIterator[HeldLock]:
+        holder = await self._acquire(upload_id, on_release_request)
+        try:
+            yield holder.held
+        finally:
+            self._release(upload_id, holder)
+
+    async def _acquire(self, upload_id: str, on_release_request: ReleaseRequest) -> _Holder:
+        if self._closed:
+            raise LockUnavailable("locker is closed")
+        me = _Holder(on_release_request)
+        entry = self._entries.get(upload_id)
+        if entry is None:
+            self._entries[upload_id] = _Entry(me)
+            return me
+        me.granted = asyncio.get_running_loop().create_future()
+        entry.waiters.append(me)
+        if entry.holder is not None:
+            entry.holder.ask_to_release()
+        try:
+            async with asyncio.timeout(self._acquire_timeout):
+                await me.granted
+        except BaseException as error:
+            if me.granted.done() and not me.granted.cancelled() and me.granted.exception() is None:
+                # Granted in the same instant we timed out or were cancelled: pass it on.
+                self._release(upload_id, me)
+            else:
+                with contextlib.suppress(ValueError):
+                    entry.waiters.remove(me)
+                me.granted.cancel()
+            if isinstance(error, TimeoutError):
+                raise LockTimeout(
+                    f"upload {upload_id} is held by another request that did not release it "
+                    f"within {self._acquire_timeout:g}s"
+                ) from None
+            raise
+        return me
+
+    def _release(self, upload_id: str, holder: _Holder) -> None:
+        entry = self._entries.get(upload_id)
+        if entry is None or entry.holder is not holder:
+            return  # already released (e.g. by close())
+        while entry.waiters:
+            successor = entry.waiters.popleft()
+            assert successor.granted is not None
+            if successor.granted.done():
+                continue  # gave up (timed out or cancelled) but not yet removed itself
+            entry.holder = successor
+            successor.granted.set_result(None)
+            if entry.waiters:
+                # Someone newer is still waiting: the newest request wins, so the one
+                # we just served is asked to hand over once it has started.
+                asyncio.get_running_loop().call_soon(successor.ask_to_release)
+            return
+        entry.holder = None
+        del self._entries[upload_id]
+
+    def is_locked(self, upload_id: str) -> bool:
+        """True while someone holds or waits for ``upload_id`` (for tests and metrics)."""
+        return upload_id in self._entries
+
+    async def close(self) -> None:
+        """Mark every held lock lost and fail every waiter with ``LockUnavailable``."""
+        self._closed = True
+        entries, self._entries = self._entries, {}
+        for entry in entries.values():
+            if entry.holder is not None:
+                entry.holder.held.lost.set()
+            for waiter in entry.waiters:
+                if waiter.granted is not None and not waiter.granted.done():
+                    waiter.granted.set_exception(LockUnavailable("locker is closed"))

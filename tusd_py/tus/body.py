@@ -1,0 +1,120 @@
+"""The PATCH body as a store sees it: bounded, and stoppable from outside.
+
+A store's ``write`` iterates a ``GuardedBody``. It ends cleanly (the store then
+stores what it has) when:
+
+- the upload's length (or the server's max size) is reached: no byte beyond it is
+  ever yielded;
+- another request asked for the upload's lock, ``release_all`` was called at
+  shutdown, or the lock was lost: a pending read is cancelled at once, because the
+  case that matters is a client stalled mid-PATCH with its socket still open;
+- the client disconnected or stopped sending (``ClientDisconnected``/``BodyTimeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator
+
+from tusd_py.http.types import Body, BodyTimeout, ClientDisconnected
+
+
+class EndReason(enum.Enum):
+    """Why a guarded body stopped yielding."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"
+    """The body ended normally."""
+    LIMIT = "limit"
+    """The upload length (or max size) was reached."""
+    OVERFLOW = "overflow"
+    """The body carried bytes beyond the limit; they were dropped."""
+    RELEASED = "released"
+    """Another request wanted the lock, or the server is shutting down."""
+    LOST = "lost"
+    """The lock was lost."""
+    DISCONNECTED = "disconnected"
+    TIMEOUT = "timeout"
+
+
+class GuardedBody:
+    """An ``AsyncIterator[bytes]`` over ``body`` that yields at most ``limit`` bytes
+    (None: no limit) and can be stopped with ``stop``."""
+
+    def __init__(self, body: Body, limit: int | None = None, stopped: bool = False) -> None:
+        self._body = body
+        self._chunks: AsyncIterator[bytes] | None = None
+        self._remaining = limit
+        self._stop_reason: EndReason | None = EndReason.RELEASED if stopped else None
+        self._reader: asyncio.Task[object] | None = None
+        self._cancelled_read = False
+        self.reason = EndReason.RUNNING
+        """Why iteration ended (``RUNNING`` while it has not)."""
+        self.yielded = 0
+        """Bytes handed to the store so far."""
+
+    def set_limit(self, limit: int | None) -> None:
+        """Yield at most ``limit`` more bytes (None: no limit); set before iterating."""
+        self._remaining = limit
+
+    def stop(self, reason: EndReason = EndReason.RELEASED) -> None:
+        """End the iteration as soon as possible, cancelling a pending body read.
+
+        Safe to call from any callback on the event loop, any number of times.
+        """
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        reader = self._reader
+        if reader is not None and not self._cancelled_read:
+            # The read is pending inside ``__anext__`` (the only place ``_reader`` is
+            # set), so this cancellation lands in the body read and nowhere else.
+            self._cancelled_read = True
+            reader.cancel()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.reason is not EndReason.RUNNING:
+            raise StopAsyncIteration
+        if self._stop_reason is not None:
+            raise self._end(self._stop_reason)
+        if self._remaining == 0:
+            raise self._end(EndReason.LIMIT)
+        if self._chunks is None:
+            # Created lazily: nothing touches the body (no 100 Continue) before the
+            # handler has validated the request and holds the lock.
+            self._chunks = aiter(self._body)
+        task = asyncio.current_task()
+        self._reader = task
+        try:
+            chunk = await anext(self._chunks)
+        except StopAsyncIteration:
+            raise self._end(EndReason.COMPLETE) from None
+        except ClientDisconnected:
+            raise self._end(EndReason.DISCONNECTED) from None
+        except BodyTimeout:
+            raise self._end(EndReason.TIMEOUT) from None
+        except asyncio.CancelledError:
+            # Swallow only our own cancellation, the way asyncio.timeout() does: if
+            # someone else cancelled the task too, uncancel() leaves a count above 0.
+            if self._cancelled_read and task is not None and task.uncancel() == 0:
+                raise self._end(self._stop_reason or EndReason.RELEASED) from None
+            raise
+        finally:
+            self._reader = None
+            self._cancelled_read = False
+        if self._remaining is not None:
+            if len(chunk) > self._remaining:
+                chunk = chunk[: self._remaining]
+                self._remaining = 0
+                self.reason = EndReason.OVERFLOW
+            else:
+                self._remaining -= len(chunk)
+        self.yielded += len(chunk)
+        return chunk
+
+    def _end(self, reason: EndReason) -> StopAsyncIteration:
+        self.reason = reason
+        return StopAsyncIteration()

@@ -1,0 +1,140 @@
+"""Every error the tus handler answers with, defined once, and the one function that
+turns any exception into a response.
+
+An ``ErrorKind`` is a row of the table: a stable code (for logs and clients), an HTTP
+status and a short message. Handler code raises ``TusError(KIND)``; store and locker
+exceptions are mapped to a kind here, so there is exactly one place that decides what a
+client sees. Anything unexpected becomes 500 and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tusd_py.http.types import Response
+from tusd_py.lockers.base import LockTimeout, LockUnavailable
+from tusd_py.stores.base import StoreUnavailable, UploadNotFound, UploadTooLarge
+
+log = logging.getLogger("tusd_py.tus")
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorKind:
+    """One row of the error table."""
+
+    code: str
+    status: int
+    message: str
+
+
+# --- the table -----------------------------------------------------------------------
+
+ERR_UNSUPPORTED_VERSION = ErrorKind(
+    "ERR_UNSUPPORTED_VERSION", 412, "missing, invalid or unsupported Tus-Resumable header"
+)
+ERR_MAX_SIZE_EXCEEDED = ErrorKind("ERR_MAX_SIZE_EXCEEDED", 413, "upload length exceeds the maximum size")
+ERR_UPLOAD_SIZE_EXCEEDED = ErrorKind(
+    "ERR_UPLOAD_SIZE_EXCEEDED", 413, "request body exceeds the upload length; bytes up to the length were stored"
+)
+ERR_STORE_SIZE_EXCEEDED = ErrorKind(
+    "ERR_STORE_SIZE_EXCEEDED", 413, "upload exceeds what the storage backend can hold for it"
+)
+ERR_INVALID_CONTENT_TYPE = ErrorKind(
+    "ERR_INVALID_CONTENT_TYPE", 415, "missing or invalid Content-Type header (expected application/offset+octet-stream)"
+)
+ERR_INVALID_OFFSET = ErrorKind("ERR_INVALID_OFFSET", 400, "missing or invalid Upload-Offset header")
+ERR_MISMATCHED_OFFSET = ErrorKind("ERR_MISMATCHED_OFFSET", 409, "Upload-Offset does not match the upload's offset")
+ERR_INVALID_LENGTH = ErrorKind("ERR_INVALID_LENGTH", 400, "missing or invalid Upload-Length header")
+ERR_INVALID_DEFER_LENGTH = ErrorKind("ERR_INVALID_DEFER_LENGTH", 400, "invalid Upload-Defer-Length header")
+ERR_LENGTH_AND_DEFER = ErrorKind(
+    "ERR_LENGTH_AND_DEFER", 400, "Upload-Length and Upload-Defer-Length must not be sent together"
+)
+ERR_LENGTH_ALREADY_SET = ErrorKind("ERR_LENGTH_ALREADY_SET", 400, "the upload length is already set and cannot change")
+ERR_LENGTH_BELOW_OFFSET = ErrorKind("ERR_LENGTH_BELOW_OFFSET", 400, "Upload-Length is smaller than the stored offset")
+ERR_DEFER_NOT_SUPPORTED = ErrorKind(
+    "ERR_DEFER_NOT_SUPPORTED", 400, "deferred upload length (creation-defer-length) is not supported by this store"
+)
+ERR_INVALID_METADATA = ErrorKind("ERR_INVALID_METADATA", 400, "invalid Upload-Metadata header")
+ERR_CHECKSUM_NOT_SUPPORTED = ErrorKind(
+    "ERR_CHECKSUM_NOT_SUPPORTED", 400, "Upload-Checksum is not supported (checksum extension not offered)"
+)
+ERR_INVALID_HOST = ErrorKind("ERR_INVALID_HOST", 400, "missing or invalid Host header")
+ERR_INVALID_METHOD_OVERRIDE = ErrorKind("ERR_INVALID_METHOD_OVERRIDE", 400, "invalid X-HTTP-Method-Override header")
+ERR_NOT_FOUND = ErrorKind("ERR_NOT_FOUND", 404, "not found")
+ERR_UPLOAD_NOT_FOUND = ErrorKind("ERR_UPLOAD_NOT_FOUND", 404, "upload not found")
+ERR_UPLOAD_NOT_FINISHED = ErrorKind(
+    "ERR_UPLOAD_NOT_FINISHED", 404, "upload is not finished; only complete uploads can be downloaded"
+)
+ERR_METHOD_NOT_ALLOWED = ErrorKind("ERR_METHOD_NOT_ALLOWED", 405, "method not allowed")
+ERR_RANGE_NOT_SATISFIABLE = ErrorKind("ERR_RANGE_NOT_SATISFIABLE", 416, "requested range not satisfiable")
+ERR_UPLOAD_LOCKED = ErrorKind(
+    "ERR_UPLOAD_LOCKED",
+    423,
+    "upload is locked: another request holds it and did not release it in time; retry later",
+)
+ERR_NOT_IMPLEMENTED = ErrorKind("ERR_NOT_IMPLEMENTED", 501, "feature not implemented by this server")
+ERR_LOCK_UNAVAILABLE = ErrorKind("ERR_LOCK_UNAVAILABLE", 503, "the lock service is unavailable; retry later")
+ERR_LOCK_LOST = ErrorKind(
+    "ERR_LOCK_LOST", 503, "the upload lock was lost while writing; check the offset with HEAD and resume"
+)
+ERR_STORE_UNAVAILABLE = ErrorKind("ERR_STORE_UNAVAILABLE", 503, "the storage backend is unavailable; retry later")
+ERR_SHUTTING_DOWN = ErrorKind("ERR_SHUTTING_DOWN", 503, "server is shutting down; retry later")
+ERR_INTERNAL = ErrorKind("ERR_INTERNAL", 500, "internal server error")
+
+
+class TusError(Exception):
+    """An error the handler answers with ``kind``.
+
+    ``detail`` refines the table's message for this occurrence (never secrets or raw
+    client input beyond what is safe to echo); ``headers`` are added to the response
+    (e.g. ``Allow`` for 405, ``Content-Range`` for 416).
+    """
+
+    def __init__(self, kind: ErrorKind, detail: str | None = None, headers: list[tuple[str, str]] | None = None):
+        super().__init__(kind.code if detail is None else f"{kind.code}: {detail}")
+        self.kind = kind
+        self.detail = detail
+        self.headers = headers or []
+
+    @property
+    def message(self) -> str:
+        """The text sent to the client."""
+        return self.kind.message if self.detail is None else f"{self.kind.message}: {self.detail}"
+
+
+def classify(error: BaseException) -> TusError:
+    """The ``TusError`` a client sees for ``error`` (unknown errors become 500)."""
+    if isinstance(error, TusError):
+        return error
+    if isinstance(error, UploadNotFound):
+        return TusError(ERR_UPLOAD_NOT_FOUND)
+    if isinstance(error, LockTimeout):
+        return TusError(ERR_UPLOAD_LOCKED, str(error) or None)
+    if isinstance(error, LockUnavailable):
+        return TusError(ERR_LOCK_UNAVAILABLE)
+    if isinstance(error, UploadTooLarge):
+        return TusError(ERR_STORE_SIZE_EXCEEDED)
+    if isinstance(error, StoreUnavailable):
+        return TusError(ERR_STORE_UNAVAILABLE)
+    return TusError(ERR_INTERNAL)
+
+
+def error_response(error: BaseException, method: str, request_id: str = "") -> Response:
+    """Turn any exception into a response: a short ``text/plain`` message (none for
+    HEAD), the kind's status and extra headers. Unexpected errors are logged with their
+    traceback; unavailable backends are logged as warnings without one."""
+    tus_error = classify(error)
+    kind = tus_error.kind
+    if kind is ERR_INTERNAL:
+        log.error(
+            "unexpected error handling %s request", method, exc_info=error, extra={"request_id": request_id}
+        )
+    elif kind.status == 503:
+        log.warning("%s: %s", kind.code, error, extra={"request_id": request_id})
+    headers = list(tus_error.headers)
+    body = b""
+    if method != "HEAD":
+        body = (tus_error.message + "\n").encode("utf-8")
+        headers.append(("Content-Type", "text/plain; charset=utf-8"))
+    return Response(kind.status, headers, body)

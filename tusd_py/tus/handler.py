@@ -1,0 +1,411 @@
+"""The tus 1.0.0 handler: core, creation, creation-with-upload, creation-defer-length,
+termination (and expiration when the store supports it), plus GET downloads.
+
+``TusHandler`` is the application the HTTP layer calls: ``await handler(request)``.
+It validates every header before a store is called, holds the upload's lock around
+every store call that reads or changes an upload, and answers every error through
+``errors.error_response``.
+
+Store call order (the contract stores, hooks and metrics can rely on), always under
+the upload's lock:
+
+- POST:   ``create`` -> [``write`` if creation-with-upload] -> [``finish`` if complete]
+- HEAD:   ``get_info`` -> [``finish`` if complete but not finished]
+- PATCH:  ``get_info`` -> [``declare_length``] -> [``finish`` if complete but not
+  finished] -> ``write`` -> [``finish`` if now complete]
+- DELETE: ``get_info`` -> ``terminate``
+- GET:    ``get_info`` -> [``finish`` if complete but not finished]; the lock is then
+  released and ``read`` streams the (complete, immutable) bytes.
+
+The "finish if complete but not finished" steps recover an upload whose ``finish``
+failed after its last byte was stored (e.g. S3 unavailable): a client that sees
+``Upload-Offset == Upload-Length`` on HEAD never sends another PATCH, so HEAD must
+be able to complete it.
+
+GET serves only complete uploads; an unfinished one answers 404
+(``ERR_UPLOAD_NOT_FINISHED``): a partial file served with 200 would look complete, and
+only the file store could serve one at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import re
+import time
+
+from tusd_py.config import Config
+from tusd_py.http.types import Headers, Request, Response
+from tusd_py.lockers.base import HeldLock, Locker
+from tusd_py.stores.base import (
+    Store,
+    SupportsDeferredLength,
+    SupportsDownload,
+    SupportsExpiration,
+    SupportsTermination,
+    UploadInfo,
+    new_upload_id,
+)
+from tusd_py.tus.body import EndReason, GuardedBody
+from tusd_py.tus.cors import Cors
+from tusd_py.tus.download import download_headers
+from tusd_py.tus.errors import (
+    ERR_CHECKSUM_NOT_SUPPORTED,
+    ERR_DEFER_NOT_SUPPORTED,
+    ERR_INVALID_HOST,
+    ERR_INVALID_METHOD_OVERRIDE,
+    ERR_LENGTH_ALREADY_SET,
+    ERR_LENGTH_AND_DEFER,
+    ERR_LENGTH_BELOW_OFFSET,
+    ERR_LOCK_LOST,
+    ERR_MAX_SIZE_EXCEEDED,
+    ERR_METHOD_NOT_ALLOWED,
+    ERR_MISMATCHED_OFFSET,
+    ERR_NOT_FOUND,
+    ERR_NOT_IMPLEMENTED,
+    ERR_RANGE_NOT_SATISFIABLE,
+    ERR_SHUTTING_DOWN,
+    ERR_UNSUPPORTED_VERSION,
+    ERR_UPLOAD_NOT_FINISHED,
+    ERR_UPLOAD_SIZE_EXCEEDED,
+    TusError,
+    error_response,
+)
+from tusd_py.tus.headers import (
+    TUS_VERSION,
+    RangeNotSatisfiable,
+    is_offset_octet_stream,
+    parse_defer_length,
+    parse_range,
+    parse_upload_length,
+    parse_upload_offset,
+    require_offset_octet_stream,
+)
+from tusd_py.tus.metadata import format_metadata, parse_metadata
+from tusd_py.tus.urls import Route, origin_of, route, upload_url
+
+log = logging.getLogger("tusd_py.tus")
+
+_METHOD_TOKEN = re.compile(r"[A-Za-z]{1,16}")
+
+
+def _no_release() -> None:
+    """Release request for short requests (HEAD, DELETE, GET): they finish quickly on
+    their own, so there is nothing to cut short."""
+
+
+def _http_date(timestamp: float) -> str:
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+class TusHandler:
+    """The tus application: ``await handler(request) -> Response``."""
+
+    def __init__(self, store: Store, locker: Locker, config: Config) -> None:
+        self._store = store
+        self._locker = locker
+        server = config.server
+        self._base_path = server.base_path if server.base_path.endswith("/") else server.base_path + "/"
+        self._behind_proxy = server.behind_proxy
+        self._max_size = int(server.max_size)
+        self._cors = Cors(config.cors)
+        self._terminator = store if isinstance(store, SupportsTermination) else None
+        self._deferrer = store if isinstance(store, SupportsDeferredLength) else None
+        self._downloader = store if isinstance(store, SupportsDownload) else None
+        self._lifetime = (
+            config.expiration.lifetime
+            if config.expiration.lifetime > 0 and isinstance(store, SupportsExpiration)
+            else 0.0
+        )
+        extensions = ["creation", "creation-with-upload"]
+        if self._deferrer is not None:
+            extensions.append("creation-defer-length")
+        if self._terminator is not None:
+            extensions.append("termination")
+        if self._lifetime:
+            extensions.append("expiration")
+        self.extensions: tuple[str, ...] = tuple(extensions)
+        """The tus extensions offered (``Tus-Extension``), from the store's capabilities."""
+        self._bodies: set[GuardedBody] = set()
+        self._shutting_down = False
+
+    # --- entry points -------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        """Answer one request. Never raises except on cancellation."""
+        origin = self._cors.allowed_origin(request.headers)
+        method = request.method
+        try:
+            if origin is not None and self._cors.is_preflight(method, request.headers):
+                if route(request.target, self._base_path) is None:
+                    raise TusError(ERR_NOT_FOUND)
+                response = Response(204, self._cors.preflight_headers(origin))
+                origin = None  # the preflight headers already carry what it needs
+            else:
+                method = self._effective_method(request)
+                response = await self._dispatch(request, method)
+        except Exception as error:
+            response = error_response(error, method, request.request_id)
+        response.headers.append(("Tus-Resumable", TUS_VERSION))
+        if origin is not None:
+            response.headers.extend(self._cors.response_headers(origin))
+        return response
+
+    def release_all(self) -> None:
+        """Graceful shutdown: every running PATCH stops reading its body, stores what
+        it received and answers; new uploads of bytes get 503."""
+        self._shutting_down = True
+        for body in list(self._bodies):
+            body.stop(EndReason.RELEASED)
+
+    # --- routing ------------------------------------------------------------------
+
+    @staticmethod
+    def _effective_method(request: Request) -> str:
+        # Honoured on POST only: clients behind proxies that block PATCH/DELETE send
+        # POST; letting a GET become DELETE would turn plain links into deletions.
+        override = request.headers.get("x-http-method-override")
+        if override is None or request.method != "POST":
+            return request.method
+        if _METHOD_TOKEN.fullmatch(override.strip()) is None:
+            raise TusError(ERR_INVALID_METHOD_OVERRIDE)
+        return override.strip().upper()
+
+    def _allowed_methods(self, target: Route) -> list[str]:
+        if target.upload_id is None:
+            return ["POST", "OPTIONS"]
+        methods = ["HEAD", "PATCH", "OPTIONS"]
+        if self._terminator is not None:
+            methods.append("DELETE")
+        if self._downloader is not None:
+            methods.append("GET")
+        return methods
+
+    async def _dispatch(self, request: Request, method: str) -> Response:
+        target = route(request.target, self._base_path)
+        if target is None:
+            raise TusError(ERR_NOT_FOUND)
+        if method == "OPTIONS":
+            return self._options()
+        allowed = self._allowed_methods(target)
+        if method not in allowed:
+            raise TusError(ERR_METHOD_NOT_ALLOWED, headers=[("Allow", ", ".join(allowed))])
+        # GET is a plain download (browsers, curl): it carries no tus version.
+        if method != "GET" and request.headers.get("tus-resumable") != TUS_VERSION:
+            raise TusError(ERR_UNSUPPORTED_VERSION, headers=[("Tus-Version", TUS_VERSION)])
+        upload_id = target.upload_id
+        if upload_id is None:
+            return await self._post(request)
+        if method == "HEAD":
+            return await self._head(upload_id)
+        if method == "PATCH":
+            return await self._patch(request, upload_id)
+        if method == "DELETE":
+            return await self._delete(upload_id)
+        return await self._get(request, upload_id)
+
+    # --- verbs --------------------------------------------------------------------
+
+    def _options(self) -> Response:
+        headers = [("Tus-Version", TUS_VERSION), ("Tus-Extension", ",".join(self.extensions))]
+        if self._max_size > 0:
+            headers.append(("Tus-Max-Size", str(self._max_size)))
+        return Response(204, headers)
+
+    async def _post(self, request: Request) -> Response:
+        headers = request.headers
+        if "upload-concat" in headers:
+            raise TusError(ERR_NOT_IMPLEMENTED, "concatenation is not offered")
+        _refuse_checksum(headers)
+        defer = parse_defer_length(headers.get("upload-defer-length"))
+        length: int | None
+        if defer:
+            if "upload-length" in headers:
+                raise TusError(ERR_LENGTH_AND_DEFER)
+            if self._deferrer is None:
+                raise TusError(ERR_DEFER_NOT_SUPPORTED)
+            length = None
+        else:
+            length = parse_upload_length(headers.get("upload-length"))
+            self._check_max_size(length)
+        metadata = parse_metadata(headers.get("upload-metadata"))
+        origin = origin_of(headers, self._behind_proxy)
+        if origin is None:
+            raise TusError(ERR_INVALID_HOST)
+        with_upload = is_offset_octet_stream(headers.get("content-type"))
+        if with_upload and self._shutting_down:
+            raise TusError(ERR_SHUTTING_DOWN)
+
+        info = UploadInfo(
+            id=new_upload_id(),
+            length=length,
+            metadata=metadata,
+            expires_at=time.time() + self._lifetime if self._lifetime else None,
+        )
+        body = GuardedBody(request.body) if with_upload else None
+        async with self._locker.lock(info.id, body.stop if body is not None else _no_release) as held:
+            info = await self._store.create(info)
+            log.info("upload created", extra={"upload_id": info.id, "request_id": request.request_id})
+            if body is not None:
+                info = await self._write(request, info, body, held)
+            elif info.is_complete:
+                info = await self._store.finish(info)
+
+        response_headers = [("Location", upload_url(*origin, self._base_path, info.id))]
+        if with_upload:
+            response_headers.append(("Upload-Offset", str(info.offset)))
+        response_headers.extend(self._expires_header(info))
+        return Response(201, response_headers)
+
+    async def _head(self, upload_id: str) -> Response:
+        async with self._locker.lock(upload_id, _no_release):
+            info = await self._store.get_info(upload_id)
+            info = await self._finish_if_complete(info)
+        headers = [("Upload-Offset", str(info.offset)), ("Cache-Control", "no-store")]
+        if info.length is None:
+            headers.append(("Upload-Defer-Length", "1"))
+        else:
+            headers.append(("Upload-Length", str(info.length)))
+        if info.metadata:
+            headers.append(("Upload-Metadata", format_metadata(info.metadata)))
+        headers.extend(self._expires_header(info))
+        return Response(200, headers)
+
+    async def _patch(self, request: Request, upload_id: str) -> Response:
+        headers = request.headers
+        require_offset_octet_stream(headers.get("content-type"))
+        offset = parse_upload_offset(headers.get("upload-offset"))
+        declared_length = None if "upload-length" not in headers else parse_upload_length(headers.get("upload-length"))
+        _refuse_checksum(headers)
+        if declared_length is not None:
+            self._check_max_size(declared_length)
+        if self._shutting_down:
+            raise TusError(ERR_SHUTTING_DOWN)
+
+        body = GuardedBody(request.body)
+        async with self._locker.lock(upload_id, body.stop) as held:
+            info = await self._store.get_info(upload_id)
+            if info.offset != offset:
+                raise TusError(
+                    ERR_MISMATCHED_OFFSET, f"upload is at {info.offset}", [("Upload-Offset", str(info.offset))]
+                )
+            if declared_length is not None:
+                info = await self._declare_length(info, declared_length)
+            info = await self._finish_if_complete(info)
+            info = await self._write(request, info, body, held)
+        return Response(204, [("Upload-Offset", str(info.offset)), *self._expires_header(info)])
+
+    async def _delete(self, upload_id: str) -> Response:
+        assert self._terminator is not None  # routing allows DELETE only then
+        async with self._locker.lock(upload_id, _no_release):
+            info = await self._store.get_info(upload_id)
+            await self._terminator.terminate(info)
+        log.info("upload terminated", extra={"upload_id": upload_id})
+        return Response(204)
+
+    async def _get(self, request: Request, upload_id: str) -> Response:
+        assert self._downloader is not None  # routing allows GET only then
+        async with self._locker.lock(upload_id, _no_release):
+            info = await self._store.get_info(upload_id)
+            if not info.is_complete:
+                raise TusError(ERR_UPLOAD_NOT_FINISHED)
+            info = await self._finish_if_complete(info)
+        size = info.offset
+        try:
+            byte_range = parse_range(request.headers.get("range"), size)
+        except RangeNotSatisfiable:
+            raise TusError(ERR_RANGE_NOT_SATISFIABLE, headers=[("Content-Range", f"bytes */{size}")]) from None
+        headers = download_headers(info)
+        headers.append(("Accept-Ranges", "bytes"))
+        if byte_range is None:
+            status, start, stop = 200, 0, size
+        else:
+            status, (start, stop) = 206, byte_range
+            headers.append(("Content-Range", f"bytes {start}-{stop - 1}/{size}"))
+        headers.append(("Content-Length", str(stop - start)))
+        if stop == start:
+            return Response(status, headers)
+        return Response(status, headers, self._downloader.read(info, start, stop))
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _check_max_size(self, length: int) -> None:
+        if self._max_size > 0 and length > self._max_size:
+            raise TusError(ERR_MAX_SIZE_EXCEEDED, f"at most {self._max_size} bytes")
+
+    async def _declare_length(self, info: UploadInfo, length: int) -> UploadInfo:
+        if info.length is not None:
+            if length != info.length:
+                raise TusError(ERR_LENGTH_ALREADY_SET)
+            return info
+        if self._deferrer is None:  # pragma: no cover - such a store cannot defer
+            raise TusError(ERR_DEFER_NOT_SUPPORTED)
+        if length < info.offset:
+            raise TusError(ERR_LENGTH_BELOW_OFFSET)
+        offset = info.offset
+        info = await self._deferrer.declare_length(info, length)
+        info.offset = offset
+        return info
+
+    async def _finish_if_complete(self, info: UploadInfo) -> UploadInfo:
+        if info.is_complete and not info.finished:
+            offset = info.offset
+            info = await self._store.finish(info)
+            info.offset = offset
+        return info
+
+    async def _write(self, request: Request, info: UploadInfo, body: GuardedBody, held: HeldLock) -> UploadInfo:
+        """Stream ``body`` into the store at ``info.offset``; finish when complete.
+
+        Refuses (413, before a byte is read) a body whose declared Content-Length runs
+        past the length or the max size; otherwise bounds the body to it.
+        """
+        limit = info.length if info.length is not None else (self._max_size or None)
+        remaining = None if limit is None else limit - info.offset
+        declared = request.body.length
+        if remaining is not None and declared is not None and declared > remaining:
+            kind = ERR_UPLOAD_SIZE_EXCEEDED if info.length is not None else ERR_MAX_SIZE_EXCEEDED
+            raise TusError(kind, f"{declared} bytes sent, {remaining} accepted")
+        body.set_limit(remaining)
+        if held.lost.is_set():
+            raise TusError(ERR_LOCK_LOST)
+
+        lost_watch = asyncio.ensure_future(held.lost.wait())
+        lost_watch.add_done_callback(lambda task: None if task.cancelled() else body.stop(EndReason.LOST))
+        self._bodies.add(body)
+        if self._shutting_down:
+            body.stop(EndReason.RELEASED)
+        start = info.offset
+        try:
+            offset = await self._store.write(info, body)
+        finally:
+            self._bodies.discard(body)
+            lost_watch.cancel()
+        info.offset = offset
+
+        extra = {"upload_id": info.id, "request_id": request.request_id, "reason": body.reason.value}
+        if body.reason is EndReason.LOST:
+            raise TusError(ERR_LOCK_LOST)
+        if body.reason in (EndReason.DISCONNECTED, EndReason.TIMEOUT, EndReason.RELEASED):
+            log.info("upload body ended early; stored %d bytes", offset - start, extra=extra)
+        info = await self._finish_if_complete(info)
+        if info.is_complete:
+            log.info("upload finished", extra=extra)
+        if body.reason is EndReason.OVERFLOW:
+            kind = ERR_UPLOAD_SIZE_EXCEEDED if info.length is not None else ERR_MAX_SIZE_EXCEEDED
+            raise TusError(kind, f"stored up to offset {offset}")
+        return info
+
+    def _expires_header(self, info: UploadInfo) -> list[tuple[str, str]]:
+        if not self._lifetime or info.expires_at is None or info.is_complete:
+            return []
+        return [("Upload-Expires", _http_date(info.expires_at))]
+
+
+def _refuse_checksum(headers: Headers) -> None:
+    # Accepting a checksum we do not verify would tell the client its bytes were
+    # checked; refusing is what the checksum extension prescribes for an
+    # unsupported algorithm.
+    if "upload-checksum" in headers:
+        raise TusError(ERR_CHECKSUM_NOT_SUPPORTED)
