@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tusd_py import cli
-from tusd_py.config import MiB, Config, ConfigError, all_keys, env_name, load_config, parse_size
+from tusd_py.config import Config, ConfigError, MiB, all_keys, env_name, load_config, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 

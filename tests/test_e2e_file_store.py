@@ -76,8 +76,9 @@ async def test_tuspy_uploads_50_mib_in_1_mib_chunks(server: Running, tmp_path: P
 
     def upload() -> str:
         client = tus_client.TusClient(f"{server.url}/files/")
-        uploader = client.uploader(str(source), chunk_size=1 * MiB, metadata={"filename": "source.bin"})
-        uploader.upload()
+        with open(source, "rb") as stream:  # tuspy leaves a file it opened itself unclosed
+            uploader = client.uploader(file_stream=stream, chunk_size=1 * MiB, metadata={"filename": "source.bin"})
+            uploader.upload()
         return str(uploader.url)
 
     url = await asyncio.to_thread(upload)
@@ -200,6 +201,7 @@ def test_tusd_py_command_serves_and_shuts_down_gracefully(tmp_path: Path) -> Non
             answer = await stalled.read_response("PATCH", timeout=10)
             assert answer.status == 204, answer
             assert await stalled.is_closed_by_peer(timeout=10)
+            await stalled.close()
             return path, int(answer.header("upload-offset") or -1)
 
         path, offset = asyncio.run(scenario())

@@ -10,8 +10,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -72,7 +74,7 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def serving(config: Config) -> AsyncIterator[Running]:
+async def serving(config: Config, *, reuse_port: bool = False) -> AsyncIterator[Running]:
     """Run tusd-py inside the current event loop until the block exits; then shut down
     gracefully (running PATCHes store what they received, within shutdown_timeout)."""
     store = await build_store(config)
@@ -80,7 +82,7 @@ async def serving(config: Config) -> AsyncIterator[Running]:
     handler = TusHandler(store, locker, config)
     http = HTTPServer(handler, http_limits(config))
     try:
-        port = await http.start(config.server.host, config.server.port)
+        port = await http.start(config.server.host, config.server.port, reuse_port=reuse_port)
         try:
             yield Running(config.server.host, port, handler, http)
         finally:
@@ -90,20 +92,20 @@ async def serving(config: Config) -> AsyncIterator[Running]:
         await store.close()
 
 
-async def shutdown(http: HTTPServer, handler: TusHandler, timeout: float) -> None:
+async def shutdown(http: HTTPServer, handler: TusHandler, grace_seconds: float) -> None:
     """Stop accepting, ask running PATCHes to store what they have, wait for them."""
     http.stop_accepting()
     handler.release_all()
-    await http.stop(timeout)
+    await http.stop(grace_seconds)
 
 
-async def _serve_until_signal(config: Config) -> int:
+async def _serve_until_signal(config: Config, reuse_port: bool = False) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        async with serving(config) as running:
+        async with serving(config, reuse_port=reuse_port) as running:
             log.info(
                 "tusd-py %s listening on %s%s (store=%s, lock=%s)",
                 __version__, running.url, config.server.base_path, config.store.backend, config.lock.backend,
@@ -154,6 +156,52 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, os.environ, overrides)
 
 
+def _run_worker(config: Config, reuse_port: bool) -> int:
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(_serve_until_signal(config, reuse_port))
+    finally:
+        loop.close()
+
+
+def _worker_main(config: Config) -> None:
+    setup_logging(config.log)
+    sys.exit(_run_worker(config, reuse_port=True))
+
+
+def _supervise_workers(config: Config) -> int:
+    """Run ``server.workers`` processes that share the port with SO_REUSEPORT (the
+    kernel spreads connections between them). SIGTERM/SIGINT are passed on; each
+    worker shuts down gracefully. A worker that dies is reported, not restarted: the
+    service manager (systemd) restarts the whole unit."""
+    if config.server.port == 0:
+        # Every worker must bind the same port: pick one now.
+        with socket.socket() as probe:
+            probe.bind((config.server.host, 0))
+            config.server.port = int(probe.getsockname()[1])
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker_main, args=(config,), name=f"tusd-py-worker-{index}")
+               for index in range(config.server.workers)]
+    for worker in workers:
+        worker.start()
+    log.info("started %d workers on port %d", len(workers), config.server.port)
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.exitcode is None:
+                os.kill(worker.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for worker in workers:
+        worker.join()
+        if worker.exitcode != 0:
+            log.error("%s exited with %s", worker.name, worker.exitcode)
+            status = 1
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -162,11 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tusd-py: configuration error: {error}", file=sys.stderr)
         return 2
     setup_logging(config.log)
-    loop = new_event_loop()
-    try:
-        return loop.run_until_complete(_serve_until_signal(config))
-    finally:
-        loop.close()
+    if config.server.workers > 1:
+        return _supervise_workers(config)
+    return _run_worker(config, reuse_port=False)
 
 
 if __name__ == "__main__":

@@ -726,7 +726,13 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         if not linger or not transport.can_write_eof():
             transport.close()
             return
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:
+            # The peer is already gone (plain asyncio raises ENOTCONN here; uvloop
+            # does not): nothing left to linger for.
+            transport.abort()
+            return
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()

@@ -7,7 +7,10 @@ stores what it has) when:
   ever yielded;
 - another request asked for the upload's lock, ``release_all`` was called at
   shutdown, or the lock was lost: a pending read is cancelled at once, because the
-  case that matters is a client stalled mid-PATCH with its socket still open;
+  case that matters is a client stalled mid-PATCH with its socket still open. Bytes
+  still arriving are yielded until the flow pauses (``_DRAIN_IDLE``) or a budget
+  runs out (``_DRAIN_BUDGET``): a client that sent its bytes and went away has them
+  in flight behind a full receive window, and they are kept;
 - the client disconnected or stopped sending (``ClientDisconnected``/``BodyTimeout``).
 """
 
@@ -18,6 +21,12 @@ import enum
 from collections.abc import AsyncIterator
 
 from tusd_py.http.types import Body, BodyTimeout, ClientDisconnected
+
+# While stopping: bytes already sent by the client arrive back to back (loopback or
+# LAN: microseconds apart), so a gap this long means the client stalled and the
+# stop can complete; a client still actively sending is cut off after the budget.
+_DRAIN_IDLE = 0.25
+_DRAIN_BUDGET = 2.0
 
 
 class EndReason(enum.Enum):
@@ -49,6 +58,7 @@ class GuardedBody:
         self._stop_reason: EndReason | None = EndReason.RELEASED if stopped else None
         self._reader: asyncio.Task[object] | None = None
         self._cancelled_read = False
+        self._drain_deadline: float | None = None
         self.reason = EndReason.RUNNING
         """Why iteration ended (``RUNNING`` while it has not)."""
         self.yielded = 0
@@ -78,16 +88,31 @@ class GuardedBody:
     async def __anext__(self) -> bytes:
         if self.reason is not EndReason.RUNNING:
             raise StopAsyncIteration
-        if self._stop_reason is not None:
-            raise self._end(self._stop_reason)
         if self._remaining == 0:
             raise self._end(EndReason.LIMIT)
+        if self._stop_reason is not None:
+            # Stopping: keep what is still arriving, end at the first pause.
+            now = asyncio.get_running_loop().time()
+            if self._drain_deadline is None:
+                self._drain_deadline = now + _DRAIN_BUDGET
+            left = self._drain_deadline - now
+            if left <= 0:
+                raise self._end(self._stop_reason)
+            try:
+                async with asyncio.timeout(min(_DRAIN_IDLE, left)):
+                    return await self._read(cancellable=False)
+            except TimeoutError:
+                raise self._end(self._stop_reason) from None
+        return await self._read(cancellable=True)
+
+    async def _read(self, cancellable: bool) -> bytes:
         if self._chunks is None:
             # Created lazily: nothing touches the body (no 100 Continue) before the
             # handler has validated the request and holds the lock.
             self._chunks = aiter(self._body)
         task = asyncio.current_task()
-        self._reader = task
+        if cancellable:
+            self._reader = task
         try:
             chunk = await anext(self._chunks)
         except StopAsyncIteration:
@@ -99,12 +124,15 @@ class GuardedBody:
         except asyncio.CancelledError:
             # Swallow only our own cancellation, the way asyncio.timeout() does: if
             # someone else cancelled the task too, uncancel() leaves a count above 0.
-            if self._cancelled_read and task is not None and task.uncancel() == 0:
-                raise self._end(self._stop_reason or EndReason.RELEASED) from None
+            if cancellable and self._cancelled_read and task is not None and task.uncancel() == 0:
+                self._reader = None
+                self._cancelled_read = False
+                return await self.__anext__()  # now stopping: drain what arrived
             raise
         finally:
-            self._reader = None
-            self._cancelled_read = False
+            if cancellable:
+                self._reader = None
+                self._cancelled_read = False
         if self._remaining is not None:
             if len(chunk) > self._remaining:
                 chunk = chunk[: self._remaining]
