@@ -1,0 +1,562 @@
+"""Ingest benchmark: how fast tusd-py's file store takes PATCH bodies over loopback.
+
+Workloads (``--size`` defaults to 1 GiB, ``--patch-size`` to 16 MiB):
+
+- ``1x1GiB``: one upload, one PATCH carrying all of it.
+- ``64x16MiB``: one upload of the same size sent as 64 PATCHes of 16 MiB, one after the
+  other on one keep-alive connection. That is what a tus client does with a 16 MiB
+  ``chunkSize``, and it adds the per-request costs (lock, upload info read and written,
+  response) to the same bytes, so the two workloads differ only in request count.
+
+Targets, all fed by the same raw-socket client (``benchmarks/rawclient.py``) from one
+preallocated buffer:
+
+- ``loopback``: the discard sink (``benchmarks/sink.py``) in its own process: the
+  loopback limit for this client on this machine.
+- ``disk``: a plain sequential file write of the same bytes, with the same write size,
+  in the same file system: the disk limit (see ``--disk-write-size``, ``--disk-fsync``).
+- ``tusd-py``: ``python -m tusd_py.cli`` with the file store.
+- ``peer`` (with ``--peer``): @tus/server + @tus/file-store on Node
+  (``benchmarks/peers/tus_server.mjs``).
+
+Every run measures every target on every workload, so each ratio compares numbers from
+the same run; the summary reports the median over runs of each figure and of each
+per-run ratio. See ``benchmarks/README.md`` for what each figure means.
+
+    python -m benchmarks.ingest --runs 3 --peer --json benchmarks/results/ingest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    MB,
+    PEERS_DIR,
+    GiB,
+    MiB,
+    ProcessMonitor,
+    ServerFailed,
+    ServerProcess,
+    clear_directory,
+    command_from_template,
+    environment,
+    flush_page_cache,
+    format_size,
+    free_port,
+    load_average,
+    machine_busy_seconds,
+    median,
+    own_cpu_seconds,
+    parse_size,
+    warm_free_memory,
+)
+from benchmarks.rawclient import HTTPError, RawConnection, create_upload, patch_upload, upload_offset
+
+HOST = "127.0.0.1"
+BASE_PATH = "/files/"
+
+DEFAULT_SERVER_CMD = (
+    f"{sys.executable} -m tusd_py.cli --host {{host}} --port {{port}} --directory {{directory}} --log-level warning"
+)
+DEFAULT_PEER_CMD = f"node {PEERS_DIR / 'tus_server.mjs'} --host {{host}} --port {{port}} --directory {{directory}}"
+SINK_CMD = f"{sys.executable} -m benchmarks.sink --host {{host}} --port {{port}}"
+
+# Targets from the foundation issue: tusd-py must reach this share of the slower limit,
+THROUGHPUT_TARGET = 0.60
+# and stay under this peak RSS while it takes the single large PATCH.
+RSS_TARGET_BYTES = 100 * MiB
+
+LIMIT_TARGETS = ("loopback", "disk")
+
+
+def file_store_write_size() -> int:
+    """The file store's write size (``WRITE_BATCH_SIZE``: it coalesces received chunks
+    into writes of this size), so the disk limit writes the way the store does. 1 MiB,
+    its value when this was written, if it cannot be read."""
+    try:
+        from tusd_py.stores import file
+    except ImportError:
+        return MiB
+    return int(getattr(file, "WRITE_BATCH_SIZE", MiB))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One upload of ``size`` bytes sent as PATCHes of ``patch_size`` bytes."""
+
+    size: int
+    patch_size: int
+
+    @property
+    def patches(self) -> int:
+        return math.ceil(self.size / self.patch_size)
+
+    @property
+    def name(self) -> str:
+        return f"{self.patches}x{format_size(self.patch_size)}"
+
+    def patch_lengths(self) -> list[int]:
+        """Length of each PATCH body in order (the last may be shorter)."""
+        return [min(self.patch_size, self.size - offset) for offset in range(0, self.size, self.patch_size)]
+
+
+@dataclass
+class Measurement:
+    """One target taking one workload once."""
+
+    target: str
+    workload: str
+    bytes: int
+    seconds: float
+    mb_per_s: float
+    server_cpu_s_per_gib: float | None
+    """CPU (user + system) of the receiving process per GiB; for ``disk``, of the writer."""
+    server_main_thread_busy: float | None
+    """CPU of the receiving process's main thread (the event loop) / wall time of the
+    measurement: near 1.0 means the loop is saturated."""
+    server_peak_rss_mib: float | None
+    server_hwm_mib: float | None
+    """VmHWM after the workload, reset at its start (None when it could not be reset)."""
+    rss_samples: int
+    client_cpu_s_per_gib: float | None
+    other_cpu_s: float
+    """CPU seconds used by other programs on the machine during the measurement."""
+    reconnects: int = 0
+    backend_cpu_s_per_gib: float | None = None
+    """CPU of the storage backend behind the server (moto, in the S3 benchmark) per GiB."""
+    server_cpu_s_per_gib_by_thread: dict[str, float] = field(default_factory=dict)
+    """The server's CPU per GiB split by thread family (event loop = "main", I/O pools,
+    ...): where the server's CPU goes. Only in the JSON."""
+
+
+@dataclass
+class Options:
+    """What to run, from the command line."""
+
+    runs: int
+    workloads: list[Workload]
+    targets: list[str]
+    data_dir: Path
+    server_cmd: str
+    peer_cmd: str
+    client_buffer: int
+    disk_write_size: int
+    disk_fsync: str
+    timeout: float
+    warmup: bool
+    warm_memory: bool
+
+
+@dataclass
+class Results:
+    """Everything measured, as written to ``--json``."""
+
+    meta: dict[str, Any]
+    runs: list[list[Measurement]] = field(default_factory=list)
+
+
+# --- measuring one target ------------------------------------------------------------------
+
+async def _upload(port: int, workload: Workload, buffer: memoryview, request_timeout: float) -> tuple[float, int]:
+    """Create an upload and PATCH it whole; return (seconds spent in PATCHes, reconnects).
+
+    The POST and the verifying HEAD are outside the timed span: the figure is ingest
+    throughput, and one POST is noise next to a gigabyte.
+    """
+    async with RawConnection(HOST, port, timeout=request_timeout) as connection:
+        upload_path = await create_upload(connection, BASE_PATH, workload.size)
+        offset = 0
+        start = time.perf_counter()
+        for length in workload.patch_lengths():
+            offset = await patch_upload(connection, upload_path, offset, length, buffer)
+        seconds = time.perf_counter() - start
+        stored = await upload_offset(connection, upload_path)
+        if stored != workload.size:
+            raise HTTPError(f"HEAD {upload_path}: Upload-Offset {stored}, expected {workload.size}")
+        return seconds, connection.reconnects
+
+
+def upload_to(server: ServerProcess, workload: Workload, buffer: memoryview, timeout: float) -> tuple[float, int]:
+    """``_upload`` to ``server``; any failure becomes ``ServerFailed`` with the server's log."""
+    try:
+        return asyncio.run(_upload(server.port, workload, buffer, timeout))
+    except (HTTPError, OSError, TimeoutError) as error:
+        server.check_alive()  # a crash explains the error best
+        raise ServerFailed(f"{server.name} failed {workload.name}: {error}\n{server.log_tail()}") from error
+
+
+def measure_server(
+    server: ServerProcess, workload: Workload, buffer: memoryview, timeout: float,
+) -> Measurement:
+    """Send ``workload`` to ``server`` and account for the server's CPU and memory."""
+    client_cpu_start = own_cpu_seconds()
+    busy_start = machine_busy_seconds()
+    wall_start = time.perf_counter()
+    with ProcessMonitor(server.pid) as monitor:
+        seconds, reconnects = upload_to(server, workload, buffer, timeout)
+    wall = time.perf_counter() - wall_start
+    busy = machine_busy_seconds() - busy_start
+    client_cpu = own_cpu_seconds() - client_cpu_start
+    server.check_alive()
+    usage = monitor.usage
+    assert usage is not None
+    gib = workload.size / GiB
+    return Measurement(
+        target=server.name,
+        workload=workload.name,
+        bytes=workload.size,
+        seconds=seconds,
+        mb_per_s=workload.size / MB / seconds,
+        server_cpu_s_per_gib=usage.cpu_seconds / gib,
+        server_main_thread_busy=usage.main_thread_cpu_seconds / wall,
+        server_peak_rss_mib=usage.peak_rss_bytes / MiB,
+        server_hwm_mib=usage.hwm_bytes / MiB if usage.hwm_bytes is not None else None,
+        rss_samples=usage.samples,
+        client_cpu_s_per_gib=client_cpu / gib,
+        other_cpu_s=max(0.0, busy - usage.cpu_seconds - client_cpu),
+        reconnects=reconnects,
+        server_cpu_s_per_gib_by_thread={
+            name: round(seconds / gib, 3) for name, seconds in usage.cpu_seconds_by_thread.items()
+        },
+    )
+
+
+def measure_disk(directory: Path, workload: Workload, buffer: memoryview, write_size: int, fsync: str) -> Measurement:
+    """Write the workload's bytes to a file the way a file store would: the file is
+    created first (like POST), then each PATCH opens it, writes its bytes sequentially
+    at its offset in ``write_size`` pieces, and closes it. ``fsync``: "none", "patch"
+    (after each PATCH) or "end" (once, after the last PATCH)."""
+    path = directory / "disk-limit.bin"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    piece = buffer[:write_size]
+    cpu_start = own_cpu_seconds()
+    busy_start = machine_busy_seconds()
+    start = time.perf_counter()
+    offset = 0
+    for length in workload.patch_lengths():
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            end = offset + length
+            while offset < end:
+                offset += os.pwrite(fd, piece[: end - offset], offset)
+            if fsync == "patch" or (fsync == "end" and offset == workload.size):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    seconds = time.perf_counter() - start
+    cpu = own_cpu_seconds() - cpu_start
+    busy = machine_busy_seconds() - busy_start
+    path.unlink()
+    return Measurement(
+        target="disk",
+        workload=workload.name,
+        bytes=workload.size,
+        seconds=seconds,
+        mb_per_s=workload.size / MB / seconds,
+        server_cpu_s_per_gib=cpu / (workload.size / GiB),
+        server_main_thread_busy=None,
+        server_peak_rss_mib=None,
+        server_hwm_mib=None,
+        rss_samples=0,
+        client_cpu_s_per_gib=None,
+        other_cpu_s=max(0.0, busy - cpu),
+    )
+
+
+# --- the whole benchmark ---------------------------------------------------------------------
+
+def _servers(options: Options) -> dict[str, ServerProcess]:
+    """The server processes the chosen targets need (not started yet)."""
+    templates = {"loopback": SINK_CMD, "tusd-py": options.server_cmd, "peer": options.peer_cmd}
+    servers: dict[str, ServerProcess] = {}
+    for target in options.targets:
+        if target not in templates:
+            continue
+        directory = options.data_dir / target
+        directory.mkdir(parents=True, exist_ok=True)
+        port = free_port(HOST)
+        command = command_from_template(templates[target], host=HOST, port=port, directory=directory)
+        servers[target] = ServerProcess(
+            name=target, command=command, host=HOST, port=port, log_path=options.data_dir / f"{target}.log",
+        )
+    return servers
+
+
+def run_benchmark(options: Options) -> Results:
+    """Start the servers, measure every target on every workload ``runs`` times, stop."""
+    results = Results(meta={
+        **environment(),
+        "runs": options.runs,
+        "workloads": [asdict(w) | {"name": w.name} for w in options.workloads],
+        "targets": options.targets,
+        "data_dir": str(options.data_dir),
+        "client_buffer": options.client_buffer,
+        "disk_write_size": options.disk_write_size,
+        "disk_fsync": options.disk_fsync,
+        "warm_memory": options.warm_memory,
+        "server_cmd": options.server_cmd,
+        "peer_cmd": options.peer_cmd if "peer" in options.targets else None,
+        "tusd_py_env": {k: v for k, v in os.environ.items() if k.startswith("TUSD_PY_")},
+        "load_average_before": load_average(),
+    })
+    # Random bytes: no store or disk can shortcut them (compression, zero pages). The
+    # buffer is made once and every byte sent or written comes from it.
+    buffer = memoryview(bytearray(os.urandom(options.client_buffer)))
+    disk_dir = options.data_dir / "disk"
+    disk_dir.mkdir(parents=True, exist_ok=True)
+    servers = _servers(options)
+    started: list[ServerProcess] = []
+    try:
+        for server in servers.values():
+            server.start()
+            started.append(server)
+            if options.warmup:
+                # One small upload per server, unmeasured: imports, first-request paths
+                # and the page cache of the data directory are warm before run 1.
+                warmup = Workload(size=min(16 * MiB, options.client_buffer), patch_size=options.client_buffer)
+                upload_to(server, warmup, buffer, options.timeout)
+                clear_directory(options.data_dir / server.name)
+        for run in range(options.runs):
+            measurements: list[Measurement] = []
+            for workload in options.workloads:
+                for target in options.targets:
+                    # Untimed: every phase starts with no dirty pages, no old files and
+                    # the same amount of warm free memory (see warm_free_memory).
+                    if target in servers:
+                        clear_directory(options.data_dir / target)
+                    flush_page_cache()
+                    if options.warm_memory:
+                        warm_free_memory(disk_dir, workload.size, buffer)
+                    if target == "disk":
+                        measurement = measure_disk(
+                            disk_dir, workload, buffer, options.disk_write_size, options.disk_fsync,
+                        )
+                    else:
+                        measurement = measure_server(servers[target], workload, buffer, options.timeout)
+                        if target == "loopback":
+                            # The sink reads on a thread per connection; its main thread
+                            # only accepts, so "main busy" would be a misleading 0.
+                            measurement.server_main_thread_busy = None
+                    measurements.append(measurement)
+                    print(format_row(run + 1, measurement), flush=True)
+                    if target in servers:
+                        clear_directory(options.data_dir / target)
+            results.runs.append(measurements)
+    finally:
+        codes = {server.name: server.stop() for server in started}
+        results.meta["server_exit_codes"] = codes
+        results.meta["load_average_after"] = load_average()
+    return results
+
+
+# --- reporting -------------------------------------------------------------------------------------
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+HEADER = (f"{'run':>3}  {'workload':<10} {'target':<9} {'MB/s':>8} {'srv CPU s/GiB':>13} {'srv main busy':>13} "
+           f"{'peak RSS MiB':>12} {'client CPU s/GiB':>16} {'other CPU s':>11}")
+
+
+def format_row(run: int | str, m: Measurement) -> str:
+    return (f"{run!s:>3}  {m.workload:<10} {m.target:<9} {m.mb_per_s:>8.0f} {fmt(m.server_cpu_s_per_gib):>13} "
+            f"{fmt(m.server_main_thread_busy):>13} {fmt(m.server_peak_rss_mib, 1):>12} "
+            f"{fmt(m.client_cpu_s_per_gib):>16} {fmt(m.other_cpu_s, 1):>11}")
+
+
+def _find(measurements: list[Measurement], target: str, workload: str) -> Measurement | None:
+    for measurement in measurements:
+        if measurement.target == target and measurement.workload == workload:
+            return measurement
+    return None
+
+
+def summarize(results: Results, options: Options) -> dict[str, Any]:
+    """Medians of each figure and of each same-run ratio, plus the pass/fail of targets."""
+    summary: dict[str, Any] = {"medians": {}, "ratios": {}, "targets_met": True}
+    for workload in options.workloads:
+        medians: dict[str, dict[str, float]] = {}
+        for target in options.targets:
+            runs = [m for run in results.runs if (m := _find(run, target, workload.name)) is not None]
+            medians[target] = {
+                key: median([value for m in runs if (value := getattr(m, key)) is not None])
+                for key in ("mb_per_s", "server_cpu_s_per_gib", "server_main_thread_busy", "server_peak_rss_mib",
+                            "client_cpu_s_per_gib", "other_cpu_s")
+            }
+            medians[target]["max_peak_rss_mib"] = max(
+                (m.server_peak_rss_mib for m in runs if m.server_peak_rss_mib is not None), default=float("nan"),
+            )
+        summary["medians"][workload.name] = medians
+
+        ratios: dict[str, Any] = {}
+        limit_ratio: list[float] = []
+        peer_ratio: list[float] = []
+        for run in results.runs:
+            tusd = _find(run, "tusd-py", workload.name)
+            limits = [m.mb_per_s for t in LIMIT_TARGETS if (m := _find(run, t, workload.name)) is not None]
+            peer = _find(run, "peer", workload.name)
+            if tusd is not None and limits:
+                limit_ratio.append(tusd.mb_per_s / min(limits))
+            if tusd is not None and peer is not None:
+                peer_ratio.append(tusd.mb_per_s / peer.mb_per_s)
+        if limit_ratio:
+            ratios["tusd_py_over_limit"] = {"per_run": limit_ratio, "median": median(limit_ratio),
+                                            "target": THROUGHPUT_TARGET}
+            met = median(limit_ratio) >= THROUGHPUT_TARGET
+            ratios["tusd_py_over_limit"]["met"] = met
+            summary["targets_met"] &= met
+        if peer_ratio:
+            ratios["tusd_py_over_peer"] = {"per_run": peer_ratio, "median": median(peer_ratio)}
+        summary["ratios"][workload.name] = ratios
+
+    single = options.workloads[0]
+    if single.patches == 1 and "tusd-py" in options.targets:
+        peak = summary["medians"][single.name]["tusd-py"]["max_peak_rss_mib"]
+        met = peak < RSS_TARGET_BYTES / MiB
+        summary["rss"] = {"workload": single.name, "max_peak_rss_mib_over_runs": peak,
+                          "target_mib": RSS_TARGET_BYTES / MiB, "met": met}
+        summary["targets_met"] &= met
+    return summary
+
+
+def print_summary(summary: dict[str, Any], options: Options) -> None:
+    """The medians table and the ratios, in plain text."""
+    print(f"\nmedians over {options.runs} run(s)")
+    print(HEADER)
+    for workload, by_target in summary["medians"].items():
+        for target, figures in by_target.items():
+            row = Measurement(
+                target=target, workload=workload, bytes=0, seconds=0.0, mb_per_s=figures["mb_per_s"],
+                server_cpu_s_per_gib=figures["server_cpu_s_per_gib"],
+                server_main_thread_busy=figures["server_main_thread_busy"],
+                server_peak_rss_mib=figures["server_peak_rss_mib"], server_hwm_mib=None, rss_samples=0,
+                client_cpu_s_per_gib=figures["client_cpu_s_per_gib"], other_cpu_s=figures["other_cpu_s"],
+            )
+            print(format_row("med", row))
+    print("\nratios (median of per-run ratios; each ratio uses numbers from one run)")
+    for workload, ratios in summary["ratios"].items():
+        if "tusd_py_over_limit" in ratios:
+            r = ratios["tusd_py_over_limit"]
+            verdict = "ok" if r["met"] else "BELOW TARGET"
+            per_run = ", ".join(f"{v:.2f}" for v in r["per_run"])
+            print(f"  {workload:<10} tusd-py / min(loopback, disk) = {r['median']:.2f} "
+                  f"(target >= {r['target']:.2f}: {verdict}; runs: {per_run})")
+        if "tusd_py_over_peer" in ratios:
+            r = ratios["tusd_py_over_peer"]
+            per_run = ", ".join(f"{v:.2f}" for v in r["per_run"])
+            print(f"  {workload:<10} tusd-py / peer (@tus/server)  = {r['median']:.2f} (runs: {per_run})")
+    if "rss" in summary:
+        r = summary["rss"]
+        verdict = "ok" if r["met"] else "ABOVE TARGET"
+        print(f"  {r['workload']:<10} tusd-py peak RSS (max over runs) = {r['max_peak_rss_mib_over_runs']:.1f} MiB "
+              f"(target < {r['target_mib']:.0f} MiB: {verdict})")
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.ingest",
+        description="Ingest throughput, CPU and memory of tusd-py's file store next to the loopback and disk "
+                    "limits (and @tus/server with --peer).",
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs; medians are reported (default 3)")
+    parser.add_argument("--size", type=parse_size, default=GiB, help="upload size (default 1GiB)")
+    parser.add_argument("--patch-size", type=parse_size, default=16 * MiB,
+                        help="PATCH size of the chunked workload (default 16MiB)")
+    parser.add_argument("--workloads", default="single,chunked",
+                        help="comma-separated: single (one PATCH), chunked (PATCHes of --patch-size)")
+    parser.add_argument("--peer", action="store_true", help="also measure @tus/server + @tus/file-store")
+    parser.add_argument("--targets", default="loopback,disk,tusd-py",
+                        help="comma-separated subset of loopback,disk,tusd-py,peer (default: all but peer)")
+    parser.add_argument("--server-cmd", default=DEFAULT_SERVER_CMD,
+                        help="tusd-py command; {host}, {port} and {directory} are filled in (default: %(default)s)")
+    parser.add_argument("--peer-cmd", default=DEFAULT_PEER_CMD, help="peer command, same placeholders")
+    parser.add_argument("--data-dir", type=Path,
+                        help="where uploads are written (default: a new temp dir, removed at the end)")
+    parser.add_argument("--json", type=Path, help="write all per-run figures, medians and ratios here")
+    parser.add_argument("--client-buffer", type=parse_size, default=16 * MiB,
+                        help="the client's preallocated send buffer (default 16MiB)")
+    parser.add_argument("--disk-write-size", type=parse_size, default=file_store_write_size(),
+                        help="write size of the disk limit (default: the file store's WRITE_BATCH_SIZE, %(default)s)")
+    # The file store never fsyncs upload data (only its small .info documents), so the
+    # disk limit by default does not either: both measure writing into the page cache.
+    parser.add_argument("--disk-fsync", choices=["none", "patch", "end"], default="none",
+                        help="when the disk limit fsyncs the data; keep it equal to the file store's (default none)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per request (default 600)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up upload per server")
+    parser.add_argument("--no-warm-memory", action="store_true",
+                        help="do not write+delete a scratch file before each measurement (see README)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a tusd-py target is missed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.peer and "peer" not in targets:
+        targets.append("peer")
+    unknown = set(targets) - {"loopback", "disk", "tusd-py", "peer"}
+    if unknown:
+        raise SystemExit(f"unknown targets: {', '.join(sorted(unknown))}")
+    if "peer" in targets and not (PEERS_DIR / "node_modules" / "@tus" / "server").is_dir():
+        raise SystemExit(f"the peer is not installed: npm install --prefix {PEERS_DIR}")
+    workloads = []
+    for name in (w.strip() for w in args.workloads.split(",") if w.strip()):
+        if name == "single":
+            workloads.append(Workload(size=args.size, patch_size=args.size))
+        elif name == "chunked":
+            workloads.append(Workload(size=args.size, patch_size=args.patch_size))
+        else:
+            raise SystemExit(f"unknown workload {name!r} (single, chunked)")
+    if args.disk_write_size > args.client_buffer:
+        raise SystemExit("--disk-write-size must not exceed --client-buffer (the bytes come from that buffer)")
+
+    temporary = args.data_dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix="tusd-py-ingest-")) if temporary else args.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    options = Options(
+        runs=args.runs, workloads=workloads, targets=targets, data_dir=data_dir, server_cmd=args.server_cmd,
+        peer_cmd=args.peer_cmd, client_buffer=args.client_buffer, disk_write_size=args.disk_write_size,
+        disk_fsync=args.disk_fsync, timeout=args.timeout, warmup=not args.no_warmup,
+        warm_memory=not args.no_warm_memory,
+    )
+    print(f"data dir {data_dir}; load average {load_average()}; disk limit: {format_size(args.disk_write_size)} "
+          f"writes, fsync {args.disk_fsync}")
+    print(HEADER)
+    try:
+        results = run_benchmark(options)
+    except ServerFailed as error:
+        print(f"\nserver failed: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if temporary:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    summary = summarize(results, options)
+    print_summary(summary, options)
+    print(f"\nload average before {results.meta['load_average_before']}, after {results.meta['load_average_after']}; "
+          f"server exit codes {results.meta['server_exit_codes']}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        document = {"meta": results.meta, "runs": [[asdict(m) for m in run] for run in results.runs],
+                    "summary": summary}
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 1 if args.check and not summary["targets_met"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

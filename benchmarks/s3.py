@@ -1,0 +1,446 @@
+"""S3 ingest benchmark: tusd-py's S3 store against moto, next to the limit and the peer.
+
+Same workloads and client as ``benchmarks/ingest.py`` (one PATCH of ``--size``, and the
+same bytes as PATCHes of ``--patch-size`` on one keep-alive connection), sent to:
+
+- ``limit``: no tus server: the harness uploads the same bytes straight to the same
+  endpoint with aiobotocore as one multipart upload (parts of ``--part-size``, at most
+  ``--concurrency`` UploadPart calls in flight, Content-MD5 on every part, as tusd-py's
+  S3 store sends them). The best any server in front of this endpoint could do.
+- ``tusd-py``: ``python -m tusd_py.cli --store s3`` with the same part size and
+  concurrency.
+- ``peer`` (``--peer``): @tus/server + @tus/s3-store (``benchmarks/peers/tus_server.mjs``).
+
+The endpoint is moto in server mode on a loopback port. moto keeps objects in memory and
+tops out near 100 MB/s, so absolute MB/s here say nothing about S3; the ratios to the
+limit say how much a server loses in front of a given endpoint, and the CPU and RSS
+columns are the server's own cost. The moto process's CPU is reported separately.
+
+    python -m benchmarks.s3 --runs 3 --peer
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import botocore.session
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+
+from benchmarks.common import (
+    MB,
+    PEERS_DIR,
+    GiB,
+    MiB,
+    ProcessMonitor,
+    ServerFailed,
+    ServerProcess,
+    command_from_template,
+    environment,
+    free_port,
+    load_average,
+    machine_busy_seconds,
+    median,
+    own_cpu_seconds,
+    parse_size,
+)
+from benchmarks.ingest import HEADER, HOST, Measurement, Workload, format_row, measure_server
+
+BUCKET = "tusd-py-bench"
+REGION = "us-east-1"
+# moto accepts any credentials; fixed ones keep the developer's real AWS variables and
+# profile out of the benchmark (and out of its subprocesses).
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": REGION}
+
+MOTO_CMD = f"{sys.executable} -m moto.server -H {{host}} -p {{port}}"
+DEFAULT_SERVER_CMD = f"{sys.executable} -m tusd_py.cli --host {{host}} --port {{port}} --store s3 --log-level warning"
+DEFAULT_PEER_CMD = (f"node {PEERS_DIR / 'tus_server.mjs'} --host {{host}} --port {{port}} --store s3 "
+                    f"--s3-endpoint {{endpoint}} --s3-bucket {{bucket}} --s3-part-size {{part_size}}")
+
+
+@dataclass
+class Options:
+    """What to run, from the command line."""
+
+    runs: int
+    workloads: list[Workload]
+    targets: list[str]
+    part_size: int
+    concurrency: int
+    server_cmd: str
+    peer_cmd: str
+    client_buffer: int
+    timeout: float
+    work_dir: Path
+
+
+@dataclass
+class Results:
+    """Everything measured, as written to ``--json``."""
+
+    meta: dict[str, Any]
+    runs: list[list[Measurement]] = field(default_factory=list)
+
+
+def _clean_environment() -> dict[str, str]:
+    """This process's environment without AWS_* and TUSD_PY_* settings, plus moto's
+    credentials: no benchmark subprocess may reach a real AWS account."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TUSD_PY_"))}
+    return env | CREDENTIALS
+
+
+class Bucket:
+    """Synchronous admin access to the benchmark bucket (create, empty, inspect)."""
+
+    def __init__(self, endpoint: str) -> None:
+        session = botocore.session.get_session()
+        self._client = session.create_client(
+            "s3", endpoint_url=endpoint, region_name=REGION,
+            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    def create(self) -> None:
+        self._client.create_bucket(Bucket=BUCKET)
+
+    def object_sizes(self) -> dict[str, int]:
+        """Key -> size of every object in the bucket."""
+        sizes: dict[str, int] = {}
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            sizes.update({item["Key"]: item["Size"] for item in page.get("Contents", [])})
+        return sizes
+
+    def empty(self) -> None:
+        """Delete every object and abort every multipart upload (moto holds them in RAM)."""
+        for key in self.object_sizes():
+            self._client.delete_object(Bucket=BUCKET, Key=key)
+        uploads = self._client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+        for upload in uploads:
+            self._client.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
+
+    def check_complete_object(self, size: int, target: str) -> None:
+        """Raise unless the bucket holds an object of exactly ``size`` bytes: the upload
+        really ended as one complete S3 object."""
+        sizes = self.object_sizes()
+        if size not in sizes.values():
+            raise ServerFailed(f"{target}: no object of {size} bytes in the bucket after the upload: {sizes}")
+
+
+# --- the limit: aiobotocore multipart straight to the endpoint ----------------------------
+
+def _repeat(buffer: memoryview, length: int) -> bytes:
+    """``length`` bytes: ``buffer`` repeated as often as needed (a part may be larger
+    than the client's buffer)."""
+    whole, rest = divmod(length, len(buffer))
+    return bytes(buffer) * whole + bytes(buffer[:rest])
+
+
+async def _multipart_upload(endpoint: str, size: int, part_size: int, concurrency: int, buffer: memoryview) -> float:
+    """One multipart upload of ``size`` bytes; returns the seconds from
+    CreateMultipartUpload to CompleteMultipartUpload."""
+    config = AioConfig(
+        s3={"addressing_style": "path"},
+        max_pool_connections=concurrency,
+        # Content-MD5 is sent explicitly, as tusd-py does; no second (CRC32) hash.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    # The part bodies are cut from the preallocated buffer before timing; botocore needs
+    # bytes-like bodies it can re-read on retry.
+    lengths = [min(part_size, size - offset) for offset in range(0, size, part_size)]
+    bodies = {length: _repeat(buffer, length) for length in set(lengths)}
+    session = get_session()
+    async with session.create_client(
+        "s3", endpoint_url=endpoint, region_name=REGION, config=config,
+        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    ) as client:
+        start = time.perf_counter()
+        created = await client.create_multipart_upload(Bucket=BUCKET, Key="limit")
+        upload_id = created["UploadId"]
+        slots = asyncio.Semaphore(concurrency)
+
+        async def upload_part(number: int, body: bytes) -> dict[str, Any]:
+            async with slots:
+                # Hash per part like a server must (it cannot know the bytes in advance);
+                # in a thread, as hashlib releases the GIL on large buffers.
+                digest = await asyncio.to_thread(lambda: hashlib.md5(body, usedforsecurity=False).digest())
+                response = await client.upload_part(
+                    Bucket=BUCKET, Key="limit", UploadId=upload_id, PartNumber=number, Body=body,
+                    ContentMD5=base64.b64encode(digest).decode("ascii"),
+                )
+                return {"PartNumber": number, "ETag": response["ETag"]}
+
+        parts = await asyncio.gather(*(
+            upload_part(index + 1, bodies[length]) for index, length in enumerate(lengths)
+        ))
+        await client.complete_multipart_upload(
+            Bucket=BUCKET, Key="limit", UploadId=upload_id, MultipartUpload={"Parts": list(parts)},
+        )
+        return time.perf_counter() - start
+
+
+def measure_limit(
+    endpoint: str, moto: ServerProcess, workload: Workload, buffer: memoryview, options: Options,
+) -> Measurement:
+    """The limit: the harness itself uploads the workload's bytes to the endpoint."""
+    cpu_start = own_cpu_seconds()
+    busy_start = machine_busy_seconds()
+    with ProcessMonitor(moto.pid) as backend:
+        seconds = asyncio.run(
+            _multipart_upload(endpoint, workload.size, options.part_size, options.concurrency, buffer)
+        )
+    cpu = own_cpu_seconds() - cpu_start
+    busy = machine_busy_seconds() - busy_start
+    assert backend.usage is not None
+    gib = workload.size / GiB
+    return Measurement(
+        target="limit", workload=workload.name, bytes=workload.size, seconds=seconds,
+        mb_per_s=workload.size / MB / seconds,
+        server_cpu_s_per_gib=None, server_main_thread_busy=None, server_peak_rss_mib=None, server_hwm_mib=None,
+        rss_samples=0, client_cpu_s_per_gib=cpu / gib,
+        other_cpu_s=max(0.0, busy - cpu - backend.usage.cpu_seconds),
+        backend_cpu_s_per_gib=backend.usage.cpu_seconds / gib,
+    )
+
+
+def measure_with_backend(
+    server: ServerProcess, moto: ServerProcess, workload: Workload, buffer: memoryview, timeout: float,
+) -> Measurement:
+    """``measure_server`` plus moto's CPU over the same span."""
+    with ProcessMonitor(moto.pid) as backend:
+        measurement = measure_server(server, workload, buffer, timeout)
+    assert backend.usage is not None
+    measurement.backend_cpu_s_per_gib = backend.usage.cpu_seconds / (workload.size / GiB)
+    # measure_server counted moto as "other"; it is part of this measurement.
+    measurement.other_cpu_s = max(0.0, measurement.other_cpu_s - backend.usage.cpu_seconds)
+    return measurement
+
+
+# --- the whole benchmark ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _running(servers: list[ServerProcess]) -> Iterator[dict[str, int | None]]:
+    """Start ``servers`` in order; SIGTERM them in reverse order on the way out. Yields
+    the dict that receives their exit codes."""
+    codes: dict[str, int | None] = {}
+    started: list[ServerProcess] = []
+    try:
+        for server in servers:
+            server.start()
+            started.append(server)
+        yield codes
+    finally:
+        for server in reversed(started):
+            codes[server.name] = server.stop()
+
+
+def run_benchmark(options: Options) -> Results:
+    """Start moto and the servers, measure every target on every workload ``runs`` times."""
+    results = Results(meta={
+        **environment(),
+        "runs": options.runs, "targets": options.targets,
+        "workloads": [asdict(w) | {"name": w.name} for w in options.workloads],
+        "part_size": options.part_size, "concurrency": options.concurrency,
+        "server_cmd": options.server_cmd, "peer_cmd": options.peer_cmd if "peer" in options.targets else None,
+        "load_average_before": load_average(),
+    })
+    buffer = memoryview(bytearray(os.urandom(options.client_buffer)))
+    env = _clean_environment()
+    moto_port = free_port(HOST)
+    endpoint = f"http://{HOST}:{moto_port}"
+    moto = ServerProcess("moto", command_from_template(MOTO_CMD, host=HOST, port=moto_port), HOST, moto_port,
+                         options.work_dir / "moto.log", env=env)
+    values = {"host": HOST, "endpoint": endpoint, "bucket": BUCKET, "part_size": options.part_size}
+    tusd_env = env | {
+        "TUSD_PY_STORE_S3_BUCKET": BUCKET,
+        "TUSD_PY_STORE_S3_ENDPOINT_URL": endpoint,
+        "TUSD_PY_STORE_S3_PART_SIZE": str(options.part_size),
+        "TUSD_PY_STORE_S3_MAX_CONCURRENT_PART_UPLOADS": str(options.concurrency),
+        "TUSD_PY_STORE_S3_SPOOL_DIR": str(options.work_dir / "spool"),
+    }
+    (options.work_dir / "spool").mkdir(exist_ok=True)
+    servers: dict[str, ServerProcess] = {}
+    for target, template, target_env in (("tusd-py", options.server_cmd, tusd_env), ("peer", options.peer_cmd, env)):
+        if target in options.targets:
+            port = free_port(HOST)
+            servers[target] = ServerProcess(
+                target, command_from_template(template, port=port, **values), HOST, port,
+                options.work_dir / f"{target}.log", env=target_env,
+            )
+    # moto first: the servers check the bucket when they start.
+    moto.start()
+    try:
+        bucket = Bucket(endpoint)
+        bucket.create()
+        with _running(list(servers.values())) as codes:
+            # Unmeasured warm-up of every target (imports, connection pools, moto's
+            # first bucket operations): the first upload to a fresh moto ran at half speed.
+            warmup = Workload(size=16 * MiB, patch_size=16 * MiB)
+            for target in options.targets:
+                if target == "limit":
+                    measure_limit(endpoint, moto, warmup, buffer, options)
+                else:
+                    measure_with_backend(servers[target], moto, warmup, buffer, options.timeout)
+                bucket.empty()
+            for run in range(options.runs):
+                measurements: list[Measurement] = []
+                for workload in options.workloads:
+                    for target in options.targets:
+                        bucket.empty()
+                        if target == "limit":
+                            measurement = measure_limit(endpoint, moto, workload, buffer, options)
+                        else:
+                            measurement = measure_with_backend(servers[target], moto, workload, buffer,
+                                                               options.timeout)
+                        bucket.check_complete_object(workload.size, target)
+                        measurements.append(measurement)
+                        print(format_row(run + 1, measurement) + f" {fmt_backend(measurement):>14}", flush=True)
+                results.runs.append(measurements)
+                bucket.empty()
+        results.meta["server_exit_codes"] = codes
+    finally:
+        moto.stop()
+        results.meta["load_average_after"] = load_average()
+    return results
+
+
+def fmt_backend(measurement: Measurement) -> str:
+    value = measurement.backend_cpu_s_per_gib
+    return "-" if value is None else f"{value:.2f}"
+
+
+def summarize(results: Results, options: Options) -> dict[str, Any]:
+    """Medians of each figure, and medians of the same-run ratios to the limit and peer."""
+    summary: dict[str, Any] = {"medians": {}, "ratios": {}}
+    for workload in options.workloads:
+        by_target: dict[str, dict[str, float]] = {}
+        for target in options.targets:
+            rows = [m for run in results.runs for m in run if m.target == target and m.workload == workload.name]
+            by_target[target] = {
+                key: median([value for m in rows if (value := getattr(m, key)) is not None])
+                for key in ("mb_per_s", "server_cpu_s_per_gib", "server_main_thread_busy", "server_peak_rss_mib",
+                            "client_cpu_s_per_gib", "other_cpu_s", "backend_cpu_s_per_gib")
+            }
+        summary["medians"][workload.name] = by_target
+        ratios: dict[str, list[float]] = {"tusd_py_over_limit": [], "tusd_py_over_peer": []}
+        for run in results.runs:
+            speeds = {m.target: m.mb_per_s for m in run if m.workload == workload.name}
+            if "tusd-py" in speeds and "limit" in speeds:
+                ratios["tusd_py_over_limit"].append(speeds["tusd-py"] / speeds["limit"])
+            if "tusd-py" in speeds and "peer" in speeds:
+                ratios["tusd_py_over_peer"].append(speeds["tusd-py"] / speeds["peer"])
+        summary["ratios"][workload.name] = {
+            name: {"per_run": values, "median": median(values)} for name, values in ratios.items() if values
+        }
+    return summary
+
+
+def print_summary(summary: dict[str, Any], options: Options) -> None:
+    print(f"\nmedians over {options.runs} run(s)")
+    print(HEADER + f" {'moto CPU s/GiB':>14}")
+    for workload, by_target in summary["medians"].items():
+        for target, figures in by_target.items():
+            row = Measurement(
+                target=target, workload=workload, bytes=0, seconds=0.0, mb_per_s=figures["mb_per_s"],
+                server_cpu_s_per_gib=figures["server_cpu_s_per_gib"],
+                server_main_thread_busy=figures["server_main_thread_busy"],
+                server_peak_rss_mib=figures["server_peak_rss_mib"], server_hwm_mib=None, rss_samples=0,
+                client_cpu_s_per_gib=figures["client_cpu_s_per_gib"], other_cpu_s=figures["other_cpu_s"],
+                backend_cpu_s_per_gib=figures["backend_cpu_s_per_gib"],
+            )
+            print(format_row("med", row) + f" {fmt_backend(row):>14}")
+    print("\nratios (median of per-run ratios)")
+    for workload, ratios in summary["ratios"].items():
+        for name, label in (("tusd_py_over_limit", "tusd-py / limit (aiobotocore multipart)"),
+                            ("tusd_py_over_peer", "tusd-py / peer (@tus/server + s3-store)")):
+            if name in ratios:
+                per_run = ", ".join(f"{v:.2f}" for v in ratios[name]["per_run"])
+                print(f"  {workload:<10} {label} = {ratios[name]['median']:.2f} (runs: {per_run})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.s3",
+        description="tusd-py's S3 store against moto, next to a direct aiobotocore multipart upload "
+                    "(and @tus/server + @tus/s3-store with --peer).",
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs; medians are reported (default 3)")
+    parser.add_argument("--size", type=parse_size, default=256 * MiB,
+                        help="upload size (default 256MiB: moto runs near 100 MB/s)")
+    parser.add_argument("--patch-size", type=parse_size, default=16 * MiB, help="PATCH size of the chunked workload")
+    parser.add_argument("--workloads", default="single,chunked", help="comma-separated: single, chunked")
+    parser.add_argument("--part-size", type=parse_size, default=8 * MiB,
+                        help="S3 part size for every target (default 8MiB, tusd-py's default)")
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="UploadPart calls in flight for the limit and tusd-py (default 8, tusd-py's default)")
+    parser.add_argument("--peer", action="store_true", help="also measure @tus/server + @tus/s3-store")
+    parser.add_argument("--targets", default="limit,tusd-py", help="comma-separated subset of limit,tusd-py,peer")
+    parser.add_argument("--server-cmd", default=DEFAULT_SERVER_CMD,
+                        help="tusd-py command; {host} and {port} are filled in (default: %(default)s)")
+    parser.add_argument("--peer-cmd", default=DEFAULT_PEER_CMD,
+                        help="peer command; {host}, {port}, {endpoint}, {bucket}, {part_size} are filled in")
+    parser.add_argument("--client-buffer", type=parse_size, default=16 * MiB, help="the client's send buffer")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per request")
+    parser.add_argument("--json", type=Path, help="write all per-run figures, medians and ratios here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.peer and "peer" not in targets:
+        targets.append("peer")
+    unknown = set(targets) - {"limit", "tusd-py", "peer"}
+    if unknown:
+        raise SystemExit(f"unknown targets: {', '.join(sorted(unknown))}")
+    if "peer" in targets and not (PEERS_DIR / "node_modules" / "@tus" / "s3-store").is_dir():
+        raise SystemExit(f"the peer is not installed: npm install --prefix {PEERS_DIR}")
+    workloads = []
+    for name in (w.strip() for w in args.workloads.split(",") if w.strip()):
+        if name not in {"single", "chunked"}:
+            raise SystemExit(f"unknown workload {name!r} (single, chunked)")
+        workloads.append(Workload(size=args.size, patch_size=args.size if name == "single" else args.patch_size))
+    work_dir = Path(tempfile.mkdtemp(prefix="tusd-py-s3-bench-"))
+    options = Options(
+        runs=args.runs, workloads=workloads, targets=targets, part_size=args.part_size,
+        concurrency=args.concurrency, server_cmd=args.server_cmd, peer_cmd=args.peer_cmd,
+        client_buffer=args.client_buffer, timeout=args.timeout, work_dir=work_dir,
+    )
+    print(f"load average {load_average()}; part size {args.part_size}, concurrency {args.concurrency}")
+    print(HEADER + f" {'moto CPU s/GiB':>14}")
+    try:
+        results = run_benchmark(options)
+    except ServerFailed as error:
+        print(f"\nserver failed: {error}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    summary = summarize(results, options)
+    print_summary(summary, options)
+    print(f"\nload average before {results.meta['load_average_before']}, after {results.meta['load_average_after']}; "
+          f"server exit codes {results.meta.get('server_exit_codes')}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        document = {"meta": results.meta, "runs": [[asdict(m) for m in run] for run in results.runs],
+                    "summary": summary}
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
