@@ -53,6 +53,11 @@ class StoreConfigError(StoreError):
     """The store's configuration is unusable (raised at start-up, with a clear message)."""
 
 
+class UploadTooLarge(StoreError):
+    """The upload would exceed what the store can hold for it (answer 413): e.g. the
+    S3 store's deferred-length ceiling, or S3's 5 TiB object limit."""
+
+
 @dataclass(slots=True)
 class UploadInfo:
     """Everything known about one upload.

@@ -1,0 +1,477 @@
+"""The narrow S3 client seam of the S3 store.
+
+``S3Client`` lists only the S3 calls the store makes, with plain Python types in and
+out, so tests can wrap it to inject faults after any call or to count the bytes moved.
+Each method is exactly one S3 request (pagination is the caller's job), which keeps
+"crash after call i" meaningful.
+
+Two implementations live here:
+
+- ``AioS3Client`` over an aiobotocore client: it translates botocore's exceptions into
+  the small ``S3Error`` family below and never retries (botocore's own retries are
+  switched off so that retrying happens in exactly one place);
+- ``RetryingS3Client``, which wraps any ``S3Client`` and retries transient failures
+  (5xx, SlowDown/throttling, timeouts, connection resets) with exponential backoff
+  and full jitter. A broken download stream resumes from the byte it reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import random
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError, NoCredentialsError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+log = logging.getLogger("tusd_py.stores.s3")
+
+T = TypeVar("T")
+
+# Error codes S3 (and S3-compatible services) use for conditions that go away when
+# the request is repeated a little later.
+TRANSIENT_ERROR_CODES = frozenset({
+    "InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
+    "RequestTimeout", "RequestTimeoutException", "RequestLimitExceeded", "BandwidthLimitExceeded",
+    "TooManyRequestsException", "PriorRequestNotComplete", "OperationAborted",
+})
+NOT_FOUND_ERROR_CODES = frozenset({"NoSuchKey", "NoSuchUpload", "NoSuchBucket", "NotFound", "404"})
+
+STREAM_CHUNK_SIZE = 256 * 1024
+"""Download chunk size: large enough to keep per-chunk overhead low, small enough
+that a slow reader does not pin much memory."""
+
+
+class S3Error(Exception):
+    """An S3 call failed; ``code`` is S3's error code (or a local one such as
+    ``"ConnectionError"``), ``status`` the HTTP status (0 when there was none)."""
+
+    def __init__(self, operation: str, code: str, status: int, message: str) -> None:
+        super().__init__(f"{operation}: {code} ({status}): {message}" if status else f"{operation}: {code}: {message}")
+        self.operation = operation
+        self.code = code
+        self.status = status
+
+
+class S3NotFound(S3Error):
+    """The key, multipart upload or bucket does not exist."""
+
+
+class S3TransientError(S3Error):
+    """A failure that may succeed when repeated (5xx, throttling, timeouts, resets)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectEntry:
+    """An object as listed (or HEAD-ed): key, size and ETag (quoted, as S3 sends it)."""
+
+    key: str
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectPage:
+    """One ListObjectsV2 page; ``next_token`` is None on the last page."""
+
+    objects: list[ObjectEntry]
+    next_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PartEntry:
+    """One uploaded part of a multipart upload."""
+
+    number: int
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True, slots=True)
+class PartPage:
+    """One ListParts page; ``next_marker`` is None on the last page."""
+
+    parts: list[PartEntry]
+    next_marker: int | None
+
+
+@runtime_checkable
+class S3Client(Protocol):
+    """The S3 calls the S3 store makes, one request each."""
+
+    async def head_bucket(self, bucket: str) -> None:
+        """Check that the bucket exists and the credentials may use it."""
+        ...
+
+    async def create_multipart_upload(self, bucket: str, key: str, content_type: str | None) -> str:
+        """Start a multipart upload of ``key``; returns its upload id."""
+        ...
+
+    async def upload_part(
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
+    ) -> str:
+        """Upload one part (``content_md5``: base64 MD5 of ``body``, checked by S3);
+        returns its ETag."""
+        ...
+
+    async def list_parts(self, bucket: str, key: str, upload_id: str, marker: int | None) -> PartPage:
+        """One page of the multipart upload's parts after part number ``marker``."""
+        ...
+
+    async def complete_multipart_upload(
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]]
+    ) -> None:
+        """Assemble the object from ``(part number, ETag)`` pairs, in order."""
+        ...
+
+    async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        """Abort a multipart upload and discard its parts."""
+        ...
+
+    async def put_object(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
+        """Store a whole object (checked against ``content_md5``); returns its ETag."""
+        ...
+
+    async def get_object(self, bucket: str, key: str) -> bytes:
+        """Read a whole (small) object."""
+        ...
+
+    def stream_object(self, bucket: str, key: str, start: int, stop: int) -> AsyncGenerator[bytes, None]:
+        """Stream bytes ``[start, stop)`` of an object (a ranged GET)."""
+        ...
+
+    async def head_object(self, bucket: str, key: str) -> ObjectEntry:
+        """Size and ETag of an object; raises ``S3NotFound``."""
+        ...
+
+    async def list_objects(self, bucket: str, prefix: str, token: str | None) -> ObjectPage:
+        """One ListObjectsV2 page of the keys under ``prefix``."""
+        ...
+
+    async def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
+        """Delete up to 1000 keys in one request (missing keys are not an error)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def content_md5(body: bytes) -> str:
+    """The Content-MD5 header value of ``body`` (base64 of the binary digest)."""
+    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")
+
+
+# --- aiobotocore implementation --------------------------------------------------------
+
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    HTTPClientError,  # connection closed, read timeout, response streaming errors
+    BotoConnectionError,  # endpoint unreachable, connect timeout, proxy/TLS failures
+    IncompleteReadError,
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+
+
+def _translate(operation: str, error: BaseException) -> S3Error:
+    """Turn a botocore/aiohttp exception into an ``S3Error``."""
+    if isinstance(error, ClientError):
+        details = error.response.get("Error", {})
+        code = str(details.get("Code", "Unknown"))
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = str(details.get("Message", "") or error)
+        if code in NOT_FOUND_ERROR_CODES or (status == 404 and code not in TRANSIENT_ERROR_CODES):
+            return S3NotFound(operation, code, status, message)
+        if code in TRANSIENT_ERROR_CODES or status >= 500 or status == 429:
+            return S3TransientError(operation, code, status, message)
+        return S3Error(operation, code, status, message)
+    if isinstance(error, NoCredentialsError):
+        return S3Error(operation, "NoCredentials", 0, str(error))
+    if isinstance(error, _TRANSPORT_ERRORS):
+        return S3TransientError(operation, "ConnectionError", 0, f"{type(error).__name__}: {error}")
+    return S3Error(operation, type(error).__name__, 0, str(error))
+
+
+@contextlib.contextmanager
+def _translated(operation: str) -> Iterator[None]:
+    try:
+        yield
+    except (BotoCoreError, ClientError, *_TRANSPORT_ERRORS) as error:
+        raise _translate(operation, error) from error
+
+
+class AioS3Client:
+    """``S3Client`` over one aiobotocore S3 client (created by ``connect``)."""
+
+    def __init__(self, client: Any, exit_stack: contextlib.AsyncExitStack | None = None) -> None:
+        self._client = client
+        self._exit_stack = exit_stack
+
+    @classmethod
+    async def connect(
+        cls,
+        *,
+        endpoint_url: str = "",
+        region: str = "",
+        max_pool_connections: int = 10,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+    ) -> AioS3Client:
+        """An S3 client with credentials from the standard AWS chain (environment,
+        shared files/profile, container and instance metadata).
+
+        Raises ``S3Error`` with code ``"NoCredentials"`` when the chain finds none.
+        ``endpoint_url`` selects an S3-compatible service and path-style addressing.
+        """
+        session = get_session()
+        credentials = await session.get_credentials()
+        if credentials is None:
+            raise S3Error(
+                "Connect", "NoCredentials", 0,
+                "no AWS credentials found (looked in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "the shared credentials/config files and profile, and container/instance metadata)",
+            )
+        region = region or session.get_config_variable("region") or "us-east-1"
+        config = AioConfig(
+            region_name=region,
+            s3={"addressing_style": "path"} if endpoint_url else {},
+            # Retries happen once, in RetryingS3Client, where tests can see them.
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            max_pool_connections=max_pool_connections,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # We send Content-MD5 ourselves; botocore's default CRC32 on every
+            # PutObject/UploadPart would hash each body a second time.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        exit_stack = contextlib.AsyncExitStack()
+        client = await exit_stack.enter_async_context(
+            session.create_client("s3", endpoint_url=endpoint_url or None, region_name=region, config=config)
+        )
+        return cls(client, exit_stack)
+
+    async def head_bucket(self, bucket: str) -> None:
+        with _translated("HeadBucket"):
+            await self._client.head_bucket(Bucket=bucket)
+
+    async def create_multipart_upload(self, bucket: str, key: str, content_type: str | None) -> str:
+        extra = {"ContentType": content_type} if content_type else {}
+        with _translated("CreateMultipartUpload"):
+            response = await self._client.create_multipart_upload(Bucket=bucket, Key=key, **extra)
+        return str(response["UploadId"])
+
+    async def upload_part(
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
+    ) -> str:
+        with _translated("UploadPart"):
+            response = await self._client.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=part_number, Body=body, ContentMD5=content_md5
+            )
+        return str(response["ETag"])
+
+    async def list_parts(self, bucket: str, key: str, upload_id: str, marker: int | None) -> PartPage:
+        extra = {"PartNumberMarker": marker} if marker else {}
+        with _translated("ListParts"):
+            response = await self._client.list_parts(Bucket=bucket, Key=key, UploadId=upload_id, **extra)
+        parts = [
+            PartEntry(int(part["PartNumber"]), int(part["Size"]), str(part["ETag"]))
+            for part in response.get("Parts", [])
+        ]
+        truncated = bool(response.get("IsTruncated"))
+        next_marker = response.get("NextPartNumberMarker")
+        return PartPage(parts, int(next_marker) if truncated and next_marker else None)
+
+    async def complete_multipart_upload(
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]]
+    ) -> None:
+        with _translated("CompleteMultipartUpload"):
+            await self._client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": number, "ETag": etag} for number, etag in parts]},
+            )
+
+    async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        with _translated("AbortMultipartUpload"):
+            await self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+    async def put_object(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
+        with _translated("PutObject"):
+            response = await self._client.put_object(Bucket=bucket, Key=key, Body=body, ContentMD5=content_md5)
+        return str(response["ETag"])
+
+    async def get_object(self, bucket: str, key: str) -> bytes:
+        with _translated("GetObject"):
+            response = await self._client.get_object(Bucket=bucket, Key=key)
+            async with response["Body"] as body:
+                return bytes(await body.read())
+
+    async def stream_object(self, bucket: str, key: str, start: int, stop: int) -> AsyncGenerator[bytes, None]:
+        if start >= stop:
+            return
+        with _translated("GetObject"):
+            response = await self._client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
+            async with response["Body"] as body:
+                while True:
+                    chunk = await body.read(STREAM_CHUNK_SIZE)
+                    if not chunk:
+                        return
+                    yield bytes(chunk)
+
+    async def head_object(self, bucket: str, key: str) -> ObjectEntry:
+        with _translated("HeadObject"):
+            response = await self._client.head_object(Bucket=bucket, Key=key)
+        return ObjectEntry(key, int(response["ContentLength"]), str(response.get("ETag", "")))
+
+    async def list_objects(self, bucket: str, prefix: str, token: str | None) -> ObjectPage:
+        extra = {"ContinuationToken": token} if token else {}
+        with _translated("ListObjectsV2"):
+            response = await self._client.list_objects_v2(Bucket=bucket, Prefix=prefix, **extra)
+        objects = [
+            ObjectEntry(str(item["Key"]), int(item["Size"]), str(item.get("ETag", "")))
+            for item in response.get("Contents", [])
+        ]
+        next_token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
+        return ObjectPage(objects, str(next_token) if next_token else None)
+
+    async def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        with _translated("DeleteObjects"):
+            response = await self._client.delete_objects(
+                Bucket=bucket, Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True}
+            )
+        errors = [error for error in response.get("Errors", []) if error.get("Code") != "NoSuchKey"]
+        if errors:
+            first = errors[0]
+            code = str(first.get("Code", "Unknown"))
+            error_type = S3TransientError if code in TRANSIENT_ERROR_CODES else S3Error
+            raise error_type("DeleteObjects", code, 0, f"{len(errors)} key(s) not deleted, e.g. {first.get('Key')}")
+
+    async def close(self) -> None:
+        if self._exit_stack is not None:
+            await self._exit_stack.aclose()
+            self._exit_stack = None
+
+
+# --- retries -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter (AWS's recommendation): attempt ``n``
+    (from 1) waits a uniformly random time in ``[0, min(max_delay, base_delay * 2**n))``."""
+
+    max_attempts: int = 5
+    """Attempts per call, the first included; 1 disables retries."""
+    base_delay: float = 0.1
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (from 1)."""
+        return random.uniform(0.0, min(self.max_delay, self.base_delay * 2**attempt))
+
+
+class RetryingS3Client:
+    """Wraps an ``S3Client`` and retries ``S3TransientError`` per ``RetryPolicy``.
+
+    Every call is safe to repeat: S3 writes are whole-object/whole-part replacements,
+    deletes are idempotent, and a repeated CompleteMultipartUpload after a lost
+    response fails with NoSuchUpload, which the store recognises.
+    """
+
+    def __init__(
+        self,
+        inner: S3Client,
+        policy: RetryPolicy | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._inner = inner
+        self._policy = policy or RetryPolicy()
+        self._sleep = sleep
+
+    async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
+        attempt = 1
+        while True:
+            try:
+                return await call()
+            except S3TransientError as error:
+                if attempt >= self._policy.max_attempts:
+                    raise
+                delay = self._policy.delay(attempt)
+                log.warning("S3 call failed (%s); retry %d in %.2fs", error, attempt, delay)
+                attempt += 1
+                await self._sleep(delay)
+
+    async def head_bucket(self, bucket: str) -> None:
+        await self._retry(lambda: self._inner.head_bucket(bucket))
+
+    async def create_multipart_upload(self, bucket: str, key: str, content_type: str | None) -> str:
+        return await self._retry(lambda: self._inner.create_multipart_upload(bucket, key, content_type))
+
+    async def upload_part(
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
+    ) -> str:
+        return await self._retry(
+            lambda: self._inner.upload_part(bucket, key, upload_id, part_number, body, content_md5)
+        )
+
+    async def list_parts(self, bucket: str, key: str, upload_id: str, marker: int | None) -> PartPage:
+        return await self._retry(lambda: self._inner.list_parts(bucket, key, upload_id, marker))
+
+    async def complete_multipart_upload(
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]]
+    ) -> None:
+        await self._retry(lambda: self._inner.complete_multipart_upload(bucket, key, upload_id, parts))
+
+    async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        await self._retry(lambda: self._inner.abort_multipart_upload(bucket, key, upload_id))
+
+    async def put_object(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
+        return await self._retry(lambda: self._inner.put_object(bucket, key, body, content_md5))
+
+    async def get_object(self, bucket: str, key: str) -> bytes:
+        return await self._retry(lambda: self._inner.get_object(bucket, key))
+
+    async def stream_object(self, bucket: str, key: str, start: int, stop: int) -> AsyncGenerator[bytes, None]:
+        # A broken stream resumes with a new ranged GET from the first byte not yet
+        # yielded; the attempt counter resets whenever bytes arrive.
+        position = start
+        attempt = 1
+        while position < stop:
+            try:
+                async with contextlib.aclosing(self._inner.stream_object(bucket, key, position, stop)) as stream:
+                    async for chunk in stream:
+                        position += len(chunk)
+                        attempt = 1
+                        yield chunk
+                if position < stop:
+                    raise S3TransientError("GetObject", "ShortRead", 0, f"stream ended at {position} before {stop}")
+            except S3TransientError as error:
+                if attempt >= self._policy.max_attempts:
+                    raise
+                delay = self._policy.delay(attempt)
+                log.warning("S3 GetObject stream failed at byte %d (%s); retry in %.2fs", position, error, delay)
+                attempt += 1
+                await self._sleep(delay)
+
+    async def head_object(self, bucket: str, key: str) -> ObjectEntry:
+        return await self._retry(lambda: self._inner.head_object(bucket, key))
+
+    async def list_objects(self, bucket: str, prefix: str, token: str | None) -> ObjectPage:
+        return await self._retry(lambda: self._inner.list_objects(bucket, prefix, token))
+
+    async def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
+        await self._retry(lambda: self._inner.delete_objects(bucket, keys))
+
+    async def close(self) -> None:
+        await self._inner.close()
