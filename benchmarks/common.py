@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -61,6 +61,12 @@ def format_size(size: int) -> str:
 def median(values: Sequence[float]) -> float:
     """Median of a non-empty sequence (NaN when empty, so a missing figure stays visible)."""
     return statistics.median(values) if values else float("nan")
+
+
+def random_buffer(size: int) -> memoryview:
+    """``size`` random bytes to send from. Random so no store, disk or proxy can take a
+    shortcut (compression, zero pages); made once, and every byte sent comes from it."""
+    return memoryview(bytearray(os.urandom(size)))
 
 
 # --- ports -----------------------------------------------------------------------------
@@ -248,6 +254,91 @@ def own_cpu_seconds() -> float:
     return time.process_time()
 
 
+@dataclass
+class Accounting:
+    """What a measured block cost: wall time, the server's (and its backend's) usage,
+    the harness's own CPU, and what the rest of the machine used meanwhile."""
+
+    wall_seconds: float = 0.0
+    server: ProcessUsage | None = None
+    backend: ProcessUsage | None = None
+    """The process behind the server (moto for the S3 store), when one was given."""
+    client_cpu_seconds: float = 0.0
+    other_cpu_seconds: float = 0.0
+    """Machine busy time less server, backend and client: non-zero means other programs
+    ran during the measurement and the figures are noisy."""
+
+
+@contextlib.contextmanager
+def accounted(server_pid: int | None, backend_pid: int | None = None) -> Iterator[Accounting]:
+    """Account for the block: the yielded ``Accounting`` is filled in when it ends.
+
+    The one place that turns /proc readings into a measurement's cost, so every
+    benchmark computes "server CPU", "client CPU" and "other CPU" the same way.
+    """
+    result = Accounting()
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(ProcessMonitor(server_pid)) if server_pid is not None else None
+        backend = stack.enter_context(ProcessMonitor(backend_pid)) if backend_pid is not None else None
+        client_start = own_cpu_seconds()
+        busy_start = machine_busy_seconds()
+        wall_start = time.perf_counter()
+        yield result
+        result.wall_seconds = time.perf_counter() - wall_start
+        busy = machine_busy_seconds() - busy_start
+        result.client_cpu_seconds = own_cpu_seconds() - client_start
+    # The monitors have exited here, so their usage is final.
+    result.server = server.usage if server is not None else None
+    result.backend = backend.usage if backend is not None else None
+    measured = result.client_cpu_seconds + sum(
+        usage.cpu_seconds for usage in (result.server, result.backend) if usage is not None
+    )
+    result.other_cpu_seconds = max(0.0, busy - measured)
+
+
+class Progress:
+    """One line per step on stderr: step count, elapsed time, ETA and what runs next.
+
+    The ETA weighs each step by an estimate of its duration given up front (the plan
+    knows sizes and rates), scaled by how long the finished steps really took, so a
+    slow machine corrects the estimate as the run goes.
+    """
+
+    def __init__(self, weights: Sequence[float], stream: IO[str] | None = None) -> None:
+        self._weights = list(weights)
+        self._stream = stream if stream is not None else sys.stderr
+        self._done = 0
+        self._done_weight = 0.0
+        self._start = time.monotonic()
+
+    @staticmethod
+    def _clock(seconds: float) -> str:
+        minutes, seconds = divmod(int(seconds), 60)
+        return f"{minutes:02d}:{seconds:02d}"
+
+    def step(self, label: str) -> None:
+        """Announce the next step; call before it starts."""
+        elapsed = time.monotonic() - self._start
+        total_weight = sum(self._weights)
+        if self._done_weight > 0:
+            eta = self._clock(elapsed / self._done_weight * (total_weight - self._done_weight))
+        else:
+            eta = "--:--"
+        width = len(str(len(self._weights)))
+        print(f"[{self._done + 1:>{width}}/{len(self._weights)}] {self._clock(elapsed)} elapsed, ETA {eta}  {label}",
+              file=self._stream, flush=True)
+
+    def done(self) -> None:
+        """The step announced last has finished."""
+        if self._done < len(self._weights):
+            self._done_weight += self._weights[self._done]
+        self._done += 1
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start
+
+
 # --- server subprocesses -------------------------------------------------------------------
 
 class ServerFailed(RuntimeError):
@@ -335,6 +426,22 @@ class ServerProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def running_servers(servers: Sequence[ServerProcess]) -> Iterator[dict[str, int | None]]:
+    """Start ``servers`` in order; SIGTERM them in reverse order on the way out. Yields
+    the dict that receives their exit codes (filled in when the block ends)."""
+    codes: dict[str, int | None] = {}
+    started: list[ServerProcess] = []
+    try:
+        for server in servers:
+            server.start()
+            started.append(server)
+        yield codes
+    finally:
+        for server in reversed(started):
+            codes[server.name] = server.stop()
 
 
 def command_from_template(template: str, **values: object) -> list[str]:

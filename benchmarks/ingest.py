@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -46,9 +47,9 @@ from benchmarks.common import (
     PEERS_DIR,
     GiB,
     MiB,
-    ProcessMonitor,
     ServerFailed,
     ServerProcess,
+    accounted,
     clear_directory,
     command_from_template,
     environment,
@@ -56,10 +57,10 @@ from benchmarks.common import (
     format_size,
     free_port,
     load_average,
-    machine_busy_seconds,
     median,
-    own_cpu_seconds,
     parse_size,
+    random_buffer,
+    running_servers,
     warm_free_memory,
 )
 from benchmarks.rawclient import HTTPError, RawConnection, create_upload, patch_upload, upload_offset
@@ -198,19 +199,14 @@ def upload_to(server: ServerProcess, workload: Workload, buffer: memoryview, tim
 
 
 def measure_server(
-    server: ServerProcess, workload: Workload, buffer: memoryview, timeout: float,
+    server: ServerProcess, workload: Workload, buffer: memoryview, timeout: float, backend_pid: int | None = None,
 ) -> Measurement:
-    """Send ``workload`` to ``server`` and account for the server's CPU and memory."""
-    client_cpu_start = own_cpu_seconds()
-    busy_start = machine_busy_seconds()
-    wall_start = time.perf_counter()
-    with ProcessMonitor(server.pid) as monitor:
+    """Send ``workload`` to ``server`` and account for the server's CPU and memory (and
+    for the CPU of ``backend_pid``, the storage behind the server, when given)."""
+    with accounted(server.pid, backend_pid) as cost:
         seconds, reconnects = upload_to(server, workload, buffer, timeout)
-    wall = time.perf_counter() - wall_start
-    busy = machine_busy_seconds() - busy_start
-    client_cpu = own_cpu_seconds() - client_cpu_start
     server.check_alive()
-    usage = monitor.usage
+    usage = cost.server
     assert usage is not None
     gib = workload.size / GiB
     return Measurement(
@@ -220,13 +216,14 @@ def measure_server(
         seconds=seconds,
         mb_per_s=workload.size / MB / seconds,
         server_cpu_s_per_gib=usage.cpu_seconds / gib,
-        server_main_thread_busy=usage.main_thread_cpu_seconds / wall,
+        server_main_thread_busy=usage.main_thread_cpu_seconds / cost.wall_seconds,
         server_peak_rss_mib=usage.peak_rss_bytes / MiB,
         server_hwm_mib=usage.hwm_bytes / MiB if usage.hwm_bytes is not None else None,
         rss_samples=usage.samples,
-        client_cpu_s_per_gib=client_cpu / gib,
-        other_cpu_s=max(0.0, busy - usage.cpu_seconds - client_cpu),
+        client_cpu_s_per_gib=cost.client_cpu_seconds / gib,
+        other_cpu_s=cost.other_cpu_seconds,
         reconnects=reconnects,
+        backend_cpu_s_per_gib=cost.backend.cpu_seconds / gib if cost.backend is not None else None,
         server_cpu_s_per_gib_by_thread={
             name: round(seconds / gib, 3) for name, seconds in usage.cpu_seconds_by_thread.items()
         },
@@ -241,9 +238,27 @@ def measure_disk(directory: Path, workload: Workload, buffer: memoryview, write_
     path = directory / "disk-limit.bin"
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
     piece = buffer[:write_size]
-    cpu_start = own_cpu_seconds()
-    busy_start = machine_busy_seconds()
-    start = time.perf_counter()
+    with accounted(None) as cost:
+        _write_like_a_store(path, workload, piece, fsync)
+    path.unlink()
+    return Measurement(
+        target="disk",
+        workload=workload.name,
+        bytes=workload.size,
+        seconds=cost.wall_seconds,
+        mb_per_s=workload.size / MB / cost.wall_seconds,
+        # The writer is the harness itself: its CPU is the "server" CPU of this limit.
+        server_cpu_s_per_gib=cost.client_cpu_seconds / (workload.size / GiB),
+        server_main_thread_busy=None,
+        server_peak_rss_mib=None,
+        server_hwm_mib=None,
+        rss_samples=0,
+        client_cpu_s_per_gib=None,
+        other_cpu_s=cost.other_cpu_seconds,
+    )
+
+
+def _write_like_a_store(path: Path, workload: Workload, piece: memoryview, fsync: str) -> None:
     offset = 0
     for length in workload.patch_lengths():
         fd = os.open(path, os.O_WRONLY)
@@ -255,43 +270,75 @@ def measure_disk(directory: Path, workload: Workload, buffer: memoryview, write_
                 os.fsync(fd)
         finally:
             os.close(fd)
-    seconds = time.perf_counter() - start
-    cpu = own_cpu_seconds() - cpu_start
-    busy = machine_busy_seconds() - busy_start
-    path.unlink()
-    return Measurement(
-        target="disk",
-        workload=workload.name,
-        bytes=workload.size,
-        seconds=seconds,
-        mb_per_s=workload.size / MB / seconds,
-        server_cpu_s_per_gib=cpu / (workload.size / GiB),
-        server_main_thread_busy=None,
-        server_peak_rss_mib=None,
-        server_hwm_mib=None,
-        rss_samples=0,
-        client_cpu_s_per_gib=None,
-        other_cpu_s=max(0.0, busy - cpu),
-    )
 
 
 # --- the whole benchmark ---------------------------------------------------------------------
 
-def _servers(options: Options) -> dict[str, ServerProcess]:
-    """The server processes the chosen targets need (not started yet)."""
-    templates = {"loopback": SINK_CMD, "tusd-py": options.server_cmd, "peer": options.peer_cmd}
-    servers: dict[str, ServerProcess] = {}
-    for target in options.targets:
-        if target not in templates:
-            continue
-        directory = options.data_dir / target
-        directory.mkdir(parents=True, exist_ok=True)
-        port = free_port(HOST)
-        command = command_from_template(templates[target], host=HOST, port=port, directory=directory)
-        servers[target] = ServerProcess(
-            name=target, command=command, host=HOST, port=port, log_path=options.data_dir / f"{target}.log",
-        )
-    return servers
+class FileTargets:
+    """The file-store targets of one benchmark run: starts the servers (sink, tusd-py,
+    peer) on entry, warms each up, and measures one target on one workload at a time.
+
+    ``ingest.py`` and the suite share it, so both prepare every measurement the same way.
+    """
+
+    def __init__(self, options: Options, buffer: memoryview) -> None:
+        self.options = options
+        self.buffer = buffer
+        self.disk_dir = options.data_dir / "disk"
+        self.servers: dict[str, ServerProcess] = {}
+        self.exit_codes: dict[str, int | None] = {}
+        self._stack = contextlib.ExitStack()
+        templates = {"loopback": SINK_CMD, "tusd-py": options.server_cmd, "peer": options.peer_cmd}
+        for target in options.targets:
+            if target not in templates:
+                continue
+            directory = self.data_dir(target)
+            directory.mkdir(parents=True, exist_ok=True)
+            port = free_port(HOST)
+            command = command_from_template(templates[target], host=HOST, port=port, directory=directory)
+            self.servers[target] = ServerProcess(
+                name=target, command=command, host=HOST, port=port, log_path=options.data_dir / f"{target}.log",
+            )
+
+    def data_dir(self, target: str) -> Path:
+        """Where ``target`` keeps its uploads."""
+        return self.options.data_dir / target
+
+    def __enter__(self) -> FileTargets:
+        self.disk_dir.mkdir(parents=True, exist_ok=True)
+        with self._stack as stack:
+            self.exit_codes = stack.enter_context(running_servers(list(self.servers.values())))
+            if self.options.warmup:
+                for server in self.servers.values():
+                    # One small upload per server, unmeasured: imports, first-request
+                    # paths and the page cache of the data directory are warm before run 1.
+                    size = min(16 * MiB, self.options.client_buffer)
+                    upload_to(server, Workload(size=size, patch_size=size), self.buffer, self.options.timeout)
+                    clear_directory(self.data_dir(server.name))
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
+
+    def prepare(self, target: str, size: int) -> None:
+        """Untimed, before a measurement: no old uploads, no dirty pages, and ``size``
+        bytes of warm free memory (see ``warm_free_memory``)."""
+        if target in self.servers:
+            clear_directory(self.data_dir(target))
+        flush_page_cache()
+        if self.options.warm_memory:
+            warm_free_memory(self.disk_dir, size, self.buffer)
+
+    def measure(self, target: str, workload: Workload) -> Measurement:
+        """Measure ``target`` taking ``workload`` once, prepared like every other one."""
+        self.prepare(target, workload.size)
+        if target == "disk":
+            return measure_disk(self.disk_dir, workload, self.buffer, self.options.disk_write_size,
+                                self.options.disk_fsync)
+        measurement = measure_server(self.servers[target], workload, self.buffer, self.options.timeout)
+        clear_directory(self.data_dir(target))
+        return measurement
 
 
 def run_benchmark(options: Options) -> Results:
@@ -313,50 +360,20 @@ def run_benchmark(options: Options) -> Results:
     })
     # Random bytes: no store or disk can shortcut them (compression, zero pages). The
     # buffer is made once and every byte sent or written comes from it.
-    buffer = memoryview(bytearray(os.urandom(options.client_buffer)))
-    disk_dir = options.data_dir / "disk"
-    disk_dir.mkdir(parents=True, exist_ok=True)
-    servers = _servers(options)
-    started: list[ServerProcess] = []
+    buffer = random_buffer(options.client_buffer)
+    targets = FileTargets(options, buffer)
     try:
-        for server in servers.values():
-            server.start()
-            started.append(server)
-            if options.warmup:
-                # One small upload per server, unmeasured: imports, first-request paths
-                # and the page cache of the data directory are warm before run 1.
-                warmup = Workload(size=min(16 * MiB, options.client_buffer), patch_size=options.client_buffer)
-                upload_to(server, warmup, buffer, options.timeout)
-                clear_directory(options.data_dir / server.name)
-        for run in range(options.runs):
-            measurements: list[Measurement] = []
-            for workload in options.workloads:
-                for target in options.targets:
-                    # Untimed: every phase starts with no dirty pages, no old files and
-                    # the same amount of warm free memory (see warm_free_memory).
-                    if target in servers:
-                        clear_directory(options.data_dir / target)
-                    flush_page_cache()
-                    if options.warm_memory:
-                        warm_free_memory(disk_dir, workload.size, buffer)
-                    if target == "disk":
-                        measurement = measure_disk(
-                            disk_dir, workload, buffer, options.disk_write_size, options.disk_fsync,
-                        )
-                    else:
-                        measurement = measure_server(servers[target], workload, buffer, options.timeout)
-                        if target == "loopback":
-                            # The sink reads on a thread per connection; its main thread
-                            # only accepts, so "main busy" would be a misleading 0.
-                            measurement.server_main_thread_busy = None
-                    measurements.append(measurement)
-                    print(format_row(run + 1, measurement), flush=True)
-                    if target in servers:
-                        clear_directory(options.data_dir / target)
-            results.runs.append(measurements)
+        with targets:
+            for run in range(options.runs):
+                measurements: list[Measurement] = []
+                for workload in options.workloads:
+                    for target in options.targets:
+                        measurement = targets.measure(target, workload)
+                        measurements.append(measurement)
+                        print(format_row(run + 1, measurement), flush=True)
+                results.runs.append(measurements)
     finally:
-        codes = {server.name: server.stop() for server in started}
-        results.meta["server_exit_codes"] = codes
+        results.meta["server_exit_codes"] = targets.exit_codes
         results.meta["load_average_after"] = load_average()
     return results
 

@@ -20,6 +20,9 @@ TUS_VERSION = "1.0.0"
 
 # Largest response head we accept; tus responses are a few hundred bytes.
 _MAX_HEAD_BYTES = 64 * 1024
+# A paced body goes out in this many pieces a second: smooth enough to look like a slow
+# link to the server, few enough that pacing 100 uploads costs the client little.
+_PACED_PIECES_PER_SECOND = 10
 
 
 class HTTPError(RuntimeError):
@@ -101,20 +104,24 @@ class RawConnection:
         headers: dict[str, str] | None = None,
         body: memoryview | None = None,
         body_length: int = 0,
+        bytes_per_second: float | None = None,
     ) -> Response:
         """Send one request and return its final (non-1xx) response.
 
         The body is ``body_length`` bytes taken from ``body`` over and over: the buffer is
         sent whole as many times as fits and then a prefix of it. So a 1 GiB body needs
         only a buffer of, say, 16 MiB, and the bytes sent never pass through Python code.
+        With ``bytes_per_second`` the body is sent at that rate (a slow client on a
+        mobile link), in ten pieces a second.
         """
         if self._sock is None:
             await self.connect()
         async with asyncio.timeout(self.timeout):
-            return await self._exchange(method, target, headers or {}, body, body_length)
+            return await self._exchange(method, target, headers or {}, body, body_length, bytes_per_second)
 
     async def _exchange(
         self, method: str, target: str, headers: dict[str, str], body: memoryview | None, body_length: int,
+        bytes_per_second: float | None = None,
     ) -> Response:
         sock = self._sock
         assert sock is not None
@@ -128,7 +135,7 @@ class RawConnection:
         # Read the response while the body is being sent: a server that rejects the
         # request answers early (and may close), and we want its answer, not EPIPE.
         reader = asyncio.ensure_future(self._read_response(method))
-        sender = asyncio.ensure_future(self._send(loop, sock, head, body, body_length))
+        sender = asyncio.ensure_future(self._send(loop, sock, head, body, body_length, bytes_per_second))
         reusable = False
         try:
             done, _ = await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
@@ -160,16 +167,25 @@ class RawConnection:
     @staticmethod
     async def _send(
         loop: asyncio.AbstractEventLoop, sock: socket.socket, head: bytes, body: memoryview | None, body_length: int,
+        bytes_per_second: float | None = None,
     ) -> None:
         await loop.sock_sendall(sock, head)
         if not body_length:
             return
         assert body is not None and len(body) > 0, "a body needs a buffer"
-        remaining = body_length
-        while remaining:
-            piece = body if remaining >= len(body) else body[:remaining]
+        piece_size = len(body)
+        if bytes_per_second is not None:
+            piece_size = max(1, min(piece_size, int(bytes_per_second / _PACED_PIECES_PER_SECOND)))
+        start = loop.time()
+        sent = 0
+        while sent < body_length:
+            piece = body[: min(piece_size, body_length - sent)]
             await loop.sock_sendall(sock, piece)
-            remaining -= len(piece)
+            sent += len(piece)
+            if bytes_per_second is not None and sent < body_length:
+                # Sleep until the schedule allows the next piece; an absolute schedule
+                # keeps the average rate exact even when a sleep runs late.
+                await asyncio.sleep(max(0.0, start + sent / bytes_per_second - loop.time()))
 
     async def _fill(self) -> None:
         """Append at least one received byte to ``_pending``; raise on EOF."""

@@ -28,11 +28,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,19 +46,20 @@ from benchmarks.common import (
     PEERS_DIR,
     GiB,
     MiB,
-    ProcessMonitor,
     ServerFailed,
     ServerProcess,
+    accounted,
     command_from_template,
     environment,
     free_port,
     load_average,
-    machine_busy_seconds,
     median,
-    own_cpu_seconds,
     parse_size,
+    random_buffer,
+    running_servers,
 )
-from benchmarks.ingest import HEADER, HOST, Measurement, Workload, format_row, measure_server
+from benchmarks.countproxy import CountingProxy
+from benchmarks.ingest import HEADER, HOST, Measurement, Workload, format_row, measure_server, upload_to
 
 BUCKET = "tusd-py-bench"
 REGION = "us-east-1"
@@ -197,55 +198,151 @@ def measure_limit(
     endpoint: str, moto: ServerProcess, workload: Workload, buffer: memoryview, options: Options,
 ) -> Measurement:
     """The limit: the harness itself uploads the workload's bytes to the endpoint."""
-    cpu_start = own_cpu_seconds()
-    busy_start = machine_busy_seconds()
-    with ProcessMonitor(moto.pid) as backend:
+    with accounted(None, moto.pid) as cost:
         seconds = asyncio.run(
             _multipart_upload(endpoint, workload.size, options.part_size, options.concurrency, buffer)
         )
-    cpu = own_cpu_seconds() - cpu_start
-    busy = machine_busy_seconds() - busy_start
-    assert backend.usage is not None
+    assert cost.backend is not None
     gib = workload.size / GiB
     return Measurement(
         target="limit", workload=workload.name, bytes=workload.size, seconds=seconds,
         mb_per_s=workload.size / MB / seconds,
         server_cpu_s_per_gib=None, server_main_thread_busy=None, server_peak_rss_mib=None, server_hwm_mib=None,
-        rss_samples=0, client_cpu_s_per_gib=cpu / gib,
-        other_cpu_s=max(0.0, busy - cpu - backend.usage.cpu_seconds),
-        backend_cpu_s_per_gib=backend.usage.cpu_seconds / gib,
+        rss_samples=0, client_cpu_s_per_gib=cost.client_cpu_seconds / gib, other_cpu_s=cost.other_cpu_seconds,
+        backend_cpu_s_per_gib=cost.backend.cpu_seconds / gib,
     )
 
 
-def measure_with_backend(
-    server: ServerProcess, moto: ServerProcess, workload: Workload, buffer: memoryview, timeout: float,
-) -> Measurement:
-    """``measure_server`` plus moto's CPU over the same span."""
-    with ProcessMonitor(moto.pid) as backend:
-        measurement = measure_server(server, workload, buffer, timeout)
-    assert backend.usage is not None
-    measurement.backend_cpu_s_per_gib = backend.usage.cpu_seconds / (workload.size / GiB)
-    # measure_server counted moto as "other"; it is part of this measurement.
-    measurement.other_cpu_s = max(0.0, measurement.other_cpu_s - backend.usage.cpu_seconds)
-    return measurement
+@dataclass
+class Traffic:
+    """What one upload cost in S3 requests and bytes, seen between the server and moto."""
+
+    target: str
+    workload: str
+    bytes: int
+    bytes_to_s3: int
+    bytes_from_s3: int
+    requests: dict[str, int]
+    """S3 requests by HTTP method, from moto's access log."""
+
+    @property
+    def up_ratio(self) -> float:
+        """Bytes sent to S3 per byte uploaded: ~1 for one multipart upload; linear
+        tail handling stays a small constant, quadratic handling grows with the size."""
+        return self.bytes_to_s3 / self.bytes
 
 
-# --- the whole benchmark ---------------------------------------------------------------------
+class S3Targets:
+    """moto plus the S3 targets of one benchmark run (limit, tusd-py, peer): starts
+    them on entry, creates the bucket, warms every target up, and measures one target
+    on one workload at a time. ``s3.py`` and the suite share it."""
 
-@contextlib.contextmanager
-def _running(servers: list[ServerProcess]) -> Iterator[dict[str, int | None]]:
-    """Start ``servers`` in order; SIGTERM them in reverse order on the way out. Yields
-    the dict that receives their exit codes."""
-    codes: dict[str, int | None] = {}
-    started: list[ServerProcess] = []
+    def __init__(self, options: Options, buffer: memoryview) -> None:
+        self.options = options
+        self.buffer = buffer
+        self.env = _clean_environment()
+        moto_port = free_port(HOST)
+        self.endpoint = f"http://{HOST}:{moto_port}"
+        self.moto = ServerProcess("moto", command_from_template(MOTO_CMD, host=HOST, port=moto_port), HOST,
+                                  moto_port, options.work_dir / "moto.log", env=self.env)
+        (options.work_dir / "spool").mkdir(parents=True, exist_ok=True)
+        self.servers = {target: self._server(target, self.endpoint) for target in options.targets
+                        if target != "limit"}
+        self.exit_codes: dict[str, int | None] = {}
+        self.bucket: Bucket | None = None
+        self._stack = contextlib.ExitStack()
+
+    def _server(self, target: str, endpoint: str, name: str | None = None) -> ServerProcess:
+        """``target``'s server process (not started), storing into ``endpoint``."""
+        port = free_port(HOST)
+        name = name or target
+        values = {"host": HOST, "port": port, "endpoint": endpoint, "bucket": BUCKET,
+                  "part_size": self.options.part_size}
+        if target == "tusd-py":
+            template, env = self.options.server_cmd, self.env | {
+                "TUSD_PY_STORE_S3_BUCKET": BUCKET,
+                "TUSD_PY_STORE_S3_ENDPOINT_URL": endpoint,
+                "TUSD_PY_STORE_S3_PART_SIZE": str(self.options.part_size),
+                "TUSD_PY_STORE_S3_MAX_CONCURRENT_PART_UPLOADS": str(self.options.concurrency),
+                "TUSD_PY_STORE_S3_SPOOL_DIR": str(self.options.work_dir / "spool"),
+            }
+        else:
+            template, env = self.options.peer_cmd, self.env
+        return ServerProcess(name, command_from_template(template, **values), HOST, port,
+                             self.options.work_dir / f"{name}.log", env=env)
+
+    def __enter__(self) -> S3Targets:
+        with contextlib.ExitStack() as stack:
+            # moto first: the servers check the bucket when they start.
+            self.moto.start()
+            stack.callback(self.moto.stop)
+            self.bucket = Bucket(self.endpoint)
+            self.bucket.create()
+            self.exit_codes = stack.enter_context(running_servers(list(self.servers.values())))
+            # Unmeasured warm-up of every target (imports, connection pools, moto's
+            # first bucket operations): the first upload to a fresh moto ran at half speed.
+            warmup = Workload(size=min(16 * MiB, self.options.client_buffer), patch_size=16 * MiB)
+            for target in self.options.targets:
+                self.measure(target, warmup)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
+
+    def measure(self, target: str, workload: Workload) -> Measurement:
+        """Measure ``target`` taking ``workload`` once into an empty bucket, and check
+        that the bucket then holds the complete object."""
+        assert self.bucket is not None, "use S3Targets as a context manager"
+        self.bucket.empty()
+        if target == "limit":
+            measurement = measure_limit(self.endpoint, self.moto, workload, self.buffer, self.options)
+        else:
+            measurement = measure_server(self.servers[target], workload, self.buffer, self.options.timeout,
+                                         backend_pid=self.moto.pid)
+        self.bucket.check_complete_object(workload.size, target)
+        self.bucket.empty()
+        return measurement
+
+    def measure_traffic(self, target: str, workload: Workload) -> Traffic:
+        """Upload ``workload`` once through a counting proxy in front of moto (untimed:
+        the proxy runs in this process and would slow the client) and return the S3
+        traffic it caused. Servers get a fresh instance pointed at the proxy."""
+        assert self.bucket is not None, "use S3Targets as a context manager"
+        self.bucket.empty()
+        log_start = _size_or_zero(self.moto.log_path)
+        with CountingProxy(HOST, self.moto.port) as proxy:
+            endpoint = f"http://{HOST}:{proxy.port}"
+            if target == "limit":
+                asyncio.run(_multipart_upload(endpoint, workload.size, self.options.part_size,
+                                              self.options.concurrency, self.buffer))
+            else:
+                with self._server(target, endpoint, name=f"{target}-traffic") as server:
+                    upload_to(server, workload, self.buffer, self.options.timeout)
+        self.bucket.check_complete_object(workload.size, target)
+        self.bucket.empty()
+        return Traffic(target=target, workload=workload.name, bytes=workload.size,
+                       bytes_to_s3=proxy.bytes_up, bytes_from_s3=proxy.bytes_down,
+                       requests=_requests_in_log(self.moto.log_path, log_start))
+
+
+def _size_or_zero(path: Path) -> int:
     try:
-        for server in servers:
-            server.start()
-            started.append(server)
-        yield codes
-    finally:
-        for server in reversed(started):
-            codes[server.name] = server.stop()
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _requests_in_log(path: Path, start: int) -> dict[str, int]:
+    """S3 requests by method in moto's access log after byte ``start`` (werkzeug logs
+    one line per request: ``... "PUT /bucket/key?partNumber=1 HTTP/1.1" 200 -``)."""
+    counts: dict[str, int] = {}
+    with open(path, "rb") as file:
+        file.seek(start)
+        for match in re.finditer(rb'"(GET|PUT|POST|HEAD|DELETE) /', file.read()):
+            method = match.group(1).decode()
+            counts[method] = counts.get(method, 0) + 1
+    return counts
 
 
 def run_benchmark(options: Options) -> Results:
@@ -258,62 +355,19 @@ def run_benchmark(options: Options) -> Results:
         "server_cmd": options.server_cmd, "peer_cmd": options.peer_cmd if "peer" in options.targets else None,
         "load_average_before": load_average(),
     })
-    buffer = memoryview(bytearray(os.urandom(options.client_buffer)))
-    env = _clean_environment()
-    moto_port = free_port(HOST)
-    endpoint = f"http://{HOST}:{moto_port}"
-    moto = ServerProcess("moto", command_from_template(MOTO_CMD, host=HOST, port=moto_port), HOST, moto_port,
-                         options.work_dir / "moto.log", env=env)
-    values = {"host": HOST, "endpoint": endpoint, "bucket": BUCKET, "part_size": options.part_size}
-    tusd_env = env | {
-        "TUSD_PY_STORE_S3_BUCKET": BUCKET,
-        "TUSD_PY_STORE_S3_ENDPOINT_URL": endpoint,
-        "TUSD_PY_STORE_S3_PART_SIZE": str(options.part_size),
-        "TUSD_PY_STORE_S3_MAX_CONCURRENT_PART_UPLOADS": str(options.concurrency),
-        "TUSD_PY_STORE_S3_SPOOL_DIR": str(options.work_dir / "spool"),
-    }
-    (options.work_dir / "spool").mkdir(exist_ok=True)
-    servers: dict[str, ServerProcess] = {}
-    for target, template, target_env in (("tusd-py", options.server_cmd, tusd_env), ("peer", options.peer_cmd, env)):
-        if target in options.targets:
-            port = free_port(HOST)
-            servers[target] = ServerProcess(
-                target, command_from_template(template, port=port, **values), HOST, port,
-                options.work_dir / f"{target}.log", env=target_env,
-            )
-    # moto first: the servers check the bucket when they start.
-    moto.start()
+    targets = S3Targets(options, random_buffer(options.client_buffer))
     try:
-        bucket = Bucket(endpoint)
-        bucket.create()
-        with _running(list(servers.values())) as codes:
-            # Unmeasured warm-up of every target (imports, connection pools, moto's
-            # first bucket operations): the first upload to a fresh moto ran at half speed.
-            warmup = Workload(size=16 * MiB, patch_size=16 * MiB)
-            for target in options.targets:
-                if target == "limit":
-                    measure_limit(endpoint, moto, warmup, buffer, options)
-                else:
-                    measure_with_backend(servers[target], moto, warmup, buffer, options.timeout)
-                bucket.empty()
+        with targets:
             for run in range(options.runs):
                 measurements: list[Measurement] = []
                 for workload in options.workloads:
                     for target in options.targets:
-                        bucket.empty()
-                        if target == "limit":
-                            measurement = measure_limit(endpoint, moto, workload, buffer, options)
-                        else:
-                            measurement = measure_with_backend(servers[target], moto, workload, buffer,
-                                                               options.timeout)
-                        bucket.check_complete_object(workload.size, target)
+                        measurement = targets.measure(target, workload)
                         measurements.append(measurement)
                         print(format_row(run + 1, measurement) + f" {fmt_backend(measurement):>14}", flush=True)
                 results.runs.append(measurements)
-                bucket.empty()
-        results.meta["server_exit_codes"] = codes
     finally:
-        moto.stop()
+        results.meta["server_exit_codes"] = targets.exit_codes
         results.meta["load_average_after"] = load_average()
     return results
 

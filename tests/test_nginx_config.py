@@ -214,7 +214,7 @@ def test_site_config_has_the_streaming_settings() -> None:
         "proxy_http_version 1.1;",
         'proxy_set_header Connection "";',
         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
-        "proxy_set_header X-Forwarded-Proto $scheme;",
+        "proxy_set_header X-Forwarded-Proto $tusd_py_forwarded_proto;",
         "proxy_set_header X-Forwarded-Host $http_host;",
         "proxy_set_header X-Request-ID $tusd_py_request_id;",
     ):

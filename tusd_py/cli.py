@@ -9,23 +9,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tusd_py import __version__
 from tusd_py.config import Config, ConfigError, load_config
+from tusd_py.hooks import HookCallable, Hooks
 from tusd_py.http.loop import new_event_loop
 from tusd_py.http.server import HTTPLimits, HTTPServer
-from tusd_py.lockers.base import Locker
+from tusd_py.http.types import Handler, Request, Response
+from tusd_py.lockers.base import Locker, LockObserver
+from tusd_py.lockers.consul import ConsulLocker
+from tusd_py.lockers.file import FileLocker
 from tusd_py.lockers.memory import MemoryLocker
 from tusd_py.logs import setup_logging
+from tusd_py.metrics import Metrics
+from tusd_py.sd_notify import notify_ready, notify_stopping
 from tusd_py.stores.base import Store, StoreError
 from tusd_py.stores.file import FileStore
 from tusd_py.tus.handler import TusHandler
@@ -33,18 +42,63 @@ from tusd_py.tus.handler import TusHandler
 log = logging.getLogger("tusd_py")
 
 
-async def build_store(config: Config) -> Store:
-    """The configured store; raises ``StoreError`` with a clear message when unusable."""
+async def build_store(config: Config, metrics: Metrics | None = None) -> Store:
+    """The configured store; raises ``StoreError`` with a clear message when unusable.
+    ``metrics`` hears S3 call timings and spool use."""
     if config.store.backend == "s3":
         from tusd_py.stores.s3 import S3Store
 
-        return await S3Store.open(config.store.s3, max_size=config.server.max_size)
+        return await S3Store.open(config.store.s3, max_size=config.server.max_size, observer=metrics)
     return FileStore(config.store.file.directory)
 
 
-def build_locker(config: Config) -> Locker:
-    """The configured locker."""
-    return MemoryLocker(acquire_timeout=config.lock.acquire_timeout)
+def build_locker(config: Config, observer: LockObserver | None = None) -> Locker:
+    """The configured locker; ``observer`` (the server's metrics) sees lock waits."""
+    lock = config.lock
+    if lock.backend == "consul":
+        return ConsulLocker.from_config(lock.consul, lock.acquire_timeout, observer=observer)
+    if lock.backend == "file":
+        return FileLocker(_lock_directory(config), lock.acquire_timeout, observer=observer)
+    return MemoryLocker(acquire_timeout=lock.acquire_timeout, observer=observer)
+
+
+def _lock_directory(config: Config) -> str:
+    if config.lock.file.directory:
+        return config.lock.file.directory
+    if config.store.backend == "file":
+        return os.path.join(config.store.file.directory, ".locks")
+    # S3: a directory every worker of this server derives alike, one per bucket/prefix.
+    s3 = config.store.s3
+    name = hashlib.sha256(f"{s3.endpoint_url}|{s3.bucket}|{s3.prefix}".encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"tusd-py-locks-{name}")
+
+
+HookCallables = Mapping[str, HookCallable | Iterable[HookCallable]]
+"""Embedders' hooks for ``serving``: event name -> one async callable or several."""
+
+
+def build_hooks(config: Config, metrics: Metrics | None, callables: HookCallables | None = None) -> Hooks:
+    """Hooks from ``[hooks]`` (the webhook) plus the embedder's Python callables."""
+    hooks = Hooks(config.hooks, metrics=metrics)
+    for event, functions in (callables or {}).items():
+        for function in [functions] if callable(functions) else functions:
+            hooks.on(event, function)
+    return hooks
+
+
+def with_metrics_endpoint(handler: Handler, path: str, render: Callable[[], tuple[bytes, str]]) -> Handler:
+    """``handler`` with ``GET path`` answered by ``render()`` (body, content type)."""
+
+    async def application(request: Request) -> Response:
+        if request.target.partition("?")[0] != path:
+            return await handler(request)
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, [("Allow", "GET, HEAD"), ("Content-Type", "text/plain; charset=utf-8")],
+                            b"405 Method Not Allowed\n")
+        body, content_type = render()
+        return Response(200, [("Content-Type", content_type), ("Cache-Control", "no-store")], body)
+
+    return application
 
 
 def http_limits(config: Config) -> HTTPLimits:
@@ -67,29 +121,57 @@ class Running:
     port: int
     handler: TusHandler
     http: HTTPServer
+    metrics: Metrics
+    hooks: Hooks
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
 
+# At shutdown, pending post-* hook deliveries get this long after the last request.
+HOOKS_DRAIN_SECONDS = 5.0
+
+
 @contextlib.asynccontextmanager
-async def serving(config: Config, *, reuse_port: bool = False) -> AsyncIterator[Running]:
+async def serving(
+    config: Config,
+    *,
+    reuse_port: bool = False,
+    hooks: Hooks | HookCallables | None = None,
+) -> AsyncIterator[Running]:
     """Run tusd-py inside the current event loop until the block exits; then shut down
-    gracefully (running PATCHes store what they received, within shutdown_timeout)."""
-    store = await build_store(config)
-    locker = build_locker(config)
-    handler = TusHandler(store, locker, config)
-    http = HTTPServer(handler, http_limits(config))
+    gracefully (running PATCHes store what they received, within shutdown_timeout).
+
+    ``hooks``: Python callables by event (``{"post-finish": fn}``, see
+    ``tusd_py.hooks``), added to the ``[hooks]`` webhook; or a ``Hooks`` object, which
+    is then used as is (its owner closes it).
+    """
+    metrics = Metrics()
+    owned_hooks = not isinstance(hooks, Hooks)
+    the_hooks = hooks if isinstance(hooks, Hooks) else build_hooks(config, metrics, hooks)
+    store = await build_store(config, metrics)
     try:
-        port = await http.start(config.server.host, config.server.port, reuse_port=reuse_port)
+        locker = build_locker(config, metrics)
         try:
-            yield Running(config.server.host, port, handler, http)
+            handler = TusHandler(store, locker, config, hooks=the_hooks, metrics=metrics)
+            application: Handler = handler
+            if config.metrics.enabled:
+                application = with_metrics_endpoint(handler, config.metrics.path, metrics.render)
+            http = HTTPServer(application, http_limits(config), observer=metrics)
+            port = await http.start(config.server.host, config.server.port, reuse_port=reuse_port)
+            try:
+                yield Running(config.server.host, port, handler, http, metrics, the_hooks)
+            finally:
+                await shutdown(http, handler, config.server.shutdown_timeout)
         finally:
-            await shutdown(http, handler, config.server.shutdown_timeout)
+            await locker.close()
     finally:
-        await locker.close()
-        await store.close()
+        try:
+            await store.close()
+        finally:
+            if owned_hooks:
+                await the_hooks.close(HOOKS_DRAIN_SECONDS)
 
 
 async def shutdown(http: HTTPServer, handler: TusHandler, grace_seconds: float) -> None:
@@ -99,7 +181,11 @@ async def shutdown(http: HTTPServer, handler: TusHandler, grace_seconds: float) 
     await http.stop(grace_seconds)
 
 
-async def _serve_until_signal(config: Config, reuse_port: bool = False) -> int:
+async def _serve_until_signal(
+    config: Config, reuse_port: bool = False, on_ready: Callable[[], object] | None = None
+) -> int:
+    """Serve until SIGTERM/SIGINT. ``on_ready`` is called once the server listens;
+    without it, systemd is notified (``Type=notify``) by this process."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -110,7 +196,13 @@ async def _serve_until_signal(config: Config, reuse_port: bool = False) -> int:
                 "tusd-py %s listening on %s%s (store=%s, lock=%s)",
                 __version__, running.url, config.server.base_path, config.store.backend, config.lock.backend,
             )
+            if on_ready is not None:
+                on_ready()
+            else:
+                notify_ready(f"listening on {running.url}")
             await stop.wait()
+            if on_ready is None:
+                notify_stopping()
             log.info("shutting down (up to %.0fs for running requests)", config.server.shutdown_timeout)
     except (StoreError, OSError) as error:
         log.error("cannot start: %s", error)
@@ -156,17 +248,38 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, os.environ, overrides)
 
 
-def _run_worker(config: Config, reuse_port: bool) -> int:
+def _run_worker(config: Config, reuse_port: bool, on_ready: Callable[[], object] | None = None) -> int:
     loop = new_event_loop()
     try:
-        return loop.run_until_complete(_serve_until_signal(config, reuse_port))
+        return loop.run_until_complete(_serve_until_signal(config, reuse_port, on_ready))
     finally:
         loop.close()
 
 
-def _worker_main(config: Config) -> None:
+def _worker_main(config: Config, ready: multiprocessing.connection.Connection) -> None:
     setup_logging(config.log)
-    sys.exit(_run_worker(config, reuse_port=True))
+
+    def report_ready() -> None:
+        # The supervisor (systemd's main process) notifies systemd once all are up.
+        ready.send(os.getpid())
+        ready.close()
+
+    sys.exit(_run_worker(config, reuse_port=True, on_ready=report_ready))
+
+
+def _wait_until_ready(workers: Sequence[multiprocessing.process.BaseProcess],
+                      ready: multiprocessing.connection.Connection) -> bool:
+    """True once every worker reported that it listens; False when one exited first."""
+    waiting = len(workers)
+    sentinels = [worker.sentinel for worker in workers]
+    while waiting:
+        for handle in multiprocessing.connection.wait([ready, *sentinels]):
+            if handle is ready:
+                ready.recv()
+                waiting -= 1
+            else:
+                return False
+    return True
 
 
 def _supervise_workers(config: Config) -> int:
@@ -180,19 +293,25 @@ def _supervise_workers(config: Config) -> int:
             probe.bind((config.server.host, 0))
             config.server.port = int(probe.getsockname()[1])
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker_main, args=(config,), name=f"tusd-py-worker-{index}")
+    ready_reader, ready_writer = context.Pipe(duplex=False)
+    workers = [context.Process(target=_worker_main, args=(config, ready_writer), name=f"tusd-py-worker-{index}")
                for index in range(config.server.workers)]
-    for worker in workers:
-        worker.start()
-    log.info("started %d workers on port %d", len(workers), config.server.port)
 
     def forward(signum: int, _frame: object) -> None:
+        notify_stopping()
         for worker in workers:
             if worker.pid is not None and worker.exitcode is None:
                 os.kill(worker.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for worker in workers:
+        worker.start()
+    ready_writer.close()
+    log.info("started %d workers on port %d", len(workers), config.server.port)
+    if _wait_until_ready(workers, ready_reader):
+        notify_ready(f"{len(workers)} workers listening on port {config.server.port}")
+    ready_reader.close()
     status = 0
     for worker in workers:
         worker.join()

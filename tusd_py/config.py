@@ -164,6 +164,10 @@ class ConsulLockConfig:
     behavior: str = "release"
     """What Consul does with held locks when the session is invalidated:
     "release" or "delete"."""
+    request_timeout: float = 5.0
+    """Seconds one Consul call may take before Consul counts as unreachable (the
+    request then gets 503 and nothing is written). Blocking queries get this on top of
+    their wait. A local agent answers in milliseconds; 5 s rides out a leader election."""
 
 
 @dataclass
@@ -198,20 +202,44 @@ class LogConfig:
 @dataclass
 class MetricsConfig:
     enabled: bool = True
+    """Serve Prometheus metrics at ``path`` on the server's own port. The numbers are
+    collected either way (it costs next to nothing); this only exposes them. Keep the
+    path away from the internet (nginx: answer 404 for it, or allow only scrapers)."""
     path: str = "/metrics"
+    """Answered before upload URLs; keep it outside server.base_path so it never
+    shadows an upload id."""
+
+
+HOOK_EVENT_NAMES = ("pre-create", "post-create", "post-receive", "post-finish", "post-terminate")
 
 
 @dataclass
 class HooksConfig:
     url: str = ""
-    """Webhook endpoint that receives hook events as JSON POSTs. Empty: no webhooks."""
-    events: list[str] = field(
-        default_factory=lambda: ["pre-create", "post-create", "post-receive", "post-finish", "post-terminate"]
-    )
+    """Webhook endpoint that receives hook events as JSON POSTs (http or https;
+    user:password@ in the URL becomes Basic auth). Empty: no webhooks."""
+    events: list[str] = field(default_factory=lambda: list(HOOK_EVENT_NAMES))
+    """Events POSTed to ``url``: pre-create, post-create, post-receive, post-finish,
+    post-terminate."""
     timeout: float = 5.0
+    """Seconds one delivery attempt may take. pre-create makes the creating request
+    wait up to (retries + 1) x timeout plus the backoff delays."""
     retries: int = 2
+    """Further attempts after a connection error, a timeout or a 408/425/429/5xx."""
+    retry_backoff: float = 0.5
+    """Seconds before the first retry; doubles for each further one (at most 30)."""
     progress_interval: float = 1.0
     """Minimum seconds between two post-receive events of one upload."""
+    secret: str = ""
+    """When set, each POST carries ``Tusd-Py-Signature: sha256=<hex HMAC-SHA256 of the
+    body with this key>`` so the receiver can check it came from us. Prefer the
+    TUSD_PY_HOOKS_SECRET variable over writing it here."""
+    max_pending: int = 1000
+    """post-* events waiting for delivery; more are dropped (and logged) so a receiver
+    that is down cannot fill memory."""
+    max_concurrent_deliveries: int = 4
+    """post-* deliveries in flight at once (they are not ordered; each event carries
+    the upload's offset and an event_id)."""
 
 
 @dataclass
@@ -401,6 +429,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"store.s3.spool must be \"file\" or \"memory\", got {s3.spool!r}")
     if s3.max_buffered_parts < 1 or s3.max_concurrent_part_uploads < 1:
         raise ConfigError("store.s3.max_buffered_parts and max_concurrent_part_uploads must be at least 1")
+    if s3.deferred_length_ceiling and s3.deferred_length_ceiling < s3.part_size:
+        raise ConfigError("store.s3.deferred_length_ceiling must be 0 (automatic) or at least store.s3.part_size")
     if config.lock.backend not in {"memory", "file", "consul"}:
         raise ConfigError(f"lock.backend must be \"memory\", \"file\" or \"consul\", got {config.lock.backend!r}")
     if server.workers > 1 and config.lock.backend == "memory":
@@ -414,11 +444,41 @@ def validate(config: Config) -> None:
         raise ConfigError("lock.consul.behavior must be \"release\" or \"delete\"")
     if not 10 <= config.lock.consul.session_ttl <= 86400:
         raise ConfigError("lock.consul.session_ttl must be between 10 and 86400 seconds (Consul's range)")
+    _validate_consul_lock(config.lock.consul)
     if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"log.level must be debug, info, warning or error, got {config.log.level!r}")
     if config.log.format not in {"text", "json"}:
         raise ConfigError(f"log.format must be \"text\" or \"json\", got {config.log.format!r}")
     if not config.metrics.path.startswith("/"):
         raise ConfigError("metrics.path must start with '/'")
+    _validate_hooks(config.hooks)
     if config.expiration.lifetime < 0 or config.expiration.sweep_interval < 0:
         raise ConfigError("expiration.lifetime and expiration.sweep_interval must not be negative")
+
+
+def _validate_hooks(hooks: HooksConfig) -> None:
+    if hooks.url and not hooks.url.startswith(("http://", "https://")):
+        raise ConfigError("hooks.url must start with http:// or https://")
+    unknown = [event for event in hooks.events if event not in HOOK_EVENT_NAMES]
+    if unknown:
+        raise ConfigError(f"hooks.events: unknown event {unknown[0]!r}; expected some of {', '.join(HOOK_EVENT_NAMES)}")
+    if hooks.timeout <= 0:
+        raise ConfigError("hooks.timeout must be positive")
+    if hooks.retries < 0 or hooks.retry_backoff < 0 or hooks.progress_interval < 0:
+        raise ConfigError("hooks.retries, hooks.retry_backoff and hooks.progress_interval must not be negative")
+    if hooks.max_pending < 1 or hooks.max_concurrent_deliveries < 1:
+        raise ConfigError("hooks.max_pending and hooks.max_concurrent_deliveries must be at least 1")
+
+
+def _validate_consul_lock(consul: ConsulLockConfig) -> None:
+    address = consul.address.rsplit(":", 1)
+    if len(address) != 2 or not address[0] or not address[1].isdigit():
+        raise ConfigError(f"lock.consul.address must be host:port, got {consul.address!r}")
+    if consul.scheme not in {"http", "https"}:
+        raise ConfigError(f"lock.consul.scheme must be \"http\" or \"https\", got {consul.scheme!r}")
+    if consul.key_prefix.startswith("/"):
+        raise ConfigError("lock.consul.key_prefix must not start with '/' (Consul keys have no leading slash)")
+    if not 0 <= consul.lock_delay <= 60:
+        raise ConfigError("lock.consul.lock_delay must be between 0 and 60 seconds (Consul's range)")
+    if consul.request_timeout <= 0:
+        raise ConfigError("lock.consul.request_timeout must be positive")

@@ -51,7 +51,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -59,8 +59,10 @@ import aiohttp
 from tusd_py import __version__
 from tusd_py.config import HOOK_EVENT_NAMES, HooksConfig
 from tusd_py.http.types import Request
-from tusd_py.metrics import Metrics
 from tusd_py.stores.base import UploadInfo, is_valid_upload_id
+
+if TYPE_CHECKING:  # only the type: the tus handler imports hooks, not prometheus
+    from tusd_py.metrics import Metrics
 
 log = logging.getLogger("tusd_py.hooks")
 
@@ -429,6 +431,11 @@ class Hooks:
         if event not in self._callables:
             raise ValueError(f"unknown hook event {event!r}; expected one of {', '.join(HOOK_EVENTS)}")
         self._callables[event].append(fn)
+
+    @property
+    def progress_interval(self) -> float:
+        """Minimum seconds between two post-receive events of one upload."""
+        return self._config.progress_interval
 
     def wants(self, event: str) -> bool:
         """True when something receives ``event`` (lets callers skip building it)."""

@@ -16,7 +16,7 @@ The metrics are always collected (they cost next to nothing); ``metrics.enabled`
 decides whether the HTTP layer serves ``metrics.path``.
 
 With ``server.workers > 1`` each worker process has its own ``Metrics``; a scrape
-reaches whichever worker accepted it. See docs/operations.md.
+reaches whichever worker accepted it. See README.md ("Several instances").
 """
 
 from __future__ import annotations

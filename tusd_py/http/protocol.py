@@ -27,6 +27,7 @@ import http
 import logging
 import re
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterable, Callable
 from email.utils import formatdate
@@ -35,16 +36,35 @@ from typing import Final, cast
 import h11
 
 from tusd_py.http.body import RequestBody
-from tusd_py.http.limits import HTTPLimits, KiB
-from tusd_py.http.types import ClientDisconnected, Handler, Headers, Request, Response
+from tusd_py.http.limits import HTTPLimits, KiB, MiB
+from tusd_py.http.types import ClientDisconnected, Handler, Headers, Request, Response, ServerObserver
 
-__all__ = ["READ_SIZE", "HTTPProtocol", "ServerContext"]
+__all__ = ["BODY_READ_SIZE", "READ_SIZE", "HTTPProtocol", "ServerContext"]
 
 log = logging.getLogger("tusd_py.http")
 access_log = logging.getLogger("tusd_py.access")
 
 READ_SIZE: Final = 64 * KiB
 """Bytes per socket read, and so the most h11 is ever fed at once (see module doc)."""
+
+BODY_READ_SIZE: Final = 1 * MiB
+"""Bytes per socket read of a body framed here (never fed to h11). Every read costs a
+round of Python (copy out, queue, wake the reader, the store's bookkeeping); 1 MiB
+reads make that 16x rarer than 64 KiB ones (measured: ~0.5 CPU s/GiB saved)."""
+
+
+class _BodyReadBuffer(threading.local):
+    """One ``BODY_READ_SIZE`` buffer per thread (so per event loop), shared by all its
+    connections: ``buffer_updated`` copies a framed body's bytes out before it returns,
+    and a transport calls ``get_buffer`` and ``buffer_updated`` back to back, so no
+    connection holds the buffer between reads. Memory stays 1 MiB, not 1 MiB per
+    upload. Allocated on first use."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(BODY_READ_SIZE))
+
+
+_body_read_buffer = _BodyReadBuffer()
 
 _SERVER_HEADER: Final = (b"server", b"tusd-py")
 _REQUEST_ID_MAX = 128
@@ -100,11 +120,13 @@ def request_id_from(header: str | None) -> str:
 class ServerContext:
     """State the server shares with its connections."""
 
-    __slots__ = ("handler", "limits", "connections", "stopping", "flow_observer", "_empty")
+    __slots__ = ("handler", "limits", "observer", "connections", "stopping", "flow_observer", "_empty")
 
-    def __init__(self, handler: Handler, limits: HTTPLimits) -> None:
+    def __init__(self, handler: Handler, limits: HTTPLimits, observer: ServerObserver | None = None) -> None:
         self.handler = handler
         self.limits = limits
+        self.observer = observer
+        """Told about connections, finished requests and body bytes (metrics)."""
         self.connections: set[HTTPProtocol] = set()
         self.stopping = False
         """Set by ``HTTPServer.stop``: connections close after their current response."""
@@ -115,9 +137,15 @@ class ServerContext:
 
     def add(self, connection: HTTPProtocol) -> None:
         self.connections.add(connection)
+        if self.observer is not None:
+            self.observer.connection_opened()
 
     def discard(self, connection: HTTPProtocol) -> None:
-        self.connections.discard(connection)
+        if connection not in self.connections:
+            return
+        self.connections.remove(connection)
+        if self.observer is not None:
+            self.observer.connection_closed()
         if not self.connections and self._empty is not None:
             self._empty.set()
 
@@ -203,6 +231,8 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         self._conn = self._new_h11()
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
+        self._read_view = self._view
+        """What the last ``get_buffer`` returned."""
         self._transport: asyncio.Transport | None = None
         self._client: tuple[str, int] | None = None
         self._client_text = "-"
@@ -229,6 +259,10 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         self._writable: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = ""
+        observer = context.observer
+        # Bound once: called per body chunk, so no attribute lookups on the hot path.
+        self._count_received: Callable[[int], None] | None = observer.bytes_received if observer else None
+        self._count_sent: Callable[[int], None] | None = observer.bytes_sent if observer else None
 
     def _new_h11(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_header_size)
@@ -276,14 +310,22 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         self._set_timer(_HEADER, self._limits.header_timeout)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
+        remaining = self._raw_remaining
+        if remaining > READ_SIZE:
+            # Inside a body framed here: read large, but never past its end, so the
+            # bytes of a pipelined next request still go through the 64 KiB buffer.
+            view = _body_read_buffer.view
+            self._read_view = view if remaining >= BODY_READ_SIZE else view[:remaining]
+        else:
+            self._read_view = self._view
+        return self._read_view
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._closing:
             return
         cycle = self._cycle
         if cycle is not None and cycle.framed_here:
-            self._on_framed_bytes(cycle, self._view[:nbytes])
+            self._on_framed_bytes(cycle, self._read_view[:nbytes])
             return
         if cycle is None:
             self._idle_bytes += nbytes
@@ -450,6 +492,8 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             self._count_drained(cycle, size)
             return
         cycle.bytes_in += size
+        if self._count_received is not None:
+            self._count_received(size)
         if cycle.body.feed(chunk) > self._limits.body_high_water and not self._body_backpressure:
             self._body_backpressure = True
             self._update_reading()
@@ -521,6 +565,9 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             self._after_response(cycle)
         finally:
             self._log_access(cycle)
+            observer = self._context.observer
+            if observer is not None:
+                observer.request_finished(cycle.method, cycle.status, time.perf_counter() - cycle.started)
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         if task is self._task:
@@ -692,6 +739,8 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             for piece in pieces:
                 self._transport.write(piece)
         cycle.bytes_out += len(data)
+        if self._count_sent is not None:
+            self._count_sent(len(data))
 
     async def _stream(self, cycle: _Cycle, body: AsyncIterable[bytes]) -> None:
         try:
@@ -761,6 +810,8 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             data = b""
         self._write(data)
         self._close(linger=True)
+        if self._context.observer is not None:
+            self._context.observer.request_finished("-", status, 0.0)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "- - %d",

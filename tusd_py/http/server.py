@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from tusd_py.http.limits import HTTPLimits
 from tusd_py.http.protocol import HTTPProtocol, ServerContext
-from tusd_py.http.types import Handler
+from tusd_py.http.types import Handler, ServerObserver
 
 __all__ = ["HTTPLimits", "HTTPServer"]
 
@@ -31,8 +31,12 @@ _CANCEL_GRACE_SECONDS = 1.0
 class HTTPServer:
     """An asyncio HTTP/1.1 server that calls ``handler(request)`` for every request."""
 
-    def __init__(self, handler: Handler, limits: HTTPLimits | None = None) -> None:
-        self._context = ServerContext(handler, limits if limits is not None else HTTPLimits())
+    def __init__(
+        self, handler: Handler, limits: HTTPLimits | None = None, *, observer: ServerObserver | None = None
+    ) -> None:
+        """``observer`` (optional) is told about connections, requests and body bytes;
+        ``tusd_py.metrics.Metrics`` is one."""
+        self._context = ServerContext(handler, limits if limits is not None else HTTPLimits(), observer)
         self._server: asyncio.Server | None = None
 
     @property

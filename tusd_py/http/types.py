@@ -119,3 +119,31 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ServerObserver(Protocol):
+    """Receives the HTTP layer's numbers (connections, requests, body bytes), e.g. to
+    export them as metrics. Every method is called on the event loop thread and must
+    be cheap: ``bytes_received`` and ``bytes_sent`` run once per body chunk."""
+
+    def connection_opened(self) -> None:
+        """A client connection was accepted (connections refused at accept are not)."""
+        ...
+
+    def connection_closed(self) -> None:
+        """A connection counted by ``connection_opened`` is gone (exactly once)."""
+        ...
+
+    def request_finished(self, method: str, status: int, seconds: float) -> None:
+        """A request cycle ended: its response was sent, or the connection failed
+        (``status`` 0 when no response went out). Requests rejected before they were
+        parsed (malformed, too large, too slow) report method ``"-"``."""
+        ...
+
+    def bytes_received(self, count: int) -> None:
+        """``count`` request body bytes were handed to the application."""
+        ...
+
+    def bytes_sent(self, count: int) -> None:
+        """``count`` response body bytes were written to a client."""
+        ...

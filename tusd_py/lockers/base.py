@@ -17,7 +17,9 @@ connection still holds the lock.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
@@ -61,3 +63,52 @@ class Locker(Protocol):
     async def close(self) -> None:
         """Release every held lock and background resource (sessions, watchers)."""
         ...
+
+
+class LockObserver(Protocol):
+    """Receives a locker's numbers (``tusd_py.metrics.Metrics`` is one). Lockers take
+    an optional ``observer`` and report through ``observed_lock``."""
+
+    def lock_wait(self, seconds: float) -> None:
+        """A lock was acquired after waiting ``seconds`` (about 0 when it was free)."""
+        ...
+
+    def lock_takeover(self) -> None:
+        """A holder that was asked to release (another request wanted the lock) let go."""
+        ...
+
+    def lock_timeout(self) -> None:
+        """A waiter gave up after the acquire timeout (``LockTimeout``)."""
+        ...
+
+
+@contextlib.asynccontextmanager
+async def observed_lock(
+    acquire: Callable[[ReleaseRequest], AbstractAsyncContextManager[HeldLock]],
+    on_release_request: ReleaseRequest,
+    observer: LockObserver,
+) -> AsyncIterator[HeldLock]:
+    """``acquire(on_release_request)``, reporting the wait, a timeout, and whether the
+    holder let go because it was asked to (a takeover; not when the lock was lost)."""
+    asked = False
+
+    def release_request() -> None:
+        nonlocal asked
+        asked = True
+        on_release_request()
+
+    started = time.perf_counter()
+    acquired = False
+    try:
+        async with acquire(release_request) as held:
+            acquired = True
+            observer.lock_wait(time.perf_counter() - started)
+            try:
+                yield held
+            finally:
+                if asked and not held.lost.is_set():
+                    observer.lock_takeover()
+    except LockTimeout:
+        if not acquired:
+            observer.lock_timeout()
+        raise

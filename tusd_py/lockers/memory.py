@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 
-from tusd_py.lockers.base import HeldLock, LockTimeout, LockUnavailable, ReleaseRequest
+from tusd_py.lockers.base import HeldLock, LockObserver, LockTimeout, LockUnavailable, ReleaseRequest, observed_lock
 
 log = logging.getLogger("tusd_py.lockers.memory")
 
@@ -49,13 +49,17 @@ class _Entry:
 class MemoryLocker:
     """Per-upload exclusive locks with release requests, for a single process."""
 
-    def __init__(self, acquire_timeout: float) -> None:
+    def __init__(self, acquire_timeout: float, *, observer: LockObserver | None = None) -> None:
+        """``observer`` (optional) is told about lock waits, takeovers and timeouts."""
         self._acquire_timeout = acquire_timeout
+        self._observer = observer
         self._entries: dict[str, _Entry] = {}
         self._closed = False
 
     def lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AbstractAsyncContextManager[HeldLock]:
         """Acquire the lock of ``upload_id`` (see ``lockers.base.Locker.lock``)."""
+        if self._observer is not None:
+            return observed_lock(lambda release: self._lock(upload_id, release), on_release_request, self._observer)
         return self._lock(upload_id, on_release_request)
 
     @contextlib.asynccontextmanager

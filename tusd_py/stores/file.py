@@ -6,10 +6,9 @@ new document, never half of one. The offset is never stored: it is the data file
 size (capped at the length), so bytes that reached the disk always count and a crash
 can never make the recorded offset disagree with the data.
 
-All file I/O runs on a small dedicated thread pool, never on the event loop. Writes
-are coalesced into 1 MiB ``pwrite`` calls: one executor round trip per MiB instead of
-one per received chunk, and the next MiB is received while the previous one is
-written.
+All file I/O runs on a small dedicated thread pool, never on the event loop. Received
+chunks are written as they are, without a copy, by one ``pwritev`` per batch; while a
+batch is being written the next one is gathered, so receiving and writing overlap.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -35,11 +35,26 @@ from tusd_py.stores.base import (
 T = TypeVar("T")
 
 WRITE_BATCH_SIZE = 1024 * 1024
-"""Bytes gathered before one write: large enough that the executor hop is noise,
-small enough that a stop loses no time and memory stays bounded (two batches)."""
-SPARE_BUFFERS = 8
-"""Batch buffers kept for reuse between writes (8 MiB): enough for four uploads at
-once without allocating, bounded so idle memory stays small."""
+"""Bytes gathered before a write starts (when none is in flight): large enough that
+the thread hop is noise next to the write, small enough that the disk starts early."""
+WRITE_AHEAD_LIMIT = 8 * 1024 * 1024
+"""Bytes gathered while a write is in flight before receiving waits for it: a disk
+slower than the network slows the client down (the socket pauses) instead of filling
+memory. At most two such batches per upload are held (one written, one gathered);
+when the disk is slow, batches grow towards this size and writes get fewer."""
+
+
+def _iov_max() -> int:
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        return 1024
+    return min(1024, value) if value > 0 else 1024
+
+
+MAX_BATCH_CHUNKS = _iov_max()
+"""Chunks per write: one ``pwritev`` takes at most ``IOV_MAX`` buffers, and a body
+of tiny chunks (chunked encoding) must not hold a million small objects per batch."""
 READ_CHUNK_SIZE = 256 * 1024
 """Bytes per chunk of a download."""
 IO_THREADS = 4
@@ -60,7 +75,6 @@ class FileStore:
         except OSError as error:
             raise StoreUnavailable(f"cannot create store directory {self.directory}: {error}") from error
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="tusd-file")
-        self._spare_buffers: list[bytearray] = []
 
     # --- paths ------------------------------------------------------------------------
 
@@ -133,72 +147,41 @@ class FileStore:
         """Write ``chunks`` at ``info.offset``; return the new offset.
 
         Every chunk received is written before this returns, also when ``chunks``
-        raises (the error is re-raised after the bytes are on disk). Chunks are copied
-        into two preallocated batch buffers: one is filled on the event loop while the
-        other is written by a pool thread. Copying costs less than it saves: each
-        received chunk is freed at once, so the allocator hands the same hot memory to
-        the next one, instead of a batch of chunks held alive and then freed together
-        (measured: fresh pages cost more CPU than the copy).
+        raises or the task is cancelled (the error is re-raised after the bytes are on
+        disk). Chunks are gathered into batches and each batch is written by a pool
+        thread with one ``pwritev``, straight from the chunks (no copy), while the next
+        batch is gathered. One write is in flight at a time, so the bytes reach the
+        file in order and its size (the offset) never counts a gap; after a failed
+        write nothing more is written and the error is raised.
         """
         path = self._data_path(info.id)
         try:
             fd = await self._run(os.open, path, os.O_WRONLY)
         except FileNotFoundError as error:
             raise UploadNotFound(info.id) from error
-        loop = asyncio.get_running_loop()
-        buffers = [self._take_buffer(), self._take_buffer()]
-        current = buffers[0]
-        filled = 0
-        position = info.offset
+        writer = _OrderedWriter(self._pool, fd, info.offset)
         room = None if info.length is None else info.length - info.offset
-        pending: asyncio.Future[None] | None = None
-
-        def submit() -> asyncio.Future[None]:
-            nonlocal current, filled, position
-            future = loop.run_in_executor(self._pool, _pwrite_all, fd, memoryview(current)[:filled], position)
-            position += filled
-            current = buffers[1] if current is buffers[0] else buffers[0]
-            filled = 0
-            return future
-
         try:
             try:
                 async for chunk in chunks:
-                    view = memoryview(chunk)
                     if room is not None:
-                        # The handler bounds the body; a store never writes past the length.
-                        view = view[:room]
-                        room -= len(view)
-                    while view:
-                        count = min(len(view), WRITE_BATCH_SIZE - filled)
-                        current[filled : filled + count] = view[:count]
-                        filled += count
-                        view = view[count:]
-                        if filled == WRITE_BATCH_SIZE:
-                            if pending is not None:
-                                await _wait_uncancellable(pending)
-                            pending = submit()
+                        if len(chunk) > room:
+                            # The handler bounds the body; a store never writes past the length.
+                            chunk = chunk[:room]
+                        room -= len(chunk)
+                    if chunk and writer.add(chunk):
+                        await _wait_uncancellable(writer.wait_for_room())
             finally:
                 # Whatever happened to the iterator, what was received goes to disk.
-                if pending is not None:
-                    await _wait_uncancellable(pending)
-                    pending = None
-                if filled:
-                    pending = submit()
-                    await _wait_uncancellable(pending)
-                    pending = None
+                await _wait_uncancellable(writer.write_rest())
         finally:
-            if pending is not None and not pending.done():
-                # Cancelled while a write was in flight: close when the thread is done,
-                # and let the buffers go to the garbage collector.
-                pending.add_done_callback(lambda _: os.close(fd))
+            in_flight = writer.in_flight
+            if in_flight is not None:
+                # Only after a second cancellation: close once the thread is done.
+                in_flight.add_done_callback(lambda _: os.close(fd))
             else:
-                self._spare_buffers.extend(buffers[: max(0, SPARE_BUFFERS - len(self._spare_buffers))])
                 await _wait_uncancellable(self._run(os.close, fd))
-        return position
-
-    def _take_buffer(self) -> bytearray:
-        return self._spare_buffers.pop() if self._spare_buffers else bytearray(WRITE_BATCH_SIZE)
+        return writer.position
 
     async def finish(self, info: UploadInfo) -> UploadInfo:
         """Mark the upload finished in its info document (idempotent)."""
@@ -259,6 +242,116 @@ class FileStore:
                 yield chunk
         finally:
             await _wait_uncancellable(self._run(os.close, fd))
+
+
+class _OrderedWriter:
+    """The batches of one ``FileStore.write``: gathers chunks on the event loop and
+    writes them in order on the pool, one batch in flight at a time.
+
+    ``position`` is the offset after the last byte known to be written. Completion
+    of a write is noticed when the next chunk arrives (no wake-up of the event loop
+    per write); the loop waits for a write only when ``WRITE_AHEAD_LIMIT`` bytes are
+    gathered behind it, or at the end.
+    """
+
+    __slots__ = ("_pool", "_fd", "position", "_chunks", "_size", "in_flight", "_in_flight_size", "_failed")
+
+    def __init__(self, pool: concurrent.futures.Executor, fd: int, position: int) -> None:
+        self._pool = pool
+        self._fd = fd
+        self.position = position
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.in_flight: concurrent.futures.Future[None] | None = None
+        self._in_flight_size = 0
+        self._failed = False
+
+    def add(self, chunk: bytes) -> bool:
+        """Gather ``chunk`` (and start a write when a batch is ready); True when the
+        caller must ``await wait_for_room()`` before gathering more. Raises the error
+        of a failed write."""
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        full = self._size >= WRITE_BATCH_SIZE or len(self._chunks) >= MAX_BATCH_CHUNKS
+        in_flight = self.in_flight
+        if in_flight is not None:
+            if not in_flight.done():
+                return self._size >= WRITE_AHEAD_LIMIT or len(self._chunks) >= MAX_BATCH_CHUNKS
+            self._collect(in_flight)
+        if full:
+            self._start()
+        return False
+
+    async def wait_for_room(self) -> None:
+        """Wait for the write in flight, then start writing what was gathered."""
+        if self.in_flight is not None:
+            await self._wait()
+        if self._chunks:
+            self._start()
+
+    async def write_rest(self) -> None:
+        """Write everything gathered and wait until it is written. After a failed
+        write, writes nothing (that error is already on its way up)."""
+        if self._failed:
+            return
+        if self.in_flight is not None:
+            await self._wait()
+        if self._chunks:
+            self._start()
+            await self._wait()
+
+    def _start(self) -> None:
+        chunks, self._chunks = self._chunks, []
+        self._in_flight_size, self._size = self._size, 0
+        self.in_flight = self._pool.submit(_write_chunks, self._fd, chunks, self.position)
+
+    async def _wait(self) -> None:
+        in_flight = self.in_flight
+        assert in_flight is not None
+        try:
+            await asyncio.wrap_future(in_flight)
+        except BaseException:
+            if not in_flight.done():
+                raise
+        self._collect(in_flight)  # raises the write's own error, if any
+
+    def _collect(self, in_flight: concurrent.futures.Future[None]) -> None:
+        self.in_flight = None
+        if in_flight.exception() is not None:
+            self._failed = True
+            in_flight.result()  # raises
+        self.position += self._in_flight_size
+
+
+def _write_chunks(fd: int, chunks: list[bytes], position: int) -> None:
+    """Write ``chunks`` back to back at ``position`` (retrying short writes); raises
+    ``StoreUnavailable`` when the disk refuses (full, I/O error)."""
+    if not _HAS_PWRITEV:  # pragma: no cover - every platform we run on has pwritev
+        for chunk in chunks:
+            _pwrite_all(fd, memoryview(chunk), position)
+            position += len(chunk)
+        return
+    buffers: list[bytes | memoryview] = list(chunks)
+    left = sum(len(chunk) for chunk in chunks)
+    try:
+        while True:
+            written = os.pwritev(fd, buffers, position)
+            left -= written
+            if left <= 0:
+                return
+            if written <= 0:
+                raise OSError(errno.EIO, "pwritev wrote nothing")
+            # A short write (rare for regular files): skip what was written.
+            position += written
+            while written >= len(buffers[0]):
+                written -= len(buffers.pop(0))
+            if written:
+                buffers[0] = memoryview(buffers[0])[written:]
+    except OSError as error:
+        raise StoreUnavailable(f"cannot write upload data: {error}") from error
+
+
+_HAS_PWRITEV = hasattr(os, "pwritev")
 
 
 def _pwrite_all(fd: int, data: memoryview, position: int) -> None:

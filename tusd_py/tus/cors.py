@@ -47,6 +47,7 @@ EXPOSE_HEADERS = ", ".join(
         "Upload-Checksum",
         "Upload-Complete",
         "Upload-Draft-Interop-Version",
+        "Upload-Limit",
         "Content-Range",
         "Content-Disposition",
         "X-Request-ID",

@@ -57,8 +57,32 @@ ERR_DEFER_NOT_SUPPORTED = ErrorKind(
 )
 ERR_INVALID_METADATA = ErrorKind("ERR_INVALID_METADATA", 400, "invalid Upload-Metadata header")
 ERR_CHECKSUM_NOT_SUPPORTED = ErrorKind(
-    "ERR_CHECKSUM_NOT_SUPPORTED", 400, "Upload-Checksum is not supported (checksum extension not offered)"
+    "ERR_CHECKSUM_NOT_SUPPORTED", 400, "unsupported Upload-Checksum algorithm (supported: md5, sha1, sha256)"
 )
+ERR_INVALID_CHECKSUM = ErrorKind(
+    "ERR_INVALID_CHECKSUM", 400, "invalid Upload-Checksum header (expected '<algorithm> <base64 digest>')"
+)
+ERR_CHECKSUM_MISMATCH = ErrorKind(
+    "ERR_CHECKSUM_MISMATCH", 460, "checksum mismatch: nothing of this request was stored; resend it"
+)
+ERR_CHECKSUM_BODY_TOO_LARGE = ErrorKind(
+    "ERR_CHECKSUM_BODY_TOO_LARGE",
+    413,
+    "a request with Upload-Checksum is held until verified and may carry at most checksum.max_buffered_size bytes;"
+    " send smaller chunks",
+)
+ERR_INVALID_CONCAT = ErrorKind(
+    "ERR_INVALID_CONCAT",
+    400,
+    "invalid Upload-Concat header (expected 'partial' or 'final;<upload URL> <upload URL> ...')",
+)
+ERR_PARTIAL_NOT_FOUND = ErrorKind("ERR_PARTIAL_NOT_FOUND", 400, "a partial upload named in Upload-Concat does not exist")
+ERR_NOT_PARTIAL = ErrorKind("ERR_NOT_PARTIAL", 400, "an upload named in Upload-Concat is not a partial upload")
+ERR_PARTIAL_NOT_FINISHED = ErrorKind(
+    "ERR_PARTIAL_NOT_FINISHED", 400, "a partial upload named in Upload-Concat is not finished yet"
+)
+ERR_MODIFY_FINAL = ErrorKind("ERR_MODIFY_FINAL", 403, "a final (concatenated) upload cannot be modified")
+ERR_UPLOAD_EXPIRED = ErrorKind("ERR_UPLOAD_EXPIRED", 410, "upload expired")
 ERR_INVALID_HOST = ErrorKind("ERR_INVALID_HOST", 400, "missing or invalid Host header")
 ERR_INVALID_METHOD_OVERRIDE = ErrorKind("ERR_INVALID_METHOD_OVERRIDE", 400, "invalid X-HTTP-Method-Override header")
 ERR_NOT_FOUND = ErrorKind("ERR_NOT_FOUND", 404, "not found")
@@ -80,6 +104,12 @@ ERR_LOCK_LOST = ErrorKind(
 )
 ERR_STORE_UNAVAILABLE = ErrorKind("ERR_STORE_UNAVAILABLE", 503, "the storage backend is unavailable; retry later")
 ERR_SHUTTING_DOWN = ErrorKind("ERR_SHUTTING_DOWN", 503, "server is shutting down; retry later")
+ERR_HOOK_REJECTED = ErrorKind("ERR_HOOK_REJECTED", 403, "upload rejected by the server's pre-create hook")
+"""Template: a rejection answers the hook's own 4xx status and message with this code."""
+ERR_HOOK_UNAVAILABLE = ErrorKind(
+    "ERR_HOOK_UNAVAILABLE", 503, "the upload could not be checked (pre-create hook unavailable); retry later"
+)
+ERR_HOOK_FAILED = ErrorKind("ERR_HOOK_FAILED", 500, "the pre-create hook gave an invalid answer")
 ERR_INTERNAL = ErrorKind("ERR_INTERNAL", 500, "internal server error")
 
 

@@ -22,6 +22,10 @@ failed after its last byte was stored (e.g. S3 unavailable): a client that sees
 ``Upload-Offset == Upload-Length`` on HEAD never sends another PATCH, so HEAD must
 be able to complete it.
 
+Requests of the IETF resumable-upload draft (``Upload-Draft-Interop-Version`` and no
+``Tus-Resumable``) are answered by ``ietf.IetfHandler`` with the same store, locker
+and body path (``write_body``); their responses carry no ``Tus-Resumable``.
+
 GET serves only complete uploads; an unfinished one answers 404
 (``ERR_UPLOAD_NOT_FINISHED``): a partial file served with 200 would look complete, and
 only the file store could serve one at all.
@@ -36,6 +40,7 @@ import re
 import time
 
 from tusd_py.config import Config
+from tusd_py.hooks import Hooks
 from tusd_py.http.types import Headers, Request, Response
 from tusd_py.lockers.base import HeldLock, Locker
 from tusd_py.stores.base import (
@@ -72,6 +77,7 @@ from tusd_py.tus.errors import (
     TusError,
     error_response,
 )
+from tusd_py.tus.events import UploadEvents, UploadObserver
 from tusd_py.tus.headers import (
     TUS_VERSION,
     RangeNotSatisfiable,
@@ -82,6 +88,7 @@ from tusd_py.tus.headers import (
     parse_upload_offset,
     require_offset_octet_stream,
 )
+from tusd_py.tus.ietf import IetfHandler, is_ietf_request
 from tusd_py.tus.metadata import format_metadata, parse_metadata
 from tusd_py.tus.urls import Route, origin_of, route, upload_url
 
@@ -102,12 +109,24 @@ def _http_date(timestamp: float) -> str:
 class TusHandler:
     """The tus application: ``await handler(request) -> Response``."""
 
-    def __init__(self, store: Store, locker: Locker, config: Config) -> None:
+    def __init__(
+        self,
+        store: Store,
+        locker: Locker,
+        config: Config,
+        *,
+        hooks: Hooks | None = None,
+        metrics: UploadObserver | None = None,
+    ) -> None:
+        """``hooks`` receive the upload events (pre-create may reject or shape a
+        creation); ``metrics`` counts uploads created, finished and terminated."""
         self._store = store
         self._locker = locker
         server = config.server
         self._base_path = server.base_path if server.base_path.endswith("/") else server.base_path + "/"
         self._behind_proxy = server.behind_proxy
+        self.events = UploadEvents(hooks, metrics, behind_proxy=self._behind_proxy)
+        """Hook events and upload counters (see ``tus.events`` for when each fires)."""
         self._max_size = int(server.max_size)
         self._cors = Cors(config.cors)
         self._terminator = store if isinstance(store, SupportsTermination) else None
@@ -129,6 +148,15 @@ class TusHandler:
         """The tus extensions offered (``Tus-Extension``), from the store's capabilities."""
         self._bodies: set[GuardedBody] = set()
         self._shutting_down = False
+        self._ietf = IetfHandler(
+            self,
+            store,
+            locker,
+            base_path=self._base_path,
+            behind_proxy=self._behind_proxy,
+            max_size=self._max_size,
+            lifetime=self._lifetime,
+        )
 
     # --- entry points -------------------------------------------------------------
 
@@ -136,6 +164,9 @@ class TusHandler:
         """Answer one request. Never raises except on cancellation."""
         origin = self._cors.allowed_origin(request.headers)
         method = request.method
+        # The IETF resumable-upload draft shares the endpoint and the stores; its
+        # requests name a draft interop version instead of a tus version.
+        ietf = is_ietf_request(request.headers)
         try:
             if origin is not None and self._cors.is_preflight(method, request.headers):
                 if route(request.target, self._base_path) is None:
@@ -144,13 +175,22 @@ class TusHandler:
                 origin = None  # the preflight headers already carry what it needs
             else:
                 method = self._effective_method(request)
-                response = await self._dispatch(request, method)
+                if ietf:
+                    response = await self._ietf(request, method)
+                else:
+                    response = await self._dispatch(request, method)
         except Exception as error:
             response = error_response(error, method, request.request_id)
-        response.headers.append(("Tus-Resumable", TUS_VERSION))
+        if not ietf:
+            response.headers.append(("Tus-Resumable", TUS_VERSION))
         if origin is not None:
             response.headers.extend(self._cors.response_headers(origin))
         return response
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once ``release_all`` was called."""
+        return self._shutting_down
 
     def release_all(self) -> None:
         """Graceful shutdown: every running PATCH stops reading its body, stores what
@@ -198,11 +238,11 @@ class TusHandler:
         if upload_id is None:
             return await self._post(request)
         if method == "HEAD":
-            return await self._head(upload_id)
+            return await self._head(request, upload_id)
         if method == "PATCH":
             return await self._patch(request, upload_id)
         if method == "DELETE":
-            return await self._delete(upload_id)
+            return await self._delete(request, upload_id)
         return await self._get(request, upload_id)
 
     # --- verbs --------------------------------------------------------------------
@@ -243,14 +283,17 @@ class TusHandler:
             metadata=metadata,
             expires_at=time.time() + self._lifetime if self._lifetime else None,
         )
+        # Before the lock: the hook may choose the upload id, and the lock is per id.
+        info = await self.events.pre_create(info, request)
         body = GuardedBody(request.body) if with_upload else None
         async with self._locker.lock(info.id, body.stop if body is not None else _no_release) as held:
             info = await self._store.create(info)
             log.info("upload created", extra={"upload_id": info.id, "request_id": request.request_id})
+            self.events.created(info, request)
             if body is not None:
-                info = await self._write(request, info, body, held)
+                info = await self.write_body(request, info, body, held)
             elif info.is_complete:
-                info = await self._store.finish(info)
+                info = await self.finish_if_complete(info, request)
 
         response_headers = [("Location", upload_url(*origin, self._base_path, info.id))]
         if with_upload:
@@ -258,10 +301,10 @@ class TusHandler:
         response_headers.extend(self._expires_header(info))
         return Response(201, response_headers)
 
-    async def _head(self, upload_id: str) -> Response:
+    async def _head(self, request: Request, upload_id: str) -> Response:
         async with self._locker.lock(upload_id, _no_release):
             info = await self._store.get_info(upload_id)
-            info = await self._finish_if_complete(info)
+            info = await self.finish_if_complete(info, request)
         headers = [("Upload-Offset", str(info.offset)), ("Cache-Control", "no-store")]
         if info.length is None:
             headers.append(("Upload-Defer-Length", "1"))
@@ -291,17 +334,18 @@ class TusHandler:
                     ERR_MISMATCHED_OFFSET, f"upload is at {info.offset}", [("Upload-Offset", str(info.offset))]
                 )
             if declared_length is not None:
-                info = await self._declare_length(info, declared_length)
-            info = await self._finish_if_complete(info)
-            info = await self._write(request, info, body, held)
+                info = await self.declare_length(info, declared_length)
+            info = await self.finish_if_complete(info, request)
+            info = await self.write_body(request, info, body, held)
         return Response(204, [("Upload-Offset", str(info.offset)), *self._expires_header(info)])
 
-    async def _delete(self, upload_id: str) -> Response:
+    async def _delete(self, request: Request, upload_id: str) -> Response:
         assert self._terminator is not None  # routing allows DELETE only then
         async with self._locker.lock(upload_id, _no_release):
             info = await self._store.get_info(upload_id)
             await self._terminator.terminate(info)
         log.info("upload terminated", extra={"upload_id": upload_id})
+        self.events.terminated(info, request)
         return Response(204)
 
     async def _get(self, request: Request, upload_id: str) -> Response:
@@ -310,7 +354,7 @@ class TusHandler:
             info = await self._store.get_info(upload_id)
             if not info.is_complete:
                 raise TusError(ERR_UPLOAD_NOT_FINISHED)
-            info = await self._finish_if_complete(info)
+            info = await self.finish_if_complete(info, request)
         size = info.offset
         try:
             byte_range = parse_range(request.headers.get("range"), size)
@@ -334,7 +378,9 @@ class TusHandler:
         if self._max_size > 0 and length > self._max_size:
             raise TusError(ERR_MAX_SIZE_EXCEEDED, f"at most {self._max_size} bytes")
 
-    async def _declare_length(self, info: UploadInfo, length: int) -> UploadInfo:
+    async def declare_length(self, info: UploadInfo, length: int) -> UploadInfo:
+        """Record the length of a deferred-length upload, keeping ``info.offset``
+        (also used by the IETF draft handler, ``ietf.UploadCore``)."""
         if info.length is not None:
             if length != info.length:
                 raise TusError(ERR_LENGTH_ALREADY_SET)
@@ -348,15 +394,19 @@ class TusHandler:
         info.offset = offset
         return info
 
-    async def _finish_if_complete(self, info: UploadInfo) -> UploadInfo:
+    async def finish_if_complete(self, info: UploadInfo, request: Request | None = None) -> UploadInfo:
+        """Finish ``info`` when its length is reached and it is not finished yet
+        (also used by the IETF draft handler). ``request`` is passed to the hooks."""
         if info.is_complete and not info.finished:
             offset = info.offset
             info = await self._store.finish(info)
             info.offset = offset
+            self.events.finished(info, request)
         return info
 
-    async def _write(self, request: Request, info: UploadInfo, body: GuardedBody, held: HeldLock) -> UploadInfo:
+    async def write_body(self, request: Request, info: UploadInfo, body: GuardedBody, held: HeldLock) -> UploadInfo:
         """Stream ``body`` into the store at ``info.offset``; finish when complete.
+        The one body path of both protocols (the IETF draft handler calls it too).
 
         Refuses (413, before a byte is read) a body whose declared Content-Length runs
         past the length or the max size; otherwise bounds the body to it.
@@ -378,18 +428,20 @@ class TusHandler:
             body.stop(EndReason.RELEASED)
         start = info.offset
         try:
-            offset = await self._store.write(info, body)
+            with self.events.receiving(info, body, request):
+                offset = await self._store.write(info, body)
         finally:
             self._bodies.discard(body)
             lost_watch.cancel()
         info.offset = offset
+        self.events.received(info, request)
 
         extra = {"upload_id": info.id, "request_id": request.request_id, "reason": body.reason.value}
         if body.reason is EndReason.LOST:
             raise TusError(ERR_LOCK_LOST)
         if body.reason in (EndReason.DISCONNECTED, EndReason.TIMEOUT, EndReason.RELEASED):
             log.info("upload body ended early; stored %d bytes", offset - start, extra=extra)
-        info = await self._finish_if_complete(info)
+        info = await self.finish_if_complete(info, request)
         if info.is_complete:
             log.info("upload finished", extra=extra)
         if body.reason is EndReason.OVERFLOW:
