@@ -28,7 +28,7 @@ from tusd_py.hooks import HookCallable, Hooks
 from tusd_py.http.loop import new_event_loop
 from tusd_py.http.server import HTTPLimits, HTTPServer
 from tusd_py.http.types import Handler, Request, Response
-from tusd_py.lockers.base import Locker, LockObserver
+from tusd_py.lockers.base import Locker, LockObserver, LockUnavailable
 from tusd_py.lockers.consul import ConsulLocker
 from tusd_py.lockers.file import FileLocker
 from tusd_py.lockers.memory import MemoryLocker
@@ -63,14 +63,35 @@ def build_locker(config: Config, observer: LockObserver | None = None) -> Locker
 
 
 def _lock_directory(config: Config) -> str:
+    """``lock.file.directory``, or a default every worker of this host derives alike:
+    ``<store.file.directory>/.locks`` for the file store; for S3, a directory in the
+    system temp dir named by a hash of endpoint, bucket and prefix, so every tusd-py
+    process of this host that serves the same uploads shares it (whatever its port)."""
     if config.lock.file.directory:
         return config.lock.file.directory
     if config.store.backend == "file":
         return os.path.join(config.store.file.directory, ".locks")
-    # S3: a directory every worker of this server derives alike, one per bucket/prefix.
     s3 = config.store.s3
     name = hashlib.sha256(f"{s3.endpoint_url}|{s3.bucket}|{s3.prefix}".encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), f"tusd-py-locks-{name}")
+
+
+async def start_locker(locker: Locker) -> None:
+    """Get the locker ready before the server listens.
+
+    A file locker that cannot use its directory stops the startup (``LockUnavailable``:
+    a local misconfiguration that waiting will not fix). An unreachable Consul does
+    not: the server starts, every request that needs a lock answers 503 (nothing is
+    written) and creates the session as soon as Consul answers again, so a Consul
+    outage during a deploy or a host reboot does not keep tusd-py down after it.
+    """
+    if isinstance(locker, FileLocker):
+        await locker.start()
+    elif isinstance(locker, ConsulLocker):
+        try:
+            await locker.start()
+        except LockUnavailable as error:
+            log.warning("starting without a Consul session; requests get 503 until Consul answers: %s", error)
 
 
 HookCallables = Mapping[str, HookCallable | Iterable[HookCallable]]
@@ -154,6 +175,7 @@ async def serving(
     try:
         locker = build_locker(config, metrics)
         try:
+            await start_locker(locker)
             handler = TusHandler(store, locker, config, hooks=the_hooks, metrics=metrics)
             application: Handler = handler
             if config.metrics.enabled:
@@ -204,7 +226,7 @@ async def _serve_until_signal(
             if on_ready is None:
                 notify_stopping()
             log.info("shutting down (up to %.0fs for running requests)", config.server.shutdown_timeout)
-    except (StoreError, OSError) as error:
+    except (StoreError, LockUnavailable, OSError) as error:
         log.error("cannot start: %s", error)
         return 1
     return 0

@@ -201,22 +201,34 @@ class SupportsDownload(Protocol):
 
 @runtime_checkable
 class SupportsConcatenation(Protocol):
-    """tus ``concatenation``."""
+    """tus ``concatenation`` (finished partial uploads only)."""
 
     async def concatenate(self, final: UploadInfo, partials: list[UploadInfo]) -> UploadInfo:
-        """Build the final upload from finished partial uploads, in order."""
+        """Create the final upload ``final`` (id chosen and valid, ``partial_ids`` and
+        ``length`` = the partials' total set) holding the bytes of ``partials`` in
+        order, and return its info finished (``offset == length``).
+
+        The partials are finished uploads whose locks the caller holds; they are
+        left as they are. The final upload becomes visible to ``get_info`` only once
+        it is complete: a crash part-way leaves at most unreferenced storage that
+        ``SupportsExpiration.remove_orphans`` cleans up.
+        """
         ...
 
 
 @runtime_checkable
-class SupportsExpiration(Protocol):
-    """tus ``expiration``: removal of expired unfinished uploads."""
+class SupportsExpiration(SupportsTermination, Protocol):
+    """tus ``expiration``: removal of expired unfinished uploads (``terminate``) and of
+    storage that no upload owns any more."""
 
     def list_uploads(self) -> AsyncIterator[UploadInfo]:
         """Every upload's info (offset not necessarily filled in)."""
         ...
 
-    async def remove_orphans(self) -> int:
-        """Remove storage left without an info document (e.g. multipart uploads whose
-        ``.info`` is gone); returns how many were removed."""
+    async def remove_orphans(self, created_before: float) -> int:
+        """Remove storage left without an info document (e.g. a data file or a
+        multipart upload whose ``.info`` is gone, a crashed concatenation's temporary
+        data) that was created before the Unix time ``created_before``; returns how
+        many were removed. The cutoff keeps it away from creations in progress, which
+        make their storage first and their info document last."""
         ...

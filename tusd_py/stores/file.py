@@ -19,6 +19,7 @@ import contextlib
 import errno
 import functools
 import json
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
@@ -59,13 +60,21 @@ READ_CHUNK_SIZE = 256 * 1024
 """Bytes per chunk of a download."""
 IO_THREADS = 4
 """Threads of the store's pool: a few concurrent uploads' disk writes in flight."""
+COPY_STEP_SIZE = 64 * 1024 * 1024
+"""Bytes copied per executor call when concatenating: long enough to amortize the hop,
+short enough that concurrent uploads' writes get a thread in between."""
+
+_TEMP_MARK = ".tmp-"
+"""Temporary files are ``<id>.info.tmp-<hex>`` and ``<id>.tmp-<hex>``."""
+
+log = logging.getLogger("tusd_py.stores.file")
 
 
 class FileStore:
     """Uploads as files in ``directory`` (created when missing).
 
-    Implements ``Store``, ``SupportsTermination``, ``SupportsDeferredLength`` and
-    ``SupportsDownload``.
+    Implements ``Store``, ``SupportsTermination``, ``SupportsDeferredLength``,
+    ``SupportsDownload``, ``SupportsConcatenation`` and ``SupportsExpiration``.
     """
 
     def __init__(self, directory: str) -> None:
@@ -95,7 +104,7 @@ class FileStore:
 
     def _write_info_sync(self, info: UploadInfo) -> None:
         path = self._info_path(info.id)
-        temp = f"{path}.tmp-{secrets.token_hex(4)}"
+        temp = f"{path}{_TEMP_MARK}{secrets.token_hex(4)}"
         data = json.dumps(info.to_json(), separators=(",", ":")).encode("utf-8")
         try:
             with open(temp, "wb") as file:
@@ -243,6 +252,103 @@ class FileStore:
         finally:
             await _wait_uncancellable(self._run(os.close, fd))
 
+    # --- SupportsConcatenation ------------------------------------------------------
+
+    async def concatenate(self, final: UploadInfo, partials: list[UploadInfo]) -> UploadInfo:
+        """Stream the partials' data into a temporary file, link it into place as the
+        final upload's data, then write its info document (finished). A crash before
+        the link leaves a temporary file and a crash before the info document an
+        orphan data file, both invisible to ``get_info`` and removed by
+        ``remove_orphans``."""
+        assert final.length is not None
+        data_path = self._data_path(final.id)
+        temp = f"{data_path}{_TEMP_MARK}{secrets.token_hex(4)}"
+        try:
+            destination = await self._run(os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                position = 0
+                for partial in partials:
+                    assert partial.length is not None
+                    await self._copy_data(partial.id, destination, position, partial.length)
+                    position += partial.length
+                await self._run(os.fsync, destination)
+            finally:
+                await _wait_uncancellable(self._run(os.close, destination))
+            # link() refuses an existing name, like create()'s O_EXCL.
+            await self._run(os.link, temp, data_path)
+        finally:
+            await _wait_uncancellable(self._run(_unlink_quietly, temp))
+        final.finished = True
+        await self._run(self._write_info_sync, final)
+        final.offset = final.length
+        return final
+
+    async def _copy_data(self, upload_id: str, destination: int, position: int, count: int) -> None:
+        """Copy the first ``count`` bytes of upload ``upload_id`` to ``position`` of
+        ``destination``, one executor call per ``COPY_STEP_SIZE`` so that a big copy
+        never holds a pool thread for long."""
+        try:
+            source = await self._run(os.open, self._data_path(upload_id), os.O_RDONLY)
+        except FileNotFoundError as error:
+            raise UploadNotFound(upload_id) from error
+        try:
+            copied = 0
+            while copied < count:
+                step = await self._run(_copy_range, source, copied, destination, position + copied,
+                                       min(COPY_STEP_SIZE, count - copied))
+                if step == 0:
+                    raise StoreError(f"upload {upload_id} is shorter than its length (truncated on disk?)")
+                copied += step
+        finally:
+            await _wait_uncancellable(self._run(os.close, source))
+
+    # --- SupportsExpiration ---------------------------------------------------------
+
+    async def list_uploads(self) -> AsyncIterator[UploadInfo]:
+        """Every upload with an info document (unreadable ones are logged and
+        skipped: one corrupt document must not stop a cleanup)."""
+        names = await self._run(os.listdir, self.directory)
+        for name in sorted(names):
+            upload_id = name.removesuffix(".info")
+            if upload_id == name or not is_valid_upload_id(upload_id):
+                continue
+            try:
+                yield await self.get_info(upload_id)
+            except UploadNotFound:
+                continue  # terminated meanwhile
+            except StoreError as error:
+                log.warning("skipping upload %s: %s", upload_id, error)
+
+    async def remove_orphans(self, created_before: float) -> int:
+        """Remove data files without an info document and temporary files (of info
+        documents and concatenations) last modified before ``created_before``."""
+        return await self._run(self._remove_orphans_sync, created_before)
+
+    def _remove_orphans_sync(self, created_before: float) -> int:
+        removed = 0
+        with os.scandir(self.directory) as entries:
+            names = {entry.name: entry for entry in entries if entry.is_file(follow_symlinks=False)}
+        for name, entry in names.items():
+            upload_id, mark, _ = name.partition(_TEMP_MARK)
+            if mark:
+                upload_id = upload_id.removesuffix(".info")
+            elif name.endswith(".info") or f"{name}.info" in names:
+                continue
+            if not is_valid_upload_id(upload_id):
+                continue  # not ours
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime >= created_before:
+                    continue
+                if not mark and os.path.exists(self._info_path(upload_id)):
+                    continue  # created meanwhile
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            log.info("removed orphan %s", name)
+            removed += 1
+        return removed
+
+
 
 class _OrderedWriter:
     """The batches of one ``FileStore.write``: gathers chunks on the event loop and
@@ -366,6 +472,26 @@ def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
         raise StoreUnavailable(f"cannot write upload data: {error}") from error
     finally:
         data.release()
+
+
+def _copy_range(source: int, source_offset: int, destination: int, destination_offset: int, count: int) -> int:
+    """Copy up to ``count`` bytes between file descriptors in the kernel where it can
+    (``copy_file_range``, which may also share extents on CoW file systems), else
+    through a buffer; returns the bytes copied (0: the source ended)."""
+    try:
+        return os.copy_file_range(source, destination, count, source_offset, destination_offset)
+    except OSError as error:
+        if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise StoreUnavailable(f"cannot copy upload data: {error}") from error
+    data = os.pread(source, min(count, READ_CHUNK_SIZE * 4), source_offset)
+    if data:
+        _pwrite_all(destination, memoryview(data), destination_offset)
+    return len(data)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 async def _wait_uncancellable(awaitable: Awaitable[T]) -> T:
