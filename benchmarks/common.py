@@ -7,6 +7,7 @@ which is where the servers are meant to run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import platform
@@ -67,6 +68,17 @@ def random_buffer(size: int) -> memoryview:
     """``size`` random bytes to send from. Random so no store, disk or proxy can take a
     shortcut (compression, zero pages); made once, and every byte sent comes from it."""
     return memoryview(bytearray(os.urandom(size)))
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop when uvloop is installed (as the servers under test use it), else
+    asyncio's default one. For ``asyncio.Runner(loop_factory=...)``."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
 
 
 # --- ports -----------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -60,7 +59,6 @@ from benchmarks.common import (
     median,
     parse_size,
     random_buffer,
-    running_servers,
     warm_free_memory,
 )
 from benchmarks.rawclient import HTTPError, RawConnection, create_upload, patch_upload, upload_offset
@@ -287,18 +285,22 @@ class FileTargets:
         self.disk_dir = options.data_dir / "disk"
         self.servers: dict[str, ServerProcess] = {}
         self.exit_codes: dict[str, int | None] = {}
-        self._stack = contextlib.ExitStack()
-        templates = {"loopback": SINK_CMD, "tusd-py": options.server_cmd, "peer": options.peer_cmd}
         for target in options.targets:
-            if target not in templates:
-                continue
-            directory = self.data_dir(target)
-            directory.mkdir(parents=True, exist_ok=True)
-            port = free_port(HOST)
-            command = command_from_template(templates[target], host=HOST, port=port, directory=directory)
-            self.servers[target] = ServerProcess(
-                name=target, command=command, host=HOST, port=port, log_path=options.data_dir / f"{target}.log",
-            )
+            if target in self._templates:
+                self.data_dir(target).mkdir(parents=True, exist_ok=True)
+                self.servers[target] = self._server(target)
+
+    @property
+    def _templates(self) -> dict[str, str]:
+        return {"loopback": SINK_CMD, "tusd-py": self.options.server_cmd, "peer": self.options.peer_cmd}
+
+    def _server(self, target: str) -> ServerProcess:
+        """A new (not started) server process for ``target`` on a free port."""
+        port = free_port(HOST)
+        command = command_from_template(self._templates[target], host=HOST, port=port,
+                                        directory=self.data_dir(target))
+        return ServerProcess(name=target, command=command, host=HOST, port=port,
+                             log_path=self.options.data_dir / f"{target}.log")
 
     def data_dir(self, target: str) -> Path:
         """Where ``target`` keeps its uploads."""
@@ -306,20 +308,35 @@ class FileTargets:
 
     def __enter__(self) -> FileTargets:
         self.disk_dir.mkdir(parents=True, exist_ok=True)
-        with self._stack as stack:
-            self.exit_codes = stack.enter_context(running_servers(list(self.servers.values())))
-            if self.options.warmup:
-                for server in self.servers.values():
-                    # One small upload per server, unmeasured: imports, first-request
-                    # paths and the page cache of the data directory are warm before run 1.
-                    size = min(16 * MiB, self.options.client_buffer)
-                    upload_to(server, Workload(size=size, patch_size=size), self.buffer, self.options.timeout)
-                    clear_directory(self.data_dir(server.name))
-            self._stack = stack.pop_all()
+        try:
+            for server in self.servers.values():
+                server.start()
+                self._warm_up(server, min(16 * MiB, self.options.client_buffer))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._stack.close()
+        for server in reversed(self.servers.values()):
+            self.exit_codes[server.name] = server.stop()
+
+    def _warm_up(self, server: ServerProcess, size: int) -> None:
+        """One small upload, unmeasured: imports, first-request paths and the page cache
+        of the data directory are warm before the first measurement."""
+        if self.options.warmup:
+            upload_to(server, Workload(size=size, patch_size=size), self.buffer, self.options.timeout)
+            clear_directory(self.data_dir(server.name))
+
+    def restart(self, target: str) -> ServerProcess:
+        """Replace ``target``'s server with a fresh, lightly warmed-up process: for
+        memory measurements, whose baseline must not carry what earlier workloads left
+        in the heap."""
+        self.exit_codes[f"{target} (replaced)"] = self.servers[target].stop()
+        server = self.servers[target] = self._server(target)
+        server.start()
+        self._warm_up(server, MiB)
+        return server
 
     def prepare(self, target: str, size: int) -> None:
         """Untimed, before a measurement: no old uploads, no dirty pages, and ``size``

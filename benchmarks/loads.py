@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from benchmarks.common import MB, GiB, KiB, MiB, ServerFailed, ServerProcess, accounted, status_kib
+from benchmarks.common import MB, GiB, KiB, MiB, ServerFailed, ServerProcess, accounted, new_event_loop, status_kib
 from benchmarks.rawclient import TUS_VERSION, HTTPError, RawConnection, create_upload, patch_upload
 from benchmarks.report import MB_PER_S, REQUESTS_PER_S, RSS_MIB, Row
 
@@ -30,19 +30,11 @@ def run_client(coroutine: Coroutine[Any, Any, _T], server: ServerProcess) -> _T:
     """Run a client coroutine to completion on a fresh loop; a failure becomes
     ``ServerFailed`` carrying the server's log (a crash explains the error best)."""
     try:
-        with asyncio.Runner(loop_factory=_client_loop) as runner:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
             return runner.run(coroutine)
     except (HTTPError, OSError, TimeoutError) as error:
         server.check_alive()
         raise ServerFailed(f"{server.name}: {error!r}\n{server.log_tail()}") from error
-
-
-def _client_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return cast(asyncio.AbstractEventLoop, uvloop.new_event_loop())
 
 
 def _percentile(values: list[float], fraction: float) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import median
@@ -246,7 +246,3 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
-
-def row_fields() -> list[str]:
-    """The names of a row's fields, for the JSON document."""
-    return [f.name for f in fields(Row)]

@@ -26,6 +26,8 @@ import signal
 import sys
 from typing import cast
 
+from benchmarks.common import new_event_loop
+
 # Bytes asked of the kernel per read. Large enough that syscall overhead is negligible
 # next to the copy (1 MiB reads run at memory bandwidth on loopback).
 READ_SIZE = 1024 * 1024
@@ -153,23 +155,13 @@ async def serve(host: str, port: int) -> None:
         await stopped.wait()
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed, as the servers under test use it."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM or SIGINT."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(serve(args.host, args.port))
     return 0
 

@@ -149,7 +149,8 @@ class Step:
 
     label: str
     seconds: float
-    action: Callable[[], None]
+    action: Callable[[], Row | None]
+    """Returns the step's row (None for steps that record something else)."""
 
 
 def _throughput_workloads(size: int, sizes: Sizes) -> list[Workload]:
@@ -174,18 +175,11 @@ class Suite:
         self.results = results
         self.buffer = random_buffer(CLIENT_BUFFER)
 
-    def _record(self, action: Callable[[], Row | None]) -> Callable[[], None]:
-        """Wrap a measurement: keep its row, or its failure, and carry on with the rest."""
-        def run() -> None:
-            try:
-                row = action()
-            except ServerFailed as error:
-                self.results.failures.append(str(error).splitlines()[0] if str(error) else repr(error))
-                print(f"  FAILED: {error}", file=sys.stderr, flush=True)
-                return
-            if row is not None:
-                self.results.rows.append(row)
-        return run
+    def _failed(self, what: str, error: Exception) -> None:
+        """Record a failed step (its first message line) and show all of it on stderr."""
+        first_line = str(error).splitlines()[0] if str(error) else repr(error)
+        self.results.failures.append(f"{what}: {first_line}")
+        print(f"  FAILED {what}: {error}", file=sys.stderr, flush=True)
 
     # file store ---------------------------------------------------------------------------
 
@@ -211,14 +205,18 @@ class Suite:
         def throughput(target: str, workload: Workload, run: int) -> Callable[[], Row]:
             return lambda: _row_from(holder["targets"].measure(target, workload), FILE, run, target)
 
-        def on_server(target: str, size: int, measure: Callable[[ServerProcess], Row]) -> Callable[[], Row]:
+        def on_server(target: str, size: int, measure: Callable[[ServerProcess], Row],
+                      fresh: bool = False) -> Callable[[], Row]:
             """``measure(server)`` between two cleanups of the target's data directory
-            (``size``: how much warm free memory the measurement needs)."""
+            (``size``: how much warm free memory the measurement needs; ``fresh``: on a
+            newly started server, for memory figures that must not include what the
+            earlier workloads left in the heap)."""
             def action() -> Row:
                 targets = holder["targets"]
+                server = targets.restart(target) if fresh else targets.servers[target]
                 targets.prepare(target, size)
                 try:
-                    return measure(targets.servers[target])
+                    return measure(server)
                 finally:
                     targets.prepare(target, 0)
             return action
@@ -231,21 +229,21 @@ class Suite:
             for workload in _throughput_workloads(sizes.file_size, sizes):
                 for target in targets_names:
                     steps.append(Step(f"file {workload.name} {target} ({tag})", 1.5 + workload.size / (400 * MB),
-                                      self._record(throughput(target, workload, run))))
+                                      throughput(target, workload, run)))
             concurrent, idle = sizes.concurrent, sizes.idle
             for target in connection_targets:
                 measure = partial(measure_concurrent, store=FILE, run=run, load=concurrent, buffer=self.buffer)
                 steps.append(Step(f"file {concurrent.name} {target} ({tag})", 2 + concurrent.total / (300 * MB),
-                                  self._record(on_server(target, concurrent.total, measure))))
+                                  on_server(target, concurrent.total, measure)))
             for rate in sizes.rates:
                 for target in connection_targets:
                     measure = partial(measure_request_rate, store=FILE, run=run, load=rate)
                     steps.append(Step(f"file {rate.name} {target} ({tag})", rate.seconds + 1,
-                                      self._record(on_server(target, 0, measure))))
+                                      on_server(target, 0, measure)))
             for target in connection_targets:
                 measure = partial(measure_idle_and_slow, store=FILE, run=run, load=idle, buffer=self.buffer)
-                steps.append(Step(f"file {idle.name} {target} ({tag})", idle.seconds + 3,
-                                  self._record(on_server(target, 0, measure))))
+                steps.append(Step(f"file {idle.name} {target} ({tag})", idle.seconds + 5,
+                                  on_server(target, 0, measure, fresh=True)))
         return servers, steps
 
     # S3 store -------------------------------------------------------------------------------
@@ -283,11 +281,11 @@ class Suite:
                     # moto takes ~100 MB/s; small PATCHes cost the servers extra calls.
                     estimate = 2 + workload.size / (60 * MB) * (2 if workload.patch_size <= MiB else 1)
                     steps.append(Step(f"s3 {workload.name} {target} (run {run}/{self.sizes.runs})", estimate,
-                                      self._record(throughput(target, workload, run))))
+                                      throughput(target, workload, run)))
         smallest = workloads[-1]
         for target in targets_names:
             steps.append(Step(f"s3 traffic {smallest.name} {target}", 4 + 2 * smallest.size / (40 * MB),
-                              self._record(traffic(target, smallest))))
+                              traffic(target, smallest)))
         return servers, steps
 
     # running ---------------------------------------------------------------------------------
@@ -309,14 +307,20 @@ class Suite:
                     progress.done()
                     for step in steps:
                         progress.step(step.label)
-                        step.action()
+                        try:
+                            row = step.action()
+                        except ServerFailed as error:
+                            # Keep going: one broken target or store must not cost the
+                            # rest of the table.
+                            self._failed(step.label, error)
+                        else:
+                            if row is not None:
+                                self.results.rows.append(row)
                         progress.done()
             except ServerFailed as error:
                 # A phase whose servers cannot start (or whose store fails under the
                 # warm-up) is recorded and skipped; the other phase still runs.
-                message = f"{name} phase failed: {str(error).splitlines()[0]}"
-                self.results.failures.append(message)
-                print(f"  FAILED: {error}", file=sys.stderr, flush=True)
+                self._failed(f"{name}: starting the servers", error)
         print(f"done in {progress.elapsed:.0f} s", file=sys.stderr, flush=True)
 
 

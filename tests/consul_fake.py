@@ -53,8 +53,9 @@ ACLs (https://developer.hashicorp.com/consul/api-docs/api-structure#authenticati
 when the fake has a token, a request must carry it in ``X-Consul-Token``,
 ``Authorization: Bearer`` or ``?token=``; otherwise 403 "Permission denied".
 
-Test controls: ``expire_session``, ``advance``, ``stop()`` (closes the listener and every
-open connection, so in-flight blocking queries fail like a dead agent), ``restart()``
+Test controls: ``expire_session``, ``advance``, ``wait_until``, ``stop()`` (closes the
+listener and every open connection, so in-flight blocking queries fail like a dead
+agent), ``restart()``
 (same port; by default forgets every session and key like a restarted dev agent),
 ``requests`` (a log of what clients sent) and ``hang`` (accept connections but never
 answer, like a stuck agent).
@@ -246,6 +247,12 @@ class FakeConsul:
         """The session holding ``key``, if any."""
         entry = self.kv.get(key)
         return None if entry is None else entry.session
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Wait until ``condition()`` holds, checking it after every state change
+        (a key written or released, a session created or invalidated)."""
+        while not condition():
+            await self._changed.wait()
 
     def requests_to(self, method: str, path_prefix: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.method == method and r.path.startswith(path_prefix)]

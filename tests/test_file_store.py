@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import pytest
 from tus_fakes import files_in
 
+from tusd_py.stores import file as file_store_module
 from tusd_py.stores.base import (
     Store,
     StoreError,
+    StoreUnavailable,
     SupportsDeferredLength,
     SupportsDownload,
     SupportsTermination,
     UploadInfo,
     UploadNotFound,
 )
-from tusd_py.stores.file import WRITE_BATCH_SIZE, FileStore
+from tusd_py.stores.file import WRITE_AHEAD_LIMIT, WRITE_BATCH_SIZE, FileStore
 
 
 @pytest.fixture
@@ -175,3 +179,82 @@ async def test_duplicate_create_fails(store: FileStore) -> None:
     await store.create(UploadInfo(id="dup", length=1))
     with pytest.raises(FileExistsError):
         await store.create(UploadInfo(id="dup", length=1))
+
+
+# -- the write pipeline: batches written by a pool thread while the next is gathered --
+
+
+def slow_writes(monkeypatch: pytest.MonkeyPatch, fail_on_call: int | None = None) -> list[int]:
+    """Make every batch write take a while (so receiving runs ahead of the disk), and
+    make write number ``fail_on_call`` store half its bytes, then fail like a full
+    disk. Returns the size of every batch written."""
+    original = file_store_module._write_chunks
+    sizes: list[int] = []
+
+    def write_chunks(fd: int, chunks: list[bytes], position: int) -> None:
+        time.sleep(0.01)
+        size = sum(len(chunk) for chunk in chunks)
+        sizes.append(size)
+        if len(sizes) == fail_on_call:
+            original(fd, [b"".join(chunks)[: size // 2]], position)
+            raise StoreUnavailable("cannot write upload data: [Errno 28] No space left on device")
+        original(fd, chunks, position)
+
+    monkeypatch.setattr(file_store_module, "_write_chunks", write_chunks)
+    return sizes
+
+
+async def test_body_ending_early_with_writes_in_flight_keeps_every_byte(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes = slow_writes(monkeypatch)
+    parts = [bytes([n]) * (256 * 1024 + n) for n in range(80)]  # ~20 MiB, uneven chunks
+    data = b"".join(parts)
+    info = await store.create(UploadInfo(id="early", length=len(data) + 100))
+    with pytest.raises(ConnectionError):
+        await store.write(info, chunks(parts, error=ConnectionError()))
+    assert (await store.get_info("early")).offset == len(data)
+    assert (Path(store.directory) / "early").read_bytes() == data
+    # Receiving ran ahead of the slow disk: batches grew, up to the write-ahead limit.
+    assert max(sizes) > WRITE_BATCH_SIZE
+    assert max(sizes) < WRITE_AHEAD_LIMIT + 300 * 1024
+
+
+async def test_failed_write_surfaces_with_a_truthful_offset(store: FileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes = slow_writes(monkeypatch, fail_on_call=3)
+    parts = [bytes([n % 251]) * 100_000 for n in range(200)]
+    data = b"".join(parts)
+    info = await store.create(UploadInfo(id="full", length=len(data)))
+    with pytest.raises(StoreUnavailable):
+        await store.write(info, chunks(parts))
+    stored = sizes[0] + sizes[1] + sizes[2] // 2
+    assert len(sizes) == 3, "nothing may be written after a failed write (it would leave a gap)"
+    assert (await store.get_info("full")).offset == stored
+    assert (Path(store.directory) / "full").read_bytes() == data[:stored]
+    # The upload resumes at that offset.
+    info = await store.get_info("full")
+    monkeypatch.undo()
+    assert await store.write(info, chunks([data[stored:]])) == len(data)
+    assert (Path(store.directory) / "full").read_bytes() == data
+
+
+async def test_short_writes_are_continued(store: FileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    pwritev = os.pwritev
+
+    def short_pwritev(fd: int, buffers: list[bytes], position: int) -> int:
+        # At most 1000 bytes per call: ends inside a buffer and on a buffer's edge.
+        limited: list[bytes | memoryview] = []
+        room = 1000
+        for buffer in buffers:
+            if room <= 0:
+                break
+            limited.append(memoryview(buffer)[:room])
+            room -= len(limited[-1])
+        return pwritev(fd, limited, position)
+
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    parts = [bytes([n]) * (300 + 7 * n) for n in range(40)]
+    data = b"".join(parts)
+    info = await store.create(UploadInfo(id="short", length=len(data)))
+    assert await store.write(info, chunks(parts)) == len(data)
+    assert (Path(store.directory) / "short").read_bytes() == data

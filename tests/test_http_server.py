@@ -184,6 +184,30 @@ async def test_body_bytes_arrive_intact() -> None:
 
 
 @pytest.mark.both_loops
+async def test_large_bodies_on_two_connections_with_pipelined_requests() -> None:
+    # Bodies are read BODY_READ_SIZE at a time through one buffer shared by all
+    # connections; each handler must still get exactly its own bytes, and a read
+    # must never take the pipelined request that follows a body.
+    seen: dict[str, bytes] = {}
+
+    async def handler(request: Request) -> Response:
+        seen[request.target] = await read_body(request)
+        return Response(200, [("content-type", "text/plain")], request.target.encode())
+
+    payloads = [bytes([n]) * 7 + bytes(range(256)) * (3 * BODY_READ_SIZE // 256) for n in (1, 2)]
+    async with running(handler) as (_, port), connect(port) as first, connect(port) as second:
+        for name, client, payload in (("a", first, payload_a := payloads[0]), ("b", second, payloads[1])):
+            client.writer.write(
+                b"PATCH /%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (name.encode(), len(payload))
+            )
+            client.writer.write(payload + b"GET /%s-next HTTP/1.1\r\nHost: x\r\n\r\n" % name.encode())
+        for name, client in (("a", first), ("b", second)):
+            assert (await client.read_response())[2] == b"/" + name.encode()
+            assert (await client.read_response())[2] == b"/" + name.encode() + b"-next"
+    assert seen == {"/a": payload_a, "/b": payloads[1], "/a-next": b"", "/b-next": b""}
+
+
+@pytest.mark.both_loops
 async def test_keep_alive_serves_two_requests() -> None:
     async with running(echo_length) as (server, port), connect(port) as client:
         await client.send(b"PATCH /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")

@@ -20,6 +20,7 @@ from tusd_py.stores.base import UploadInfo
 from tusd_py.stores.s3 import S3Store
 from tusd_py.stores.s3_client import (
     AioS3Client,
+    MultipartPage,
     ObjectEntry,
     ObjectPage,
     PartPage,
@@ -171,8 +172,25 @@ class SeamWrapper:
         )
         return result
 
+    async def upload_part_copy(
+        self, bucket: str, key: str, upload_id: str, part_number: int, source_key: str, start: int, stop: int
+    ) -> str:
+        result: str = await self._call(
+            "UploadPartCopy",
+            lambda: self.inner.upload_part_copy(bucket, key, upload_id, part_number, source_key, start, stop),
+        )
+        return result
+
     async def list_parts(self, bucket: str, key: str, upload_id: str, marker: int | None) -> PartPage:
         result: PartPage = await self._call("ListParts", lambda: self.inner.list_parts(bucket, key, upload_id, marker))
+        return result
+
+    async def list_multipart_uploads(
+        self, bucket: str, prefix: str, marker: tuple[str, str] | None
+    ) -> MultipartPage:
+        result: MultipartPage = await self._call(
+            "ListMultipartUploads", lambda: self.inner.list_multipart_uploads(bucket, prefix, marker)
+        )
         return result
 
     async def complete_multipart_upload(

@@ -28,7 +28,10 @@ async def test_options_lists_version_and_extensions(tus: Harness) -> None:
     response = await tus(make_request("OPTIONS", BASE, tus=False))
     assert response.status == 204
     assert header(response, "Tus-Version") == "1.0.0"
-    assert header(response, "Tus-Extension") == "creation,creation-with-upload,creation-defer-length,termination"
+    assert header(response, "Tus-Extension") == (
+        "creation,creation-with-upload,creation-defer-length,termination,concatenation,checksum"
+    )
+    assert header(response, "Tus-Checksum-Algorithm") == "md5,sha1,sha256"
     assert header(response, "Tus-Max-Size") is None
     assert header(response, "Tus-Resumable") == "1.0.0"
 
@@ -74,7 +77,10 @@ async def test_extensions_follow_store_capabilities() -> None:
 
     handler = TusHandler(_CoreOnlyStore(), MemoryLocker(1.0), Config())  # type: ignore[arg-type]
     response = await handler(make_request("OPTIONS", BASE))
-    assert header(response, "Tus-Extension") == "creation,creation-with-upload"
+    # checksum is verified by the handler, so every store offers it.
+    assert header(response, "Tus-Extension") == "creation,creation-with-upload,checksum"
+    response = await handler(make_request("POST", BASE, {"Upload-Concat": "partial", "Upload-Length": "1"}))
+    assert response.status == 501
     response = await handler(make_request("DELETE", BASE + "a" * 32))
     assert response.status == 405
     assert header(response, "Allow") == "HEAD, PATCH, OPTIONS"

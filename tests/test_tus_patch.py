@@ -246,6 +246,25 @@ async def test_lost_lock_stops_the_write(tus: Harness) -> None:
     assert await tus.offset(upload_id) == 10
 
 
+async def test_lock_lost_with_a_release_request_answers_503_without_draining(tus: Harness) -> None:
+    """Lockers that lose a lock (Consul session gone) also call the holder's release
+    request: the PATCH still reports the loss, and stops at once instead of keeping
+    bytes that are still arriving (another instance may soon hold the lock)."""
+    upload_id = await tus.create(100)
+    body = QueueBody(length=100)
+    body.feed(b"a" * 10)
+    task = asyncio.create_task(tus.patch(upload_id, 0, body))
+    await body.waiting.wait()
+    entry = tus.locker._entries[upload_id]  # noqa: SLF001 - simulate a Consul session loss
+    assert entry.holder is not None
+    entry.holder.held.lost.set()
+    entry.holder.ask_to_release()
+    body.feed(b"b" * 10)  # arrives while stopping: a released PATCH would keep it
+    response = await task
+    assert response.status == 503
+    assert await tus.offset(upload_id) == 10
+
+
 @pytest.mark.both_loops
 async def test_deferred_length_declared_on_patch(tus: Harness) -> None:
     upload_id = await tus.create(None)

@@ -232,18 +232,34 @@ async def test_missing_host_is_400(tus: Harness) -> None:
     assert response.status == 400
 
 
-async def test_concatenation_and_checksum_are_refused(tus: Harness) -> None:
-    response = await tus(make_request("POST", BASE, {"Upload-Concat": "partial", "Upload-Length": "1"}))
-    assert response.status == 501
+async def test_checksum_on_creation_with_upload_is_verified(tus: Harness) -> None:
+    # An unsupported algorithm is refused before anything is created.
     response = await tus(
         make_request(
             "POST",
             BASE,
-            {"Upload-Length": "1", "Content-Type": "application/offset+octet-stream", "Upload-Checksum": "sha1 x"},
+            {"Upload-Length": "1", "Content-Type": "application/offset+octet-stream",
+             "Upload-Checksum": "crc32 AAAAAA=="},
             StaticBody([b"a"]),
         )
     )
     assert response.status == 400
+    assert files_in(tus.directory) == []
+    # A mismatch creates the upload but stores none of its bytes; the 460 says where
+    # it is, so the client can resume.
+    response = await tus(
+        make_request(
+            "POST",
+            BASE,
+            {"Upload-Length": "1", "Content-Type": "application/offset+octet-stream",
+             "Upload-Checksum": "sha1 " + b64(hashlib.sha1(b"b").digest())},
+            StaticBody([b"a"]),
+        )
+    )
+    assert response.status == 460
+    location = header(response, "Location")
+    assert location is not None
+    assert await tus.offset(location.rsplit("/", 1)[-1]) == 0
 
 
 async def test_created_upload_completes_with_right_digest(tus: Harness) -> None:

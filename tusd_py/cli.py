@@ -24,6 +24,7 @@ from typing import Any
 
 from tusd_py import __version__
 from tusd_py.config import Config, ConfigError, load_config
+from tusd_py.expiry import Sweeper, SweepResult
 from tusd_py.hooks import HookCallable, Hooks
 from tusd_py.http.loop import new_event_loop
 from tusd_py.http.server import HTTPLimits, HTTPServer
@@ -35,7 +36,7 @@ from tusd_py.lockers.memory import MemoryLocker
 from tusd_py.logs import setup_logging
 from tusd_py.metrics import Metrics
 from tusd_py.sd_notify import notify_ready, notify_stopping
-from tusd_py.stores.base import Store, StoreError
+from tusd_py.stores.base import Store, StoreError, SupportsExpiration
 from tusd_py.stores.file import FileStore
 from tusd_py.tus.handler import TusHandler
 
@@ -182,9 +183,11 @@ async def serving(
                 application = with_metrics_endpoint(handler, config.metrics.path, metrics.render)
             http = HTTPServer(application, http_limits(config), observer=metrics)
             port = await http.start(config.server.host, config.server.port, reuse_port=reuse_port)
+            sweeper = start_sweeper(config, store, locker)
             try:
                 yield Running(config.server.host, port, handler, http, metrics, the_hooks)
             finally:
+                await stop_sweeper(sweeper)
                 await shutdown(http, handler, config.server.shutdown_timeout)
         finally:
             await locker.close()
@@ -194,6 +197,63 @@ async def serving(
         finally:
             if owned_hooks:
                 await the_hooks.close(HOOKS_DRAIN_SECONDS)
+
+
+def start_sweeper(config: Config, store: Store, locker: Locker) -> asyncio.Task[None] | None:
+    """The in-server expiry sweeper (``expiration.sweep_interval`` > 0 and a store that
+    can expire uploads), or None."""
+    interval = config.expiration.sweep_interval
+    if interval <= 0:
+        return None
+    if not isinstance(store, SupportsExpiration):
+        log.warning("expiration.sweep_interval is set but the %s store cannot expire uploads", config.store.backend)
+        return None
+    sweeper = Sweeper(store, locker, orphan_grace=config.expiration.orphan_grace)
+    return asyncio.create_task(sweeper.run(interval), name="tusd-py-expiry-sweeper")
+
+
+async def stop_sweeper(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def cleanup(config: Config) -> SweepResult:
+    """``tusd-py cleanup``: one sweep of expired uploads and orphans, under the
+    configured locker (so a running server's requests are respected)."""
+    store = await build_store(config)
+    try:
+        if not isinstance(store, SupportsExpiration):
+            raise StoreError(f"the {config.store.backend} store cannot expire uploads")
+        locker = build_locker(config)
+        try:
+            await start_locker(locker)
+            if config.lock.backend == "memory":
+                log.warning(
+                    "lock.backend is \"memory\": cleanup cannot see the locks of a running server. Run it while "
+                    "the server is stopped, use lock.backend \"file\" or \"consul\", or let the server sweep "
+                    "(expiration.sweep_interval)"
+                )
+            return await Sweeper(store, locker, orphan_grace=config.expiration.orphan_grace).sweep()
+        finally:
+            await locker.close()
+    finally:
+        await store.close()
+
+
+def _run_cleanup(config: Config) -> int:
+    loop = new_event_loop()
+    try:
+        result = loop.run_until_complete(cleanup(config))
+    except (StoreError, LockUnavailable, OSError) as error:
+        log.error("cleanup failed: %s", error)
+        return 1
+    finally:
+        loop.close()
+    print(f"removed {result.expired} expired uploads and {result.orphans} orphans"
+          + (f"; {result.skipped} expired uploads could not be removed (see the log)" if result.skipped else ""))
+    return 1 if result.skipped else 0
 
 
 async def shutdown(http: HTTPServer, handler: TusHandler, grace_seconds: float) -> None:
@@ -236,20 +296,44 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tusd-py",
         description=(
-            "tus resumable-upload server for S3 and local disk. Configuration comes from "
-            "defaults < --config FILE < TUSD_PY_* environment variables < these flags."
+            "tus resumable-upload server for S3 and local disk. Without a command it serves; "
+            "`tusd-py cleanup` removes expired uploads and orphaned storage once and exits. "
+            "Configuration comes from defaults < --config FILE < TUSD_PY_* environment "
+            "variables < these flags."
         ),
     )
     parser.add_argument("--version", action="version", version=f"tusd-py {__version__}")
-    parser.add_argument("--config", metavar="FILE", help="TOML config file (see the shipped config.toml)")
     parser.add_argument("--host", help="listen address (server.host, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (server.port, default 1080; 0 picks a free one)")
     parser.add_argument("--base-path", help="URL path of the upload endpoint (server.base_path, default /files/)")
-    parser.add_argument("--directory", help="file store directory (store.file.directory, default ./data)")
-    parser.add_argument("--store", choices=["file", "s3"], help="store backend (store.backend, default file)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
-    parser.add_argument("--log-format", choices=["text", "json"], help="log.format")
+    _add_store_flags(parser, None)
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    cleanup = commands.add_parser(
+        "cleanup",
+        help="remove expired uploads and orphaned storage once, then exit (e.g. from a systemd timer)",
+        description=(
+            "Remove unfinished uploads whose expiry time passed (expiration.lifetime) and storage "
+            "without an info document older than expiration.orphan_grace, under the configured "
+            "lock (use lock.backend \"file\" or \"consul\" while a server runs). Exit status 1 "
+            "when something could not be removed."
+        ),
+    )
+    # SUPPRESS: given after the command they override, absent they keep the main values.
+    _add_store_flags(cleanup, argparse.SUPPRESS)
     return parser
+
+
+def _add_store_flags(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """The flags serving and ``cleanup`` share."""
+    parser.add_argument("--config", metavar="FILE", default=default,
+                        help="TOML config file (see the shipped config.toml)")
+    parser.add_argument("--directory", default=default,
+                        help="file store directory (store.file.directory, default ./data)")
+    parser.add_argument("--store", choices=["file", "s3"], default=default,
+                        help="store backend (store.backend, default file)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default,
+                        help="log.level")
+    parser.add_argument("--log-format", choices=["text", "json"], default=default, help="log.format")
 
 
 _FLAG_KEYS = {
@@ -351,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tusd-py: configuration error: {error}", file=sys.stderr)
         return 2
     setup_logging(config.log)
+    if args.command == "cleanup":
+        return _run_cleanup(config)
     if config.server.workers > 1:
         return _supervise_workers(config)
     return _run_worker(config, reuse_port=False)

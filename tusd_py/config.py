@@ -145,8 +145,11 @@ class StoreConfig:
 @dataclass
 class FileLockConfig:
     directory: str = ""
-    """Lock files live here. Empty: "<store.file.directory>/.locks", or a temp dir
-    shared by the workers for the S3 store."""
+    """Lock files live here. Empty: "<store.file.directory>/.locks"; for the S3 store
+    "<system temp dir>/tusd-py-locks-<hash of endpoint, bucket and prefix>", which every
+    tusd-py process of this host serving the same uploads derives alike (whatever its
+    port). Under systemd's PrivateTmp each unit has its own temp dir: set a directory
+    if several units on one host share a bucket (or use consul)."""
 
 
 @dataclass
@@ -249,13 +252,24 @@ class ExpirationConfig:
     sweep_interval: float = 0.0
     """Seconds between in-server sweeps of expired uploads. 0: no sweeper (run
     `tusd-py cleanup` from a timer instead)."""
+    orphan_grace: float = 3600.0
+    """Seconds before storage without an info document (a data file or an S3
+    multipart upload whose ``.info`` is missing, a crashed concatenation's temporary
+    data) counts as orphaned and is removed by a sweep. A creation writes its storage
+    first and its info document last, a moment later; an hour keeps every sweep clear
+    of creations in progress, even with skewed clocks."""
 
 
 @dataclass
 class ChecksumConfig:
     max_buffered_size: Size = Size(64 * MiB)
-    """Largest PATCH body that may carry Upload-Checksum on a store that must hold the
-    body before committing it (S3 spools it to disk first)."""
+    """Largest request body that may carry Upload-Checksum (413 above it). Such a body
+    is held in a temporary file until its digest is verified, on every store, so that
+    a mismatch stores nothing; the bound is that file's size. Clients that checksum
+    send chunks below it (tus-js-client's chunkSize)."""
+    spool_dir: str = ""
+    """Directory of those temporary files (anonymous: gone when closed, also after a
+    crash). Empty: the system temp directory."""
 
 
 @dataclass
@@ -452,8 +466,10 @@ def validate(config: Config) -> None:
     if not config.metrics.path.startswith("/"):
         raise ConfigError("metrics.path must start with '/'")
     _validate_hooks(config.hooks)
-    if config.expiration.lifetime < 0 or config.expiration.sweep_interval < 0:
-        raise ConfigError("expiration.lifetime and expiration.sweep_interval must not be negative")
+    if config.expiration.lifetime < 0 or config.expiration.sweep_interval < 0 or config.expiration.orphan_grace < 0:
+        raise ConfigError("expiration.lifetime, sweep_interval and orphan_grace must not be negative")
+    if config.checksum.max_buffered_size < 1:
+        raise ConfigError("checksum.max_buffered_size must be at least 1 byte")
 
 
 def _validate_hooks(hooks: HooksConfig) -> None:

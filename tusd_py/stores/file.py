@@ -38,11 +38,13 @@ T = TypeVar("T")
 WRITE_BATCH_SIZE = 1024 * 1024
 """Bytes gathered before a write starts (when none is in flight): large enough that
 the thread hop is noise next to the write, small enough that the disk starts early."""
-WRITE_AHEAD_LIMIT = 8 * 1024 * 1024
+WRITE_AHEAD_LIMIT = 4 * 1024 * 1024
 """Bytes gathered while a write is in flight before receiving waits for it: a disk
 slower than the network slows the client down (the socket pauses) instead of filling
-memory. At most two such batches per upload are held (one written, one gathered);
-when the disk is slow, batches grow towards this size and writes get fewer."""
+memory. At most two such batches per upload are held (one written, one gathered), so
+a write never waits for memory the client has not sent yet, and a briefly stalled
+writer thread (2 cores shared with the client) does not stall the socket. When the
+disk is slow, batches grow towards this size and writes get fewer."""
 
 
 def _iov_max() -> int:

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,9 +57,11 @@ from tusd_py.stores.s3_client import (
     S3NotFound,
     content_md5,
 )
+from tusd_py.stores.s3_concat import MIN_PART_SIZE, PlannedPart, SourceRange, plan_parts
 from tusd_py.stores.s3_observed import ObservedS3Client, S3Observer
 from tusd_py.stores.s3_parts import (
     MAX_OBJECT_SIZE,
+    MAX_PARTS,
     Layout,
     Segment,
     TailCache,
@@ -81,6 +85,13 @@ run ListParts in parallel with reading ``.info`` instead of after it."""
 MD5_IN_THREAD_SIZE = 1024 * 1024
 """Bodies at least this large are hashed in a worker thread (hashlib releases the GIL),
 keeping the event loop free."""
+CONCAT_PARTS_IN_FLIGHT = 4
+"""Parts of a final upload being built at once (copies or download + upload); with the
+global UploadPart semaphore this bounds the memory of a concatenation (5 MiB each)."""
+ASSEMBLY_DEADLINE_SECONDS = 3600.0
+"""A final upload being assembled has an ``.info`` (so a crash leaves nothing
+unreferenced) whose expiry is this far ahead; finishing clears it. After a crash the
+half-built upload expires and a sweep aborts its multipart upload."""
 _CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 
 
@@ -138,7 +149,8 @@ def _content_type(info: UploadInfo) -> str | None:
 
 class S3Store:
     """Uploads in an S3 bucket; implements ``Store``, ``SupportsTermination``,
-    ``SupportsDeferredLength`` and ``SupportsDownload``.
+    ``SupportsDeferredLength``, ``SupportsDownload``, ``SupportsConcatenation`` and
+    ``SupportsExpiration``.
 
     Build it with ``S3Store.open(config)``; the constructor takes any ``S3Client``
     (tests wrap one to inject faults or count bytes).
@@ -417,6 +429,168 @@ class S3Store:
             async with contextlib.aclosing(self._client.stream_object(self._bucket, keys.object, start, stop)) as body:
                 async for chunk in body:
                     yield chunk
+
+    # --- SupportsConcatenation ------------------------------------------------------------
+
+    async def concatenate(self, final: UploadInfo, partials: list[UploadInfo]) -> UploadInfo:
+        """Build the final object with one multipart upload planned by
+        ``s3_concat.plan_parts``: UploadPartCopy where a partial has 5 MiB or more
+        left, combined download + upload parts for smaller pieces.
+
+        Order: CreateMultipartUpload, ``.info`` (unfinished, expiring after
+        ``ASSEMBLY_DEADLINE_SECONDS``), the parts, CompleteMultipartUpload, ``.info``
+        finished. A failure aborts the multipart upload and deletes ``.info``; a crash
+        leaves either an expiring unfinished upload (swept like any other) or a
+        complete object that ``get_info`` recognises as finished.
+        """
+        assert final.length is not None
+        if final.length > MAX_OBJECT_SIZE:
+            raise UploadTooLarge(f"final length {final.length} exceeds S3's largest object ({MAX_OBJECT_SIZE} bytes)")
+        keys = self._keys(final.id)
+        plan = plan_parts([(self._keys(partial.id).object, partial.offset) for partial in partials])
+        if len(plan) > MAX_PARTS:
+            raise UploadTooLarge(f"the partial uploads would need {len(plan)} parts; S3 allows {MAX_PARTS}")
+        final.storage.update({"multipart_upload_id": None, "part_size": MIN_PART_SIZE, "max_length": final.length})
+        with _store_errors(final.id):
+            if final.length == 0:
+                await self._client.put_object(self._bucket, keys.object, b"", content_md5(b""))
+            else:
+                multipart_id = await self._client.create_multipart_upload(
+                    self._bucket, keys.object, _content_type(final)
+                )
+                final.storage["multipart_upload_id"] = multipart_id
+                assembling = dataclasses.replace(final, expires_at=time.time() + ASSEMBLY_DEADLINE_SECONDS)
+                try:
+                    await self._put_info(keys, assembling)
+                    gate = asyncio.Semaphore(CONCAT_PARTS_IN_FLIGHT)
+                    parts = await _all_or_nothing([
+                        self._build_part(keys, multipart_id, number, part, gate)
+                        for number, part in enumerate(plan, 1)
+                    ])
+                    await self._client.complete_multipart_upload(
+                        self._bucket, keys.object, multipart_id, [(part.number, part.etag) for part in parts]
+                    )
+                except BaseException:
+                    await self._abort_quietly(keys, multipart_id)
+                    await self._delete_quietly([keys.info])
+                    raise
+            final.finished = True
+            await self._put_info(keys, final)
+        final.offset = final.length
+        final.state = None
+        return final
+
+    async def _build_part(
+        self, keys: UploadKeys, multipart_id: str, number: int, part: PlannedPart, gate: asyncio.Semaphore
+    ) -> PartEntry:
+        async with gate:
+            if part.copy:
+                (piece,) = part.ranges
+                async with self._part_uploads:
+                    etag = await self._client.upload_part_copy(
+                        self._bucket, keys.object, multipart_id, number, piece.key, piece.start, piece.stop
+                    )
+                return PartEntry(number, piece.size, etag)
+            data = [await self._download(piece) for piece in part.ranges]
+            return await self._upload_part(keys, multipart_id, number, data)
+
+    async def _download(self, piece: SourceRange) -> bytes:
+        chunks: list[bytes] = []
+        async with contextlib.aclosing(
+            self._client.stream_object(self._bucket, piece.key, piece.start, piece.stop)
+        ) as stream:
+            async for chunk in stream:
+                chunks.append(chunk)
+        data = b"".join(chunks)
+        if len(data) != piece.size:
+            raise StoreError(f"{piece.key} is shorter than its upload's length ({len(data)} != {piece.size})")
+        return data
+
+    # --- SupportsExpiration ------------------------------------------------------------------
+
+    async def list_uploads(self) -> AsyncIterator[UploadInfo]:
+        """Every upload's ``.info`` under the prefix (offsets not filled in; an
+        unreadable document is logged and skipped)."""
+        token: str | None = None
+        while True:
+            with _store_errors(""):
+                page = await self._client.list_objects(self._bucket, self._prefix, token)
+            for entry in page.objects:
+                upload_id = self._owner_of(entry.key, ".info")
+                if upload_id is None:
+                    continue
+                try:
+                    with _store_errors(upload_id):
+                        document = await self._client.get_object(self._bucket, entry.key)
+                except UploadNotFound:
+                    continue  # terminated meanwhile
+                try:
+                    info = self._parse_info(upload_id, document)
+                except StoreUnavailable as error:  # a corrupt document must not stop a sweep
+                    log.warning("skipping upload %s: %s", upload_id, error)
+                    continue
+                yield info
+            if page.next_token is None:
+                return
+            token = page.next_token
+
+    async def remove_orphans(self, created_before: float) -> int:
+        """Abort multipart uploads and delete tail segments under the prefix whose
+        upload has no ``.info`` and that were created before ``created_before``.
+        Objects without ``.info`` are left alone: a complete object may be a finished
+        upload whose ``.info`` its consumer removed on purpose."""
+        with _store_errors(""):
+            objects: list[ObjectEntry] = []
+            token: str | None = None
+            while True:
+                page = await self._client.list_objects(self._bucket, self._prefix, token)
+                objects.extend(page.objects)
+                if page.next_token is None:
+                    break
+                token = page.next_token
+            with_info = {owner for entry in objects if (owner := self._owner_of(entry.key, ".info")) is not None}
+            segments = [
+                entry.key
+                for entry in objects
+                if (owner := self._owner_of(entry.key, ".tail/", exact=False)) is not None
+                and owner not in with_info
+                and entry.last_modified is not None
+                and entry.last_modified < created_before
+            ]
+            removed = len(segments)
+            if segments:
+                await self._delete_quietly(segments)
+            marker: tuple[str, str] | None = None
+            while True:
+                multipart_page = await self._client.list_multipart_uploads(self._bucket, self._prefix, marker)
+                for upload in multipart_page.uploads:
+                    owner = self._owner_of(upload.key, "")
+                    if owner is None or owner in with_info or upload.initiated >= created_before:
+                        continue
+                    try:
+                        await self._client.abort_multipart_upload(self._bucket, upload.key, upload.upload_id)
+                    except S3NotFound:
+                        continue
+                    log.info("aborted orphan multipart upload of %s", upload.key)
+                    removed += 1
+                if multipart_page.next_marker is None:
+                    break
+                marker = multipart_page.next_marker
+        return removed
+
+    def _owner_of(self, key: str, suffix: str, exact: bool = True) -> str | None:
+        """The upload id of ``<prefix><id><suffix>`` (``exact``: nothing after the
+        suffix; else anything may follow it), or None for a foreign key."""
+        if not key.startswith(self._prefix):
+            return None
+        rest = key[len(self._prefix):]
+        if suffix:
+            upload_id, found, after = rest.partition(suffix)
+            if not found or (exact and after):
+                return None
+        else:
+            upload_id = rest
+        return upload_id if is_valid_upload_id(upload_id) else None
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -77,6 +77,8 @@ class ObjectEntry:
     key: str
     size: int
     etag: str
+    last_modified: float | None = None
+    """Unix time (from listings; None where S3 did not say)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,25 @@ class PartPage:
     next_marker: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class MultipartEntry:
+    """A multipart upload in progress, as listed."""
+
+    key: str
+    upload_id: str
+    initiated: float
+    """Unix time it was created."""
+
+
+@dataclass(frozen=True, slots=True)
+class MultipartPage:
+    """One ListMultipartUploads page; ``next_marker`` (key marker, upload id marker)
+    is None on the last page."""
+
+    uploads: list[MultipartEntry]
+    next_marker: tuple[str, str] | None
+
+
 @runtime_checkable
 class S3Client(Protocol):
     """The S3 calls the S3 store makes, one request each."""
@@ -123,8 +144,21 @@ class S3Client(Protocol):
         returns its ETag."""
         ...
 
+    async def upload_part_copy(
+        self, bucket: str, key: str, upload_id: str, part_number: int, source_key: str, start: int, stop: int
+    ) -> str:
+        """Make bytes ``[start, stop)`` of object ``source_key`` (same bucket) part
+        ``part_number``, server-side; returns its ETag."""
+        ...
+
     async def list_parts(self, bucket: str, key: str, upload_id: str, marker: int | None) -> PartPage:
         """One page of the multipart upload's parts after part number ``marker``."""
+        ...
+
+    async def list_multipart_uploads(
+        self, bucket: str, prefix: str, marker: tuple[str, str] | None
+    ) -> MultipartPage:
+        """One page of the multipart uploads in progress under ``prefix``."""
         ...
 
     async def complete_multipart_upload(
@@ -280,6 +314,31 @@ class AioS3Client:
             )
         return str(response["ETag"])
 
+    async def upload_part_copy(
+        self, bucket: str, key: str, upload_id: str, part_number: int, source_key: str, start: int, stop: int
+    ) -> str:
+        with _translated("UploadPartCopy"):
+            response = await self._client.upload_part_copy(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=part_number,
+                CopySource={"Bucket": bucket, "Key": source_key}, CopySourceRange=f"bytes={start}-{stop - 1}",
+            )
+        return str(response["CopyPartResult"]["ETag"])
+
+    async def list_multipart_uploads(
+        self, bucket: str, prefix: str, marker: tuple[str, str] | None
+    ) -> MultipartPage:
+        extra = {"KeyMarker": marker[0], "UploadIdMarker": marker[1]} if marker else {}
+        with _translated("ListMultipartUploads"):
+            response = await self._client.list_multipart_uploads(Bucket=bucket, Prefix=prefix, **extra)
+        uploads = [
+            MultipartEntry(str(item["Key"]), str(item["UploadId"]), item["Initiated"].timestamp())
+            for item in response.get("Uploads", [])
+        ]
+        next_marker = None
+        if response.get("IsTruncated"):
+            next_marker = (str(response.get("NextKeyMarker", "")), str(response.get("NextUploadIdMarker", "")))
+        return MultipartPage(uploads, next_marker)
+
     async def list_parts(self, bucket: str, key: str, upload_id: str, marker: int | None) -> PartPage:
         extra = {"PartNumberMarker": marker} if marker else {}
         with _translated("ListParts"):
@@ -338,7 +397,10 @@ class AioS3Client:
         with _translated("ListObjectsV2"):
             response = await self._client.list_objects_v2(Bucket=bucket, Prefix=prefix, **extra)
         objects = [
-            ObjectEntry(str(item["Key"]), int(item["Size"]), str(item.get("ETag", "")))
+            ObjectEntry(
+                str(item["Key"]), int(item["Size"]), str(item.get("ETag", "")),
+                item["LastModified"].timestamp() if "LastModified" in item else None,
+            )
             for item in response.get("Contents", [])
         ]
         next_token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
@@ -425,8 +487,20 @@ class RetryingS3Client:
             lambda: self._inner.upload_part(bucket, key, upload_id, part_number, body, content_md5)
         )
 
+    async def upload_part_copy(
+        self, bucket: str, key: str, upload_id: str, part_number: int, source_key: str, start: int, stop: int
+    ) -> str:
+        return await self._retry(
+            lambda: self._inner.upload_part_copy(bucket, key, upload_id, part_number, source_key, start, stop)
+        )
+
     async def list_parts(self, bucket: str, key: str, upload_id: str, marker: int | None) -> PartPage:
         return await self._retry(lambda: self._inner.list_parts(bucket, key, upload_id, marker))
+
+    async def list_multipart_uploads(
+        self, bucket: str, prefix: str, marker: tuple[str, str] | None
+    ) -> MultipartPage:
+        return await self._retry(lambda: self._inner.list_multipart_uploads(bucket, prefix, marker))
 
     async def complete_multipart_upload(
         self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]]

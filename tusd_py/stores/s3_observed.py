@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Sequence
 from typing import Protocol, TypeVar
 
-from tusd_py.stores.s3_client import ObjectEntry, ObjectPage, PartPage, S3Client, S3NotFound
+from tusd_py.stores.s3_client import MultipartPage, ObjectEntry, ObjectPage, PartPage, S3Client, S3NotFound
 
 T = TypeVar("T")
 
@@ -63,8 +63,23 @@ class ObservedS3Client:
             "UploadPart", self._inner.upload_part(bucket, key, upload_id, part_number, body, content_md5)
         )
 
+    async def upload_part_copy(
+        self, bucket: str, key: str, upload_id: str, part_number: int, source_key: str, start: int, stop: int
+    ) -> str:
+        return await self._timed(
+            "UploadPartCopy",
+            self._inner.upload_part_copy(bucket, key, upload_id, part_number, source_key, start, stop),
+        )
+
     async def list_parts(self, bucket: str, key: str, upload_id: str, marker: int | None) -> PartPage:
         return await self._timed("ListParts", self._inner.list_parts(bucket, key, upload_id, marker))
+
+    async def list_multipart_uploads(
+        self, bucket: str, prefix: str, marker: tuple[str, str] | None
+    ) -> MultipartPage:
+        return await self._timed(
+            "ListMultipartUploads", self._inner.list_multipart_uploads(bucket, prefix, marker)
+        )
 
     async def complete_multipart_upload(
         self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]]

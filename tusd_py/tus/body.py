@@ -59,6 +59,7 @@ class GuardedBody:
         self._reader: asyncio.Task[object] | None = None
         self._cancelled_read = False
         self._drain_deadline: float | None = None
+        self._lost: asyncio.Event | None = None
         self.reason = EndReason.RUNNING
         """Why iteration ended (``RUNNING`` while it has not)."""
         self.yielded = 0
@@ -73,7 +74,11 @@ class GuardedBody:
 
         Safe to call from any callback on the event loop, any number of times.
         """
-        if self._stop_reason is None:
+        if self._lost is not None and self._lost.is_set():
+            reason = EndReason.LOST
+        if self._stop_reason is None or reason is EndReason.LOST:
+            # LOST wins over an earlier RELEASED: a locker that loses a lock also
+            # calls the holder's release request, and a lost lock must not drain.
             self._stop_reason = reason
         reader = self._reader
         if reader is not None and not self._cancelled_read:
@@ -81,6 +86,12 @@ class GuardedBody:
             # set), so this cancellation lands in the body read and nowhere else.
             self._cancelled_read = True
             reader.cancel()
+
+    def stop_when_lost(self, lost: asyncio.Event) -> None:
+        """Treat ``lost`` (the upload's lock was lost) as ``stop(LOST)``. Checked on
+        every read and stop, so it wins over a release request the locker makes in the
+        same breath; the caller still calls ``stop`` to cancel a pending read."""
+        self._lost = lost
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -90,6 +101,12 @@ class GuardedBody:
             raise StopAsyncIteration
         if self._remaining == 0:
             raise self._end(EndReason.LIMIT)
+        if self._lost is not None and self._lost.is_set():
+            self._stop_reason = EndReason.LOST
+        if self._stop_reason is EndReason.LOST:
+            # Exclusivity is gone (another instance may get the lock once Consul's
+            # lock-delay has passed): stop at once instead of draining.
+            raise self._end(EndReason.LOST)
         if self._stop_reason is not None:
             # Stopping: keep what is still arriving, end at the first pause.
             now = asyncio.get_running_loop().time()

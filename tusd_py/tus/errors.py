@@ -76,7 +76,9 @@ ERR_INVALID_CONCAT = ErrorKind(
     400,
     "invalid Upload-Concat header (expected 'partial' or 'final;<upload URL> <upload URL> ...')",
 )
-ERR_PARTIAL_NOT_FOUND = ErrorKind("ERR_PARTIAL_NOT_FOUND", 400, "a partial upload named in Upload-Concat does not exist")
+ERR_PARTIAL_NOT_FOUND = ErrorKind(
+    "ERR_PARTIAL_NOT_FOUND", 400, "a partial upload named in Upload-Concat does not exist"
+)
 ERR_NOT_PARTIAL = ErrorKind("ERR_NOT_PARTIAL", 400, "an upload named in Upload-Concat is not a partial upload")
 ERR_PARTIAL_NOT_FINISHED = ErrorKind(
     "ERR_PARTIAL_NOT_FINISHED", 400, "a partial upload named in Upload-Concat is not finished yet"

@@ -38,6 +38,7 @@ import email.utils
 import logging
 import re
 import time
+from collections.abc import Callable
 
 from tusd_py.config import Config
 from tusd_py.hooks import Hooks
@@ -45,6 +46,7 @@ from tusd_py.http.types import Headers, Request, Response
 from tusd_py.lockers.base import HeldLock, Locker
 from tusd_py.stores.base import (
     Store,
+    SupportsConcatenation,
     SupportsDeferredLength,
     SupportsDownload,
     SupportsExpiration,
@@ -53,11 +55,15 @@ from tusd_py.stores.base import (
     new_upload_id,
 )
 from tusd_py.tus.body import EndReason, GuardedBody
+from tusd_py.tus.checksum import ALGORITHM_NAMES, Checksum, ChecksumSpool, parse_upload_checksum
+from tusd_py.tus.concat import Concat, concat_header, create_final, parse_upload_concat
 from tusd_py.tus.cors import Cors
 from tusd_py.tus.download import download_headers
 from tusd_py.tus.errors import (
-    ERR_CHECKSUM_NOT_SUPPORTED,
+    ERR_CHECKSUM_BODY_TOO_LARGE,
+    ERR_CHECKSUM_MISMATCH,
     ERR_DEFER_NOT_SUPPORTED,
+    ERR_INVALID_CONCAT,
     ERR_INVALID_HOST,
     ERR_INVALID_METHOD_OVERRIDE,
     ERR_LENGTH_ALREADY_SET,
@@ -67,11 +73,13 @@ from tusd_py.tus.errors import (
     ERR_MAX_SIZE_EXCEEDED,
     ERR_METHOD_NOT_ALLOWED,
     ERR_MISMATCHED_OFFSET,
+    ERR_MODIFY_FINAL,
     ERR_NOT_FOUND,
     ERR_NOT_IMPLEMENTED,
     ERR_RANGE_NOT_SATISFIABLE,
     ERR_SHUTTING_DOWN,
     ERR_UNSUPPORTED_VERSION,
+    ERR_UPLOAD_EXPIRED,
     ERR_UPLOAD_NOT_FINISHED,
     ERR_UPLOAD_SIZE_EXCEEDED,
     TusError,
@@ -117,10 +125,13 @@ class TusHandler:
         *,
         hooks: Hooks | None = None,
         metrics: UploadObserver | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``hooks`` receive the upload events (pre-create may reject or shape a
-        creation); ``metrics`` counts uploads created, finished and terminated."""
+        creation); ``metrics`` counts uploads created, finished and terminated;
+        ``clock`` (Unix time) decides expiry."""
         self._store = store
+        self._clock = clock
         self._locker = locker
         server = config.server
         self._base_path = server.base_path if server.base_path.endswith("/") else server.base_path + "/"
@@ -132,6 +143,9 @@ class TusHandler:
         self._terminator = store if isinstance(store, SupportsTermination) else None
         self._deferrer = store if isinstance(store, SupportsDeferredLength) else None
         self._downloader = store if isinstance(store, SupportsDownload) else None
+        self._concatenator = store if isinstance(store, SupportsConcatenation) else None
+        self._checksum_limit = int(config.checksum.max_buffered_size)
+        self._checksum_directory = config.checksum.spool_dir
         self._lifetime = (
             config.expiration.lifetime
             if config.expiration.lifetime > 0 and isinstance(store, SupportsExpiration)
@@ -142,6 +156,10 @@ class TusHandler:
             extensions.append("creation-defer-length")
         if self._terminator is not None:
             extensions.append("termination")
+        if self._concatenator is not None:
+            extensions.append("concatenation")
+        # Verified by the handler (tus.checksum), so every store offers it.
+        extensions.append("checksum")
         if self._lifetime:
             extensions.append("expiration")
         self.extensions: tuple[str, ...] = tuple(extensions)
@@ -248,16 +266,21 @@ class TusHandler:
     # --- verbs --------------------------------------------------------------------
 
     def _options(self) -> Response:
-        headers = [("Tus-Version", TUS_VERSION), ("Tus-Extension", ",".join(self.extensions))]
+        headers = [
+            ("Tus-Version", TUS_VERSION),
+            ("Tus-Extension", ",".join(self.extensions)),
+            ("Tus-Checksum-Algorithm", ALGORITHM_NAMES),
+        ]
         if self._max_size > 0:
             headers.append(("Tus-Max-Size", str(self._max_size)))
         return Response(204, headers)
 
     async def _post(self, request: Request) -> Response:
         headers = request.headers
-        if "upload-concat" in headers:
-            raise TusError(ERR_NOT_IMPLEMENTED, "concatenation is not offered")
-        _refuse_checksum(headers)
+        concat = self._parse_concat(headers)
+        if concat is not None and concat.is_final:
+            return await self._post_final(request, concat)
+        checksum = parse_upload_checksum(headers.get("upload-checksum"))
         defer = parse_defer_length(headers.get("upload-defer-length"))
         length: int | None
         if defer:
@@ -281,29 +304,74 @@ class TusHandler:
             id=new_upload_id(),
             length=length,
             metadata=metadata,
-            expires_at=time.time() + self._lifetime if self._lifetime else None,
+            expires_at=self._clock() + self._lifetime if self._lifetime else None,
+            is_partial=concat is not None,
         )
         # Before the lock: the hook may choose the upload id, and the lock is per id.
         info = await self.events.pre_create(info, request)
+        location = upload_url(*origin, self._base_path, info.id)
         body = GuardedBody(request.body) if with_upload else None
         async with self._locker.lock(info.id, body.stop if body is not None else _no_release) as held:
             info = await self._store.create(info)
             log.info("upload created", extra={"upload_id": info.id, "request_id": request.request_id})
             self.events.created(info, request)
             if body is not None:
-                info = await self.write_body(request, info, body, held)
+                try:
+                    info = await self.write_body(request, info, body, held, checksum)
+                except TusError as error:
+                    # The upload exists (e.g. 460 for its first bytes): say where, so
+                    # the client can resume it.
+                    error.headers.append(("Location", location))
+                    raise
             elif info.is_complete:
                 info = await self.finish_if_complete(info, request)
 
-        response_headers = [("Location", upload_url(*origin, self._base_path, info.id))]
+        response_headers = [("Location", location)]
         if with_upload:
             response_headers.append(("Upload-Offset", str(info.offset)))
         response_headers.extend(self._expires_header(info))
         return Response(201, response_headers)
 
+    def _parse_concat(self, headers: Headers) -> Concat | None:
+        value = headers.get("upload-concat")
+        if value is None:
+            return None
+        if self._concatenator is None:
+            raise TusError(ERR_NOT_IMPLEMENTED, "concatenation is not offered by this store")
+        origin = origin_of(headers, self._behind_proxy)
+        if origin is None:
+            raise TusError(ERR_INVALID_HOST)
+        return parse_upload_concat(value, self._base_path, origin[1])
+
+    async def _post_final(self, request: Request, concat: Concat) -> Response:
+        """Create a final upload from finished partial uploads (``tus.concat``)."""
+        assert self._concatenator is not None and concat.partial_ids is not None
+        headers = request.headers
+        if "upload-length" in headers or "upload-defer-length" in headers:
+            raise TusError(ERR_INVALID_CONCAT, "a final upload's length is its partials' total: send no Upload-Length")
+        if is_offset_octet_stream(headers.get("content-type")) or "upload-checksum" in headers:
+            raise TusError(ERR_INVALID_CONCAT, "a final upload is created without a body")
+        metadata = parse_metadata(headers.get("upload-metadata"))
+        origin = origin_of(headers, self._behind_proxy)
+        assert origin is not None  # checked by _parse_concat
+        info = UploadInfo(id=new_upload_id(), length=None, metadata=metadata, partial_ids=list(concat.partial_ids))
+        info = await create_final(
+            self._store,
+            self._concatenator,
+            self._locker,
+            self.events,
+            request,
+            info,
+            check_length=self._check_max_size,
+            finish_if_complete=self.finish_if_complete,
+        )
+        log.info("final upload created from %d partial uploads", len(concat.partial_ids),
+                 extra={"upload_id": info.id, "request_id": request.request_id})
+        return Response(201, [("Location", upload_url(*origin, self._base_path, info.id))])
+
     async def _head(self, request: Request, upload_id: str) -> Response:
         async with self._locker.lock(upload_id, _no_release):
-            info = await self._store.get_info(upload_id)
+            info = await self.load(upload_id)
             info = await self.finish_if_complete(info, request)
         headers = [("Upload-Offset", str(info.offset)), ("Cache-Control", "no-store")]
         if info.length is None:
@@ -312,6 +380,7 @@ class TusHandler:
             headers.append(("Upload-Length", str(info.length)))
         if info.metadata:
             headers.append(("Upload-Metadata", format_metadata(info.metadata)))
+        headers.extend(concat_header(info, origin_of(request.headers, self._behind_proxy), self._base_path))
         headers.extend(self._expires_header(info))
         return Response(200, headers)
 
@@ -320,7 +389,7 @@ class TusHandler:
         require_offset_octet_stream(headers.get("content-type"))
         offset = parse_upload_offset(headers.get("upload-offset"))
         declared_length = None if "upload-length" not in headers else parse_upload_length(headers.get("upload-length"))
-        _refuse_checksum(headers)
+        checksum = parse_upload_checksum(headers.get("upload-checksum"))
         if declared_length is not None:
             self._check_max_size(declared_length)
         if self._shutting_down:
@@ -328,7 +397,9 @@ class TusHandler:
 
         body = GuardedBody(request.body)
         async with self._locker.lock(upload_id, body.stop) as held:
-            info = await self._store.get_info(upload_id)
+            info = await self.load(upload_id)
+            if info.is_final:
+                raise TusError(ERR_MODIFY_FINAL)
             if info.offset != offset:
                 raise TusError(
                     ERR_MISMATCHED_OFFSET, f"upload is at {info.offset}", [("Upload-Offset", str(info.offset))]
@@ -336,7 +407,7 @@ class TusHandler:
             if declared_length is not None:
                 info = await self.declare_length(info, declared_length)
             info = await self.finish_if_complete(info, request)
-            info = await self.write_body(request, info, body, held)
+            info = await self.write_body(request, info, body, held, checksum)
         return Response(204, [("Upload-Offset", str(info.offset)), *self._expires_header(info)])
 
     async def _delete(self, request: Request, upload_id: str) -> Response:
@@ -351,7 +422,7 @@ class TusHandler:
     async def _get(self, request: Request, upload_id: str) -> Response:
         assert self._downloader is not None  # routing allows GET only then
         async with self._locker.lock(upload_id, _no_release):
-            info = await self._store.get_info(upload_id)
+            info = await self.load(upload_id)
             if not info.is_complete:
                 raise TusError(ERR_UPLOAD_NOT_FINISHED)
             info = await self.finish_if_complete(info, request)
@@ -377,6 +448,18 @@ class TusHandler:
     def _check_max_size(self, length: int) -> None:
         if self._max_size > 0 and length > self._max_size:
             raise TusError(ERR_MAX_SIZE_EXCEEDED, f"at most {self._max_size} bytes")
+
+    def now(self) -> float:
+        """The handler's clock (Unix time): upload expiry is measured with it."""
+        return self._clock()
+
+    async def load(self, upload_id: str) -> UploadInfo:
+        """The upload's info from the store; 410 once an unfinished upload's expiry
+        time passed (it may not have been swept yet). Also used by the IETF handler."""
+        info = await self._store.get_info(upload_id)
+        if info.expires_at is not None and not info.is_complete and info.expires_at <= self._clock():
+            raise TusError(ERR_UPLOAD_EXPIRED)
+        return info
 
     async def declare_length(self, info: UploadInfo, length: int) -> UploadInfo:
         """Record the length of a deferred-length upload, keeping ``info.offset``
@@ -404,12 +487,18 @@ class TusHandler:
             self.events.finished(info, request)
         return info
 
-    async def write_body(self, request: Request, info: UploadInfo, body: GuardedBody, held: HeldLock) -> UploadInfo:
+    async def write_body(
+        self, request: Request, info: UploadInfo, body: GuardedBody, held: HeldLock, checksum: Checksum | None = None
+    ) -> UploadInfo:
         """Stream ``body`` into the store at ``info.offset``; finish when complete.
         The one body path of both protocols (the IETF draft handler calls it too).
 
         Refuses (413, before a byte is read) a body whose declared Content-Length runs
         past the length or the max size; otherwise bounds the body to it.
+
+        With a ``checksum`` the body is held until verified (``tus.checksum``): 413 for
+        a body above ``checksum.max_buffered_size``, 460 and nothing stored on a
+        mismatch, nothing stored when the body ends early.
         """
         limit = info.length if info.length is not None else (self._max_size or None)
         remaining = None if limit is None else limit - info.offset
@@ -417,10 +506,13 @@ class TusHandler:
         if remaining is not None and declared is not None and declared > remaining:
             kind = ERR_UPLOAD_SIZE_EXCEEDED if info.length is not None else ERR_MAX_SIZE_EXCEEDED
             raise TusError(kind, f"{declared} bytes sent, {remaining} accepted")
+        if checksum is not None and declared is not None and declared > self._checksum_limit:
+            raise TusError(ERR_CHECKSUM_BODY_TOO_LARGE, f"{declared} bytes sent, at most {self._checksum_limit}")
         body.set_limit(remaining)
         if held.lost.is_set():
             raise TusError(ERR_LOCK_LOST)
 
+        body.stop_when_lost(held.lost)
         lost_watch = asyncio.ensure_future(held.lost.wait())
         lost_watch.add_done_callback(lambda task: None if task.cancelled() else body.stop(EndReason.LOST))
         self._bodies.add(body)
@@ -429,7 +521,10 @@ class TusHandler:
         start = info.offset
         try:
             with self.events.receiving(info, body, request):
-                offset = await self._store.write(info, body)
+                if checksum is None:
+                    offset = await self._store.write(info, body)
+                else:
+                    offset = await self._write_verified(info, body, held, checksum)
         finally:
             self._bodies.discard(body)
             lost_watch.cancel()
@@ -437,7 +532,9 @@ class TusHandler:
         self.events.received(info, request)
 
         extra = {"upload_id": info.id, "request_id": request.request_id, "reason": body.reason.value}
-        if body.reason is EndReason.LOST:
+        # held.lost too: the locker calls the release request as it loses a lock, so
+        # the body may have ended as RELEASED before the LOST stop arrived.
+        if body.reason is EndReason.LOST or held.lost.is_set():
             raise TusError(ERR_LOCK_LOST)
         if body.reason in (EndReason.DISCONNECTED, EndReason.TIMEOUT, EndReason.RELEASED):
             log.info("upload body ended early; stored %d bytes", offset - start, extra=extra)
@@ -449,15 +546,24 @@ class TusHandler:
             raise TusError(kind, f"stored up to offset {offset}")
         return info
 
+    async def _write_verified(self, info: UploadInfo, body: GuardedBody, held: HeldLock, checksum: Checksum) -> int:
+        """Hold the body, compare its digest, and only then write it; the new offset."""
+        async with ChecksumSpool(checksum, self._checksum_limit, self._checksum_directory) as spool:
+            await spool.receive(body)
+            if body.reason not in (EndReason.COMPLETE, EndReason.LIMIT):
+                # Cut short (or overflowing): the digest is of bytes that never
+                # arrived, so none of them can be verified, and none is stored.
+                log.info("body with Upload-Checksum ended early; %d bytes discarded", spool.size,
+                         extra={"upload_id": info.id})
+                return info.offset
+            if not spool.matches():
+                raise TusError(ERR_CHECKSUM_MISMATCH, headers=[("Upload-Offset", str(info.offset))])
+            if held.lost.is_set():
+                raise TusError(ERR_LOCK_LOST)
+            return await self._store.write(info, spool.chunks())
+
     def _expires_header(self, info: UploadInfo) -> list[tuple[str, str]]:
         if not self._lifetime or info.expires_at is None or info.is_complete:
             return []
         return [("Upload-Expires", _http_date(info.expires_at))]
 
-
-def _refuse_checksum(headers: Headers) -> None:
-    # Accepting a checksum we do not verify would tell the client its bytes were
-    # checked; refusing is what the checksum extension prescribes for an
-    # unsupported algorithm.
-    if "upload-checksum" in headers:
-        raise TusError(ERR_CHECKSUM_NOT_SUPPORTED)

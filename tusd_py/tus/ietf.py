@@ -38,7 +38,6 @@ import http
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass
 from email.message import Message
 from typing import Protocol
@@ -234,6 +233,14 @@ class UploadCore(Protocol):
         """Record the length of a deferred-length upload (offset preserved)."""
         ...
 
+    def now(self) -> float:
+        """The clock (Unix time) upload expiry is measured with."""
+        ...
+
+    async def load(self, upload_id: str) -> UploadInfo:
+        """The upload's info from the store; 410 when it expired unfinished."""
+        ...
+
 
 def _no_release() -> None:
     """Release request for offset retrieval and cancellation: they are short."""
@@ -414,7 +421,7 @@ class IetfHandler:
             id=new_upload_id(),
             length=length,
             metadata=metadata,
-            expires_at=time.time() + self._lifetime if self._lifetime else None,
+            expires_at=self._core.now() + self._lifetime if self._lifetime else None,
         )
         # Before the lock: the hook may choose the upload id, and the lock is per id.
         info = await self._core.events.pre_create(info, request)
@@ -451,7 +458,7 @@ class IetfHandler:
 
     async def _retrieve_offset(self, request: Request, upload_id: str, draft: Draft) -> Response:
         async with self._locker.lock(upload_id, _no_release):
-            info = await self._store.get_info(upload_id)
+            info = await self._core.load(upload_id)
             info = await self._core.finish_if_complete(info, request)
         # Section "Offset Retrieval": Upload-Offset, Upload-Complete, Upload-Length when
         # known, Upload-Limit, and no-store so that no cache serves a stale offset.
@@ -478,7 +485,7 @@ class IetfHandler:
 
         body = GuardedBody(request.body)
         async with self._locker.lock(upload_id, body.stop) as held:
-            info = await self._store.get_info(upload_id)
+            info = await self._core.load(upload_id)
             if info.is_complete:
                 return await self._append_to_completed(request, info, offset, complete, draft)
             if offset != info.offset:
@@ -586,7 +593,7 @@ class IetfHandler:
             if info is None:
                 members.append(("max-age", int(self._lifetime)))
             elif info.expires_at is not None and not info.is_complete:
-                members.append(("max-age", max(0, int(info.expires_at - time.time()))))
+                members.append(("max-age", max(0, int(info.expires_at - self._core.now()))))
         if not members:
             members.append(("min-size", 0))
         return [("Upload-Limit", serialize_integer_dictionary(members))]

@@ -1,0 +1,178 @@
+"""Several hosts: two tusd-py processes (``python -m tusd_py.cli --config FILE``) on one
+moto bucket, locking through one Consul (the in-process fake of tests/consul_fake.py,
+served by this test's event loop), and nginx balancing over both.
+
+The instances are real processes started by tests/instances.py; they are ready when
+they send READY=1 to the test's NOTIFY_SOCKET. Waits are on responses and on the fake
+Consul's state changes, each with a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests import nginx_support
+from tests.consul_fake import FakeConsul
+from tests.instances import (
+    Instance,
+    MiB,
+    bucket_state,
+    consul_settings,
+    create,
+    data_of,
+    expect_continue_patch,
+    head_offset,
+    make_bucket,
+    merged,
+    object_bytes,
+    patch,
+    running,
+    s3_settings,
+    scenario_concurrent_patches,
+    scenario_interrupted_uploads,
+    scenario_takeover,
+    sha256,
+    upload_id_of,
+)
+from tests.rawhttp import request
+
+LOCK_PREFIX = "tusd-py/locks/"
+BOUND = 30.0
+"""Upper bound for an expected event (a bound, never a delay)."""
+
+
+@pytest.fixture
+async def consul() -> AsyncIterator[FakeConsul]:
+    fake = FakeConsul()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def bucket(moto_endpoint: str) -> str:
+    return await make_bucket(moto_endpoint)
+
+
+@pytest.fixture
+async def pair(tmp_path: Path, moto_endpoint: str, bucket: str, consul: FakeConsul) -> AsyncIterator[list[Instance]]:
+    """Instances "a" and "b": same bucket, same Consul, separate processes."""
+    settings = merged(
+        s3_settings(moto_endpoint, bucket), consul_settings(consul.address), {"server": {"behind_proxy": True}}
+    )
+    async with running(tmp_path, {"a": settings, "b": settings}) as instances:
+        # Each instance created its Consul session at startup (cli.start_locker).
+        assert len(consul.sessions) == 2
+        yield instances
+
+
+async def test_concurrent_patches_through_two_instances_never_interleave(
+    pair: list[Instance], moto_endpoint: str, bucket: str, consul: FakeConsul
+) -> None:
+    a, b = pair
+    await scenario_concurrent_patches(a.port, b.port, moto_endpoint, bucket, 8 * MiB, seed=11)
+    # The loser's instance asked the winner's to release through Consul KV.
+    assert consul.requests_to("PUT", "/v1/kv/tusd-py/release/")
+
+
+async def test_stalled_patch_on_one_instance_is_taken_over_by_the_other(
+    pair: list[Instance], moto_endpoint: str, bucket: str, consul: FakeConsul
+) -> None:
+    a, b = pair
+    await scenario_takeover(a.port, b.port, moto_endpoint, bucket, seed=21)
+    assert consul.requests_to("PUT", "/v1/kv/tusd-py/release/")
+
+
+async def test_session_lost_mid_patch_stops_it_and_keeps_the_offset_truthful(
+    pair: list[Instance], moto_endpoint: str, bucket: str, consul: FakeConsul
+) -> None:
+    a, b = pair
+    length = 9 * MiB
+    sent = 6 * MiB + 777
+    payload = data_of(length, 31)
+    path = await create(a.port, length)
+    lock_key = LOCK_PREFIX + upload_id_of(path)
+    stalled, head = await expect_continue_patch(a.port, path, 0, length)
+    try:
+        assert head.status == 100, head
+        holder = consul.holder(lock_key)
+        assert holder is not None
+        await stalled.send(payload[:sent])
+        consul.expire_session(holder)  # as a TTL expiry would; A keeps its socket open
+        answer = await stalled.read_response("PATCH", timeout=BOUND)
+    finally:
+        stalled.abort()
+    assert answer.status == 503, answer
+    assert b"lock was lost" in answer.body, answer
+    assert consul.holder(lock_key) is None  # Consul released it with the session
+    consul.advance(1.0)  # the lock-delay of the invalidated session passes
+
+    offset = await head_offset(b.port, path)
+    assert 0 <= offset <= sent
+    assert await head_offset(a.port, path) == offset
+    # A lives on with a new session and serves the resume.
+    response = await patch(a.port, path, offset, payload[offset:])
+    assert response.status == 204 and response.header("upload-offset") == str(length), response
+    assert holder not in consul.sessions and len(consul.sessions) == 2
+    assert sha256(await object_bytes(moto_endpoint, bucket, upload_id_of(path))) == sha256(payload)
+
+
+async def test_consul_unreachable_answers_503_and_writes_nothing(
+    pair: list[Instance], moto_endpoint: str, bucket: str, consul: FakeConsul
+) -> None:
+    a, b = pair
+    length = 4 * MiB
+    payload = data_of(length, 41)
+    path = await create(a.port, length)
+    response = await patch(a.port, path, 0, payload[:MiB])
+    assert response.status == 204, response
+    before = await bucket_state(moto_endpoint, bucket)
+
+    await consul.stop()
+    refused = [
+        await patch(a.port, path, MiB, payload[MiB:2 * MiB]),
+        await patch(b.port, path, MiB, payload[MiB:2 * MiB]),
+        await request(b.port, "POST", "/files/", {"Upload-Length": "10"}),
+        await request(a.port, "HEAD", path),
+    ]
+    for answer in refused:
+        assert answer.status == 503, answer
+    for answer in refused[:3]:
+        assert b"lock service is unavailable" in answer.body, answer
+    assert await bucket_state(moto_endpoint, bucket) == before
+
+    # Consul comes back (a restarted agent without state): both recover by themselves.
+    await consul.restart()
+    assert await head_offset(b.port, path) == MiB
+    response = await patch(b.port, path, MiB, payload[MiB:])
+    assert response.status == 204, response
+    assert sha256(await object_bytes(moto_endpoint, bucket, upload_id_of(path))) == sha256(payload)
+
+
+@pytest.fixture
+def nginx_installed() -> None:
+    try:
+        nginx_support.nginx_binary()
+    except nginx_support.NginxUnavailable as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{error}; .ci/run must install it")
+        pytest.skip(str(error))
+
+
+async def test_interrupted_uploads_through_nginx_round_robin(
+    nginx_installed: None, pair: list[Instance], moto_endpoint: str, bucket: str
+) -> None:
+    a, b = pair
+    with nginx_support.run_nginx([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]) as nginx:
+        interruptions = await scenario_interrupted_uploads(nginx.port, moto_endpoint, bucket, count=20, seed=51)
+        log = await asyncio.to_thread(nginx.access_log)
+    assert interruptions >= 10  # the seed gives a good share of resumed uploads
+    assert "PATCH" in log
+    # Round robin reached both instances (each logs the requests it served).
+    for instance in pair:
+        assert "PATCH" in instance.log(), instance.name
