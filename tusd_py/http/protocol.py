@@ -76,6 +76,7 @@ _REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _REASONS: Final[dict[int, bytes]] = {status.value: status.phrase.encode("ascii") for status in http.HTTPStatus}
 # Not in http.HTTPStatus: the IETF resumable-upload draft's interim response.
 _REASONS[104] = b"Upload Resumption Supported"
+_REASONS[460] = b"Checksum Mismatch"  # tus checksum extension
 
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 
