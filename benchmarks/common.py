@@ -440,20 +440,35 @@ class ServerProcess:
         self.stop()
 
 
-@contextlib.contextmanager
-def running_servers(servers: Sequence[ServerProcess]) -> Iterator[dict[str, int | None]]:
-    """Start ``servers`` in order; SIGTERM them in reverse order on the way out. Yields
-    the dict that receives their exit codes (filled in when the block ends)."""
-    codes: dict[str, int | None] = {}
-    started: list[ServerProcess] = []
-    try:
-        for server in servers:
-            server.start()
-            started.append(server)
-        yield codes
-    finally:
-        for server in reversed(started):
-            codes[server.name] = server.stop()
+class ServerGroup:
+    """Named server processes started together, replaceable one at a time, stopped
+    together: the common part of the benchmarks' target sets."""
+
+    def __init__(self) -> None:
+        self.servers: dict[str, ServerProcess] = {}
+        self.exit_codes: dict[str, int | None] = {}
+        """Exit code of every server stopped so far (SIGTERM should give 0)."""
+
+    def start_all(self) -> None:
+        """Start every server in order; on failure stop the ones already started."""
+        try:
+            for server in self.servers.values():
+                server.start()
+        except BaseException:
+            self.stop_all()
+            raise
+
+    def stop_all(self) -> None:
+        """SIGTERM every server, in reverse order of starting, and keep the exit codes."""
+        for server in reversed(self.servers.values()):
+            self.exit_codes[server.name] = server.stop()
+
+    def replace(self, name: str, server: ServerProcess) -> ServerProcess:
+        """Stop the server called ``name`` and start ``server`` in its place."""
+        self.exit_codes[f"{name} (replaced)"] = self.servers[name].stop()
+        self.servers[name] = server
+        server.start()
+        return server
 
 
 def command_from_template(template: str, **values: object) -> list[str]:

@@ -47,6 +47,7 @@ from benchmarks.common import (
     GiB,
     MiB,
     ServerFailed,
+    ServerGroup,
     ServerProcess,
     accounted,
     clear_directory,
@@ -272,7 +273,7 @@ def _write_like_a_store(path: Path, workload: Workload, piece: memoryview, fsync
 
 # --- the whole benchmark ---------------------------------------------------------------------
 
-class FileTargets:
+class FileTargets(ServerGroup):
     """The file-store targets of one benchmark run: starts the servers (sink, tusd-py,
     peer) on entry, warms each up, and measures one target on one workload at a time.
 
@@ -280,11 +281,10 @@ class FileTargets:
     """
 
     def __init__(self, options: Options, buffer: memoryview) -> None:
+        super().__init__()
         self.options = options
         self.buffer = buffer
         self.disk_dir = options.data_dir / "disk"
-        self.servers: dict[str, ServerProcess] = {}
-        self.exit_codes: dict[str, int | None] = {}
         for target in options.targets:
             if target in self._templates:
                 self.data_dir(target).mkdir(parents=True, exist_ok=True)
@@ -308,18 +308,17 @@ class FileTargets:
 
     def __enter__(self) -> FileTargets:
         self.disk_dir.mkdir(parents=True, exist_ok=True)
+        self.start_all()
         try:
             for server in self.servers.values():
-                server.start()
                 self._warm_up(server, min(16 * MiB, self.options.client_buffer))
         except BaseException:
-            self.__exit__()
+            self.stop_all()
             raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for server in reversed(self.servers.values()):
-            self.exit_codes[server.name] = server.stop()
+        self.stop_all()
 
     def _warm_up(self, server: ServerProcess, size: int) -> None:
         """One small upload, unmeasured: imports, first-request paths and the page cache
@@ -332,9 +331,7 @@ class FileTargets:
         """Replace ``target``'s server with a fresh, lightly warmed-up process: for
         memory measurements, whose baseline must not carry what earlier workloads left
         in the heap."""
-        self.exit_codes[f"{target} (replaced)"] = self.servers[target].stop()
-        server = self.servers[target] = self._server(target)
-        server.start()
+        server = self.replace(target, self._server(target))
         self._warm_up(server, MiB)
         return server
 

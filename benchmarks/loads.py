@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -265,7 +265,8 @@ class IdleAndSlow:
 _CONNECT_BATCH = 50
 
 
-async def _idle_and_slow(port: int, load: IdleAndSlow, buffer: memoryview, request_timeout: float) -> None:
+async def _idle_and_slow(port: int, load: IdleAndSlow, buffer: memoryview, request_timeout: float,
+                         idle_opened: Callable[[], None]) -> None:
     idle = [RawConnection(HOST, port, timeout=request_timeout) for _ in range(load.idle)]
     slow = [RawConnection(HOST, port, timeout=request_timeout) for _ in range(load.slow)]
     size = int(load.bytes_per_second * load.seconds)
@@ -290,6 +291,7 @@ async def _idle_and_slow(port: int, load: IdleAndSlow, buffer: memoryview, reque
     try:
         for first in range(0, len(idle), _CONNECT_BATCH):
             await asyncio.gather(*(open_idle(c) for c in idle[first:first + _CONNECT_BATCH]))
+        idle_opened()
         await asyncio.gather(*(slow_upload(c) for c in slow))
         # Every idle connection must still be open: a server that dropped them would
         # look cheap. One more request on each proves it (reconnects count drops).
@@ -305,14 +307,17 @@ async def _idle_and_slow(port: int, load: IdleAndSlow, buffer: memoryview, reque
 
 def measure_idle_and_slow(server: ServerProcess, store: str, run: int, load: IdleAndSlow, buffer: memoryview,
                           timeout: float = 120.0) -> Row:
-    """Peak RSS while holding the connections, and RSS added per connection."""
+    """Peak RSS while holding the connections, and the RSS each idle connection and each
+    slow upload added (RSS read before, once the idle connections are open, and at the peak)."""
     before = status_kib(server.pid, "VmRSS") * KiB
+    idle_rss: list[int] = []
     with accounted(server.pid) as cost:
-        run_client(_idle_and_slow(server.port, load, buffer, timeout), server)
+        run_client(_idle_and_slow(server.port, load, buffer, timeout,
+                                  lambda: idle_rss.append(status_kib(server.pid, "VmRSS") * KiB)), server)
     server.check_alive()
     assert cost.server is not None
     peak = cost.server.peak_rss_bytes
     return Row(store=store, workload=load.name, target=server.name, run=run, value=peak / MiB, unit=RSS_MIB,
                server_cpu=cost.server.cpu_seconds, client_cpu=cost.client_cpu_seconds, cpu_unit="s",
-               peak_rss_mib=peak / MiB, rss_per_connection_kib=max(0, peak - before) / (load.idle + load.slow) / KiB,
-               other_cpu_s=cost.other_cpu_seconds)
+               peak_rss_mib=peak / MiB, rss_per_idle_kib=max(0, idle_rss[0] - before) / load.idle / KiB,
+               rss_per_slow_kib=max(0, peak - idle_rss[0]) / load.slow / KiB, other_cpu_s=cost.other_cpu_seconds)

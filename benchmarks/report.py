@@ -46,7 +46,10 @@ class Row:
     peak_rss_mib: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
-    rss_per_connection_kib: float | None = None
+    rss_per_idle_kib: float | None = None
+    """RSS each idle keep-alive connection added (workload 5)."""
+    rss_per_slow_kib: float | None = None
+    """RSS each slow upload added on top of the idle connections (workload 5)."""
     backend_cpu: float | None = None
     """moto's CPU (s/GiB) on the S3 workloads."""
     other_cpu_s: float = 0.0
@@ -56,8 +59,8 @@ class Row:
         return self.unit == RSS_MIB
 
 
-_NUMERIC = ("value", "server_cpu", "client_cpu", "peak_rss_mib", "p50_ms", "p99_ms", "rss_per_connection_kib",
-            "backend_cpu", "other_cpu_s")
+_NUMERIC = ("value", "server_cpu", "client_cpu", "peak_rss_mib", "p50_ms", "p99_ms", "rss_per_idle_kib",
+            "rss_per_slow_kib", "backend_cpu", "other_cpu_s")
 
 
 def _key(row: Row) -> tuple[str, str, str]:
@@ -170,16 +173,18 @@ def figures_table(rows: Sequence[Row]) -> str:
     """The medians as a Markdown table, one line per (store, workload, target)."""
     lines = [
         "| store | workload | target | result | srv CPU | client CPU | peak RSS MiB | p50 / p99 ms "
-        "| RSS KiB/conn | moto CPU s/GiB | other CPU s |",
+        "| RSS KiB per idle / slow conn | moto CPU s/GiB | other CPU s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         latency = "-" if row.p50_ms is None else f"{_fmt(row.p50_ms, 1)} / {_fmt(row.p99_ms, 1)}"
+        per_connection = ("-" if row.rss_per_idle_kib is None
+                          else f"{_fmt(row.rss_per_idle_kib, 1)} / {_fmt(row.rss_per_slow_kib, 1)}")
         cpu = "-" if row.server_cpu is None else f"{_fmt(row.server_cpu)} {row.cpu_unit}"
         client = "-" if row.client_cpu is None else f"{_fmt(row.client_cpu)} {row.cpu_unit}"
         lines.append(
             f"| {row.store} | {row.workload} | {row.target} | {_value(row)} | {cpu} | {client} "
-            f"| {_fmt(row.peak_rss_mib, 1)} | {latency} | {_fmt(row.rss_per_connection_kib, 1)} "
+            f"| {_fmt(row.peak_rss_mib, 1)} | {latency} | {per_connection} "
             f"| {_fmt(row.backend_cpu)} | {_fmt(row.other_cpu_s, 1)} |"
         )
     return "\n".join(lines)

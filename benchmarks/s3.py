@@ -47,6 +47,7 @@ from benchmarks.common import (
     GiB,
     MiB,
     ServerFailed,
+    ServerGroup,
     ServerProcess,
     accounted,
     command_from_template,
@@ -56,7 +57,6 @@ from benchmarks.common import (
     median,
     parse_size,
     random_buffer,
-    running_servers,
 )
 from benchmarks.countproxy import CountingProxy
 from benchmarks.ingest import HEADER, HOST, Measurement, Workload, format_row, measure_server, upload_to
@@ -232,12 +232,13 @@ class Traffic:
         return self.bytes_to_s3 / self.bytes
 
 
-class S3Targets:
+class S3Targets(ServerGroup):
     """moto plus the S3 targets of one benchmark run (limit, tusd-py, peer): starts
     them on entry, creates the bucket, warms every target up, and measures one target
     on one workload at a time. ``s3.py`` and the suite share it."""
 
     def __init__(self, options: Options, buffer: memoryview) -> None:
+        super().__init__()
         self.options = options
         self.buffer = buffer
         self.env = _clean_environment()
@@ -248,9 +249,7 @@ class S3Targets:
         (options.work_dir / "spool").mkdir(parents=True, exist_ok=True)
         self.servers = {target: self._server(target, self.endpoint) for target in options.targets
                         if target != "limit"}
-        self.exit_codes: dict[str, int | None] = {}
         self.bucket: Bucket | None = None
-        self._stack = contextlib.ExitStack()
 
     def _server(self, target: str, endpoint: str, name: str | None = None) -> ServerProcess:
         """``target``'s server process (not started), storing into ``endpoint``."""
@@ -272,23 +271,32 @@ class S3Targets:
                              self.options.work_dir / f"{name}.log", env=env)
 
     def __enter__(self) -> S3Targets:
-        with contextlib.ExitStack() as stack:
-            # moto first: the servers check the bucket when they start.
-            self.moto.start()
-            stack.callback(self.moto.stop)
+        # moto first: the servers check the bucket when they start.
+        self.moto.start()
+        try:
             self.bucket = Bucket(self.endpoint)
             self.bucket.create()
-            self.exit_codes = stack.enter_context(running_servers(list(self.servers.values())))
+            self.start_all()
             # Unmeasured warm-up of every target (imports, connection pools, moto's
             # first bucket operations): the first upload to a fresh moto ran at half speed.
             warmup = Workload(size=min(16 * MiB, self.options.client_buffer), patch_size=16 * MiB)
             for target in self.options.targets:
                 self.measure(target, warmup)
-            self._stack = stack.pop_all()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._stack.close()
+        self.stop_all()
+        self.exit_codes["moto"] = self.moto.stop()
+
+    def restart(self, target: str) -> ServerProcess:
+        """Replace ``target``'s server with a fresh one, warmed up by a 1 MiB upload: so
+        a measurement's peak RSS is its own, not what earlier workloads left behind."""
+        server = self.replace(target, self._server(target, self.endpoint))
+        self.measure(target, Workload(size=MiB, patch_size=MiB))
+        return server
 
     def measure(self, target: str, workload: Workload) -> Measurement:
         """Measure ``target`` taking ``workload`` once into an empty bucket, and check

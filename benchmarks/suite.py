@@ -203,17 +203,23 @@ class Suite:
             self.results.meta["file_exit_codes"] = targets.exit_codes
 
         def throughput(target: str, workload: Workload, run: int) -> Callable[[], Row]:
-            return lambda: _row_from(holder["targets"].measure(target, workload), FILE, run, target)
-
-        def on_server(target: str, size: int, measure: Callable[[ServerProcess], Row],
-                      fresh: bool = False) -> Callable[[], Row]:
-            """``measure(server)`` between two cleanups of the target's data directory
-            (``size``: how much warm free memory the measurement needs; ``fresh``: on a
-            newly started server, for memory figures that must not include what the
-            earlier workloads left in the heap)."""
             def action() -> Row:
                 targets = holder["targets"]
-                server = targets.restart(target) if fresh else targets.servers[target]
+                if target in targets.servers:
+                    targets.restart(target)  # see on_server
+                return _row_from(targets.measure(target, workload), FILE, run, target)
+            return action
+
+        def on_server(target: str, size: int, measure: Callable[[ServerProcess], Row]) -> Callable[[], Row]:
+            """``measure(server)`` on a freshly started server, between two cleanups of its
+            data directory (``size``: how much warm free memory the measurement needs).
+
+            Fresh, because a server's heap keeps what an earlier workload grew it to
+            (glibc rarely returns it): without a restart, every peak RSS after the 200
+            concurrent uploads would be that workload's, not its own."""
+            def action() -> Row:
+                targets = holder["targets"]
+                server = targets.restart(target)
                 targets.prepare(target, size)
                 try:
                     return measure(server)
@@ -228,22 +234,22 @@ class Suite:
             tag = f"run {run}/{sizes.runs}"
             for workload in _throughput_workloads(sizes.file_size, sizes):
                 for target in targets_names:
-                    steps.append(Step(f"file {workload.name} {target} ({tag})", 1.5 + workload.size / (400 * MB),
+                    steps.append(Step(f"file {workload.name} {target} ({tag})", 3 + workload.size / (400 * MB),
                                       throughput(target, workload, run)))
             concurrent, idle = sizes.concurrent, sizes.idle
             for target in connection_targets:
                 measure = partial(measure_concurrent, store=FILE, run=run, load=concurrent, buffer=self.buffer)
-                steps.append(Step(f"file {concurrent.name} {target} ({tag})", 2 + concurrent.total / (300 * MB),
+                steps.append(Step(f"file {concurrent.name} {target} ({tag})", 3.5 + concurrent.total / (300 * MB),
                                   on_server(target, concurrent.total, measure)))
             for rate in sizes.rates:
                 for target in connection_targets:
                     measure = partial(measure_request_rate, store=FILE, run=run, load=rate)
-                    steps.append(Step(f"file {rate.name} {target} ({tag})", rate.seconds + 1,
+                    steps.append(Step(f"file {rate.name} {target} ({tag})", rate.seconds + 2.5,
                                       on_server(target, 0, measure)))
             for target in connection_targets:
                 measure = partial(measure_idle_and_slow, store=FILE, run=run, load=idle, buffer=self.buffer)
                 steps.append(Step(f"file {idle.name} {target} ({tag})", idle.seconds + 5,
-                                  on_server(target, 0, measure, fresh=True)))
+                                  on_server(target, 0, measure)))
         return servers, steps
 
     # S3 store -------------------------------------------------------------------------------
@@ -268,8 +274,13 @@ class Suite:
             self.results.meta["s3_exit_codes"] = targets.exit_codes
 
         def throughput(target: str, workload: Workload, run: int) -> Callable[[], Row]:
-            name = S3_LIMIT if target == "limit" else target
-            return lambda: _row_from(holder["targets"].measure(target, workload), S3, run, name)
+            def action() -> Row:
+                targets = holder["targets"]
+                if target in targets.servers:
+                    targets.restart(target)  # a fresh heap, as in the file phase
+                name = S3_LIMIT if target == "limit" else target
+                return _row_from(targets.measure(target, workload), S3, run, name)
+            return action
 
         def traffic(target: str, workload: Workload) -> Callable[[], None]:
             return lambda: self.results.traffic.append(holder["targets"].measure_traffic(target, workload))
@@ -279,7 +290,7 @@ class Suite:
             for workload in workloads:
                 for target in targets_names:
                     # moto takes ~100 MB/s; small PATCHes cost the servers extra calls.
-                    estimate = 2 + workload.size / (60 * MB) * (2 if workload.patch_size <= MiB else 1)
+                    estimate = 4 + workload.size / (60 * MB) * (2 if workload.patch_size <= MiB else 1)
                     steps.append(Step(f"s3 {workload.name} {target} (run {run}/{self.sizes.runs})", estimate,
                                       throughput(target, workload, run)))
         smallest = workloads[-1]

@@ -296,8 +296,9 @@ class FileStore:
         try:
             copied = 0
             while copied < count:
-                step = await self._run(_copy_range, source, copied, destination, position + copied,
-                                       min(COPY_STEP_SIZE, count - copied))
+                step = await self._run(
+                    _copy_range, source, copied, destination, position + copied, min(COPY_STEP_SIZE, count - copied)
+                )
                 if step == 0:
                     raise StoreError(f"upload {upload_id} is shorter than its length (truncated on disk?)")
                 copied += step
@@ -349,7 +350,6 @@ class FileStore:
             log.info("removed orphan %s", name)
             removed += 1
         return removed
-
 
 
 class _OrderedWriter:
