@@ -8,10 +8,16 @@ byte is copied at most once between the socket buffer and the application.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from typing import Protocol
+from collections.abc import Awaitable
+from concurrent.futures import Executor
+from typing import Protocol, TypeVar
 
-from tusd_py.http.types import BodyTimeout, ClientDisconnected
+from tusd_py.http.splice import SpliceResult, pwrite_chunks
+from tusd_py.http.types import BodyTimeout, ClientDisconnected, SpliceStop
+
+T = TypeVar("T")
 
 __all__ = ["BodyFlow", "RequestBody"]
 
@@ -31,6 +37,25 @@ class BodyFlow(Protocol):
 
     def body_timed_out(self) -> None:
         """A read waited ``body_timeout`` seconds for data; the body has failed."""
+
+    def body_can_splice(self) -> bool:
+        """Whether the connection can splice this body (see ``splice_to``)."""
+
+    def body_splice_hold(self, hold: bool) -> None:
+        """Keep the transport from reading (True) while ``splice_to`` runs; False
+        lets it read again (from the next loop iteration on, so back-to-back
+        ``splice_to`` calls keep it paused)."""
+
+    def body_splice_ready(self) -> bool:
+        """Whether enough body bytes wait in the socket to splice them now."""
+
+    async def body_splice(
+        self, fd: int, offset: int, max_bytes: int, stop: SpliceStop | None, executor: Executor | None
+    ) -> SpliceResult:
+        """Move body bytes from the socket into ``fd`` at ``offset`` on a worker
+        thread (reading is held); the connection counts them and ends or fails the
+        body as needed."""
+        ...
 
 
 class RequestBody:
@@ -104,6 +129,88 @@ class RequestBody:
         self._flow.body_consumed(self._buffered)
         return chunk
 
+    @property
+    def can_splice(self) -> bool:
+        """Whether ``splice_to`` may be used (see ``types.SpliceableBody``)."""
+        return self._length is not None and self._flow.body_can_splice()
+
+    async def splice_to(
+        self,
+        fd: int,
+        offset: int,
+        max_bytes: int,
+        *,
+        stop: SpliceStop | None = None,
+        executor: Executor | None = None,
+    ) -> int:
+        """See ``types.SpliceableBody.splice_to``. Chunks already queued are written
+        first (``pwrite`` on a worker thread); then, while at least a read's worth of
+        bytes waits in the socket, the connection splices them into the file; else
+        this waits for the next chunk like a read does (body timeout included)."""
+        if self._first_read:
+            self._first_read = False
+            self._flow.body_first_read()
+        if max_bytes <= 0:
+            return 0
+        flow = self._flow
+        loop = self._loop
+        if stop is None:
+            stop = SpliceStop()  # so that a cancellation can end a running splice
+        flow.body_splice_hold(True)
+        try:
+            while True:
+                if self._chunks:
+                    return await self._write_queued(fd, offset, max_bytes, executor)
+                if self._error is not None:
+                    error_type, message = self._error
+                    raise error_type(message)
+                if self._complete or stop.is_set():
+                    return 0
+                if flow.body_splice_ready():
+                    result = await _finish_uncancelled(
+                        loop, flow.body_splice(fd, offset, max_bytes, stop, executor), stop
+                    )
+                    if result.file_error is not None:
+                        raise result.file_error
+                    if result.moved:
+                        return result.moved
+                    if self._error is not None or self._complete:
+                        continue
+                # Wait for the next chunk on the event loop, reading normally.
+                flow.body_splice_hold(False)
+                stop.on_set(self._wake)
+                try:
+                    await self._wait()
+                finally:
+                    stop.on_set(None)
+                    flow.body_splice_hold(True)
+        finally:
+            flow.body_splice_hold(False)
+
+    async def _write_queued(self, fd: int, offset: int, max_bytes: int, executor: Executor | None) -> int:
+        """Write queued chunks (up to ``max_bytes``) at ``offset``; the bytes written."""
+        chunks = self._chunks
+        taken: list[bytes | memoryview] = []
+        size = 0
+        while chunks and size < max_bytes:
+            chunk = chunks.popleft()
+            if size + len(chunk) > max_bytes:
+                cut = max_bytes - size
+                chunks.appendleft(chunk[cut:])
+                chunk = chunk[:cut]
+            taken.append(chunk)
+            size += len(chunk)
+        self._buffered -= size
+        self._received += size
+        self._flow.body_consumed(self._buffered)
+        loop = self._loop
+        written, error = await _finish_uncancelled(
+            loop, loop.run_in_executor(executor, pwrite_chunks, fd, taken, offset), None
+        )
+        if error is not None:
+            raise error
+        return written
+
     async def read_all(self) -> bytes:
         """The whole remaining body in one bytes object (for small bodies only)."""
         return b"".join([chunk async for chunk in self])
@@ -136,6 +243,10 @@ class RequestBody:
         self._buffered += len(chunk)
         self._wake()
         return self._buffered
+
+    def spliced(self, count: int) -> None:
+        """``count`` bytes went from the socket straight to the application's file."""
+        self._received += count
 
     def finish(self) -> None:
         """The last byte has been received."""
@@ -194,3 +305,20 @@ class RequestBody:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+async def _finish_uncancelled(
+    loop: asyncio.AbstractEventLoop, awaitable: Awaitable[T], stop: SpliceStop | None
+) -> T:
+    """Await work on a worker thread to its end even if the task is cancelled
+    meanwhile (asking it to stop early through ``stop``), then re-raise the
+    cancellation: the bytes it moved are in the file and must be counted first."""
+    future = asyncio.ensure_future(awaitable, loop=loop)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if stop is not None:
+            stop.set()
+        with contextlib.suppress(BaseException):
+            await future
+        raise

@@ -7,8 +7,9 @@ plain asyncio stays supported (and tested) for platforms without it.
 from __future__ import annotations
 
 import asyncio
+from asyncio.selector_events import BaseSelectorEventLoop
 
-__all__ = ["new_event_loop", "uvloop_available"]
+__all__ = ["new_event_loop", "pause_reading_is_strict", "uvloop_available"]
 
 try:
     import uvloop
@@ -27,3 +28,14 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         return loop
     return asyncio.new_event_loop()
+
+
+def pause_reading_is_strict(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether a paused transport of ``loop`` is guaranteed not to read from its
+    socket until resumed: then another thread may read the socket meanwhile (see
+    ``tusd_py.http.splice``). True for uvloop (``uv_read_stop``) and asyncio's
+    selector loops (``remove_reader``, which also cancels a read already scheduled
+    for this iteration); other loops are not trusted."""
+    if uvloop is not None and isinstance(loop, uvloop.Loop):
+        return True
+    return isinstance(loop, BaseSelectorEventLoop)

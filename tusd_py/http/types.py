@@ -7,9 +7,11 @@ or a socket, and the HTTP layer never sees tus. An application is an async calla
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class Headers:
@@ -78,6 +80,72 @@ class Body(Protocol):
     @property
     def received(self) -> int:
         """How many body bytes the application has been handed so far."""
+        ...
+
+
+class SpliceStop:
+    """Asks a running ``SpliceableBody.splice_to`` to return early (with what it has
+    moved so far). ``set`` is called on the event loop thread; worker threads see it
+    through ``event``."""
+
+    __slots__ = ("event", "_on_set")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._on_set: Callable[[], None] | None = None
+
+    def set(self) -> None:
+        """Stop the splice (idempotent)."""
+        self.event.set()
+        if self._on_set is not None:
+            self._on_set()
+
+    def is_set(self) -> bool:
+        """Whether ``set`` was called."""
+        return self.event.is_set()
+
+    def on_set(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` (on the event loop thread) when ``set`` is called; used by
+        a body to wake a read waiting for data. None removes it."""
+        self._on_set = callback
+
+
+@runtime_checkable
+class SpliceableBody(Protocol):
+    """An optional capability of a ``Body``: write the body's bytes straight into a
+    file, without handing them to the application as ``bytes`` first.
+
+    Where the platform allows (Linux ``splice(2)`` on a plain TCP connection), the
+    bytes go from the socket into the file inside the kernel, on a worker thread.
+    Iterating and splicing may be mixed; the body stays one ordered stream.
+    """
+
+    @property
+    def can_splice(self) -> bool:
+        """Whether ``splice_to`` may be used for this body (else iterate it)."""
+        ...
+
+    async def splice_to(
+        self,
+        fd: int,
+        offset: int,
+        max_bytes: int,
+        *,
+        stop: SpliceStop | None = None,
+        executor: Executor | None = None,
+    ) -> int:
+        """Write up to ``max_bytes`` body bytes into file ``fd`` at ``offset``, in
+        order; return how many landed in the file.
+
+        Returns 0 when the body is complete (or ``max_bytes`` is 0) or ``stop`` was
+        set before a byte moved; a ``stop`` set meanwhile ends the call early with the
+        bytes moved so far. Raises ``ClientDisconnected`` or ``BodyTimeout`` like
+        iteration does, but only on a call that moved nothing (bytes that arrived
+        before are returned first). Raises ``OSError`` when the file cannot be written
+        (bytes written before the error are in the file). ``executor`` runs the
+        blocking work (None: the loop's default executor). Not cancellable in the
+        middle of a write: a cancelled call first finishes (promptly) what it moved.
+        """
         ...
 
 

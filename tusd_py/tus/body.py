@@ -12,6 +12,10 @@ stores what it has) when:
   runs out (``_DRAIN_BUDGET``): a client that sent its bytes and went away has them
   in flight behind a full receive window, and they are kept;
 - the client disconnected or stopped sending (``ClientDisconnected``/``BodyTimeout``).
+
+When the request body offers it (``SpliceableBody``), so does a guarded body:
+``splice_to`` writes the bytes straight into the store's file, under the same rules
+(a stop request stops a running splice instead of cancelling a read).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 
-from tusd_py.http.types import Body, BodyTimeout, ClientDisconnected
+from tusd_py.http.types import Body, BodyTimeout, ClientDisconnected, SpliceableBody, SpliceStop
 
 # While stopping: bytes already sent by the client arrive back to back (loopback or
 # LAN: microseconds apart), so a gap this long means the client stalled and the
@@ -60,6 +65,7 @@ class GuardedBody:
         self._cancelled_read = False
         self._drain_deadline: float | None = None
         self._lost: asyncio.Event | None = None
+        self._splice_stop: SpliceStop | None = None
         self.reason = EndReason.RUNNING
         """Why iteration ended (``RUNNING`` while it has not)."""
         self.yielded = 0
@@ -80,6 +86,8 @@ class GuardedBody:
             # LOST wins over an earlier RELEASED: a locker that loses a lock also
             # calls the holder's release request, and a lost lock must not drain.
             self._stop_reason = reason
+        if self._splice_stop is not None:
+            self._splice_stop.set()
         reader = self._reader
         if reader is not None and not self._cancelled_read:
             # The read is pending inside ``__anext__`` (the only place ``_reader`` is
@@ -95,6 +103,82 @@ class GuardedBody:
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
+
+    @property
+    def can_splice(self) -> bool:
+        """Whether ``splice_to`` may be used (the request body offers it)."""
+        body = self._body
+        return isinstance(body, SpliceableBody) and body.can_splice
+
+    async def splice_to(
+        self,
+        fd: int,
+        offset: int,
+        max_bytes: int,
+        *,
+        stop: SpliceStop | None = None,
+        executor: Executor | None = None,
+    ) -> int:
+        """Write up to ``max_bytes`` body bytes into ``fd`` at ``offset`` (see
+        ``SpliceableBody``); the bytes written. 0 once the body ended (``reason``
+        says why), or when ``stop`` was set. Same limits and stops as iterating:
+        never past the limit, a release request ends it after the drain, a lost lock
+        at once. Raises only ``OSError`` (the file)."""
+        body = self._body
+        assert isinstance(body, SpliceableBody)
+        while True:
+            if self.reason is not EndReason.RUNNING:
+                return 0
+            if self._remaining == 0:
+                self.reason = EndReason.LIMIT
+                return 0
+            if self._lost is not None and self._lost.is_set():
+                self._stop_reason = EndReason.LOST
+            if self._stop_reason is EndReason.LOST:
+                self.reason = EndReason.LOST
+                return 0
+            if self._remaining is not None:
+                max_bytes = min(max_bytes, self._remaining)
+            draining = self._stop_reason is not None
+            own_stop = self._splice_stop = stop if stop is not None else SpliceStop()
+            timer: asyncio.TimerHandle | None = None
+            if draining:
+                # Stopping: keep what is still arriving, end at the first pause.
+                loop = asyncio.get_running_loop()
+                now = loop.time()
+                if self._drain_deadline is None:
+                    self._drain_deadline = now + _DRAIN_BUDGET
+                left = self._drain_deadline - now
+                if left <= 0:
+                    self.reason = self._stop_reason or EndReason.RELEASED
+                    return 0
+                timer = loop.call_later(min(_DRAIN_IDLE, left), own_stop.set)
+            try:
+                moved = await body.splice_to(fd, offset, max_bytes, stop=own_stop, executor=executor)
+            except ClientDisconnected:
+                self.reason = EndReason.DISCONNECTED
+                return 0
+            except BodyTimeout:
+                self.reason = EndReason.TIMEOUT
+                return 0
+            finally:
+                self._splice_stop = None
+                if timer is not None:
+                    timer.cancel()
+            if moved:
+                if self._remaining is not None:
+                    self._remaining -= moved
+                self.yielded += moved
+                return moved
+            if not own_stop.is_set():
+                self.reason = EndReason.COMPLETE
+                return 0
+            if draining:
+                self.reason = self._stop_reason or EndReason.RELEASED
+                return 0
+            if self._stop_reason is None:
+                return 0  # the caller's ``stop``
+            # Stopped by ``stop()`` while nothing had moved: drain (or end, if lost).
 
     async def __anext__(self) -> bytes:
         if self.reason is not EndReason.RUNNING:

@@ -1,0 +1,325 @@
+"""Splicing request bodies straight into files (``SpliceableBody``), over real sockets.
+
+HTTP layer: a handler moves the body into a temp file with ``splice_to``; the file must
+hold exactly the bytes sent, the next pipelined request must still be answered, and
+disconnects and timeouts end the body with every arrived byte stored. End to end: the
+composed server on the file store, whose PATCH uses the splice path. A spy on the
+worker function proves the kernel path ran (or, with splice unavailable, that it did
+not). ``SPLICE_MIN_WAITING`` is lowered to one byte so that any waiting byte is
+spliced: what the tests check must not depend on how fast the client is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import create, file_store_config, head_offset, patch_head, upload_id_of
+
+from tests.rawhttp import RawConnection, request
+from tusd_py.cli import Running, serving
+from tusd_py.http import protocol as http_protocol
+from tusd_py.http import splice as http_splice
+from tusd_py.http.body import RequestBody
+from tusd_py.http.server import HTTPLimits, HTTPServer
+from tusd_py.http.types import BodyTimeout, ClientDisconnected, Request, Response, SpliceableBody
+
+MiB = 1024 * 1024
+WAIT = 10.0
+
+pytestmark = pytest.mark.skipif(not http_splice.SPLICE_SUPPORTED, reason="splice(2) is Linux only")
+
+
+class SpliceSpy:
+    """Counts the bytes the splice worker took from sockets (called on pool threads)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.consumed = 0
+        self._lock = threading.Lock()
+
+    def wrap(self, real: Callable[..., http_splice.SpliceResult]) -> Callable[..., http_splice.SpliceResult]:
+        def spy(*args: Any) -> http_splice.SpliceResult:
+            result = real(*args)
+            with self._lock:
+                self.calls += 1
+                self.consumed += result.consumed
+            return result
+
+        return spy
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> SpliceSpy:
+    spy = SpliceSpy()
+    monkeypatch.setattr(http_splice, "splice_socket_to_file", spy.wrap(http_splice.splice_socket_to_file))
+    monkeypatch.setattr(http_protocol, "SPLICE_MIN_WAITING", 1)
+    return spy
+
+
+@contextlib.asynccontextmanager
+async def running(handler: Callable[[Request], Awaitable[Response]], **limits: Any) -> AsyncIterator[int]:
+    server = HTTPServer(handler, HTTPLimits(**limits))
+    port = await server.start("127.0.0.1", 0)
+    try:
+        yield port
+    finally:
+        await server.stop(1.0)
+
+
+class SplicingHandler:
+    """Splices each request body into its own file; answers with the byte count.
+
+    ``before_splice`` (awaited first) lets a test order events without sleeping."""
+
+    def __init__(self, directory: Path, before_splice: Callable[[Request], Awaitable[None]] | None = None) -> None:
+        self.directory = directory
+        self.before_splice = before_splice
+        self.results: asyncio.Queue[tuple[int, BaseException | None, bytes]] = asyncio.Queue()
+        self._count = 0
+
+    async def __call__(self, request: Request) -> Response:
+        if request.method == "GET":
+            return Response(200, [], b"next")
+        body = request.body
+        assert isinstance(body, SpliceableBody) and body.can_splice
+        if self.before_splice is not None:
+            await self.before_splice(request)
+        self._count += 1
+        path = self.directory / f"body-{self._count}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        total = 0
+        error: BaseException | None = None
+        try:
+            while True:
+                moved = await body.splice_to(fd, total, 3 * MiB)
+                if not moved:
+                    break
+                total += moved
+        except (ClientDisconnected, BodyTimeout) as raised:
+            error = raised
+        finally:
+            os.close(fd)
+        assert body.received == total
+        await self.results.put((total, error, path.read_bytes()))
+        return Response(200, [], str(total).encode())
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def head(length: int, target: str = "/b") -> bytes:
+    return f"PATCH {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode()
+
+
+async def read_text_response(connection: RawConnection) -> bytes:
+    return (await connection.read_response("PATCH", timeout=WAIT)).body
+
+
+@pytest.mark.both_loops
+async def test_large_body_is_spliced_exactly(spy: SpliceSpy, tmp_path: Path) -> None:
+    payload = os.urandom(24 * MiB + 12345)
+    handler = SplicingHandler(tmp_path)
+    async with running(handler) as port:
+        connection = await RawConnection.open(port)
+        try:
+            await connection.send(head(len(payload)) + payload)
+            assert await read_text_response(connection) == str(len(payload)).encode()
+            total, error, stored = await handler.results.get()
+        finally:
+            await connection.close()
+    assert error is None and total == len(payload)
+    assert sha(stored) == sha(payload)
+    assert spy.calls > 0 and spy.consumed > 0
+
+
+@pytest.mark.both_loops
+async def test_bytes_queued_before_the_splice_come_first(spy: SpliceSpy, tmp_path: Path) -> None:
+    payload = os.urandom(8 * MiB)
+    first = 100_000
+    queued: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    proceed = asyncio.Event()
+
+    async def before_splice(request: Request) -> None:
+        # The bytes sent with the head are queued before the handler runs.
+        assert isinstance(request.body, RequestBody)
+        queued.set_result(request.body.buffered)
+        await proceed.wait()
+
+    handler = SplicingHandler(tmp_path, before_splice)
+    async with running(handler) as port:
+        connection = await RawConnection.open(port)
+        try:
+            await connection.send(head(len(payload)) + payload[:first])
+            assert 0 < await asyncio.wait_for(queued, WAIT) <= first
+            proceed.set()
+            await connection.send(payload[first:])
+            assert await read_text_response(connection) == str(len(payload)).encode()
+            total, error, stored = await handler.results.get()
+        finally:
+            await connection.close()
+    assert error is None and total == len(payload)
+    assert sha(stored) == sha(payload)
+    assert spy.consumed > 0
+
+
+@pytest.mark.both_loops
+async def test_pipelined_request_after_a_spliced_body_is_answered(spy: SpliceSpy, tmp_path: Path) -> None:
+    payload = os.urandom(6 * MiB + 7)
+    handler = SplicingHandler(tmp_path)
+    async with running(handler) as port:
+        connection = await RawConnection.open(port)
+        try:
+            await connection.send(head(len(payload)) + payload + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await read_text_response(connection) == str(len(payload)).encode()
+            assert (await connection.read_response("GET", timeout=WAIT)).body == b"next"
+            total, _, stored = await handler.results.get()
+        finally:
+            await connection.close()
+    assert total == len(payload) and sha(stored) == sha(payload)
+    assert spy.consumed > 0
+
+
+@pytest.mark.both_loops
+async def test_disconnect_mid_body_keeps_every_arrived_byte(spy: SpliceSpy, tmp_path: Path) -> None:
+    payload = os.urandom(5 * MiB + 99)
+    handler = SplicingHandler(tmp_path)
+    async with running(handler) as port:
+        connection = await RawConnection.open(port)
+        await connection.send(head(len(payload) + 1000) + payload)
+        await connection.close()  # 1000 bytes short
+        total, error, stored = await asyncio.wait_for(handler.results.get(), WAIT)
+    assert isinstance(error, ClientDisconnected)
+    assert total == len(payload)
+    assert sha(stored) == sha(payload)
+
+
+@pytest.mark.both_loops
+async def test_body_timeout_during_a_splice(spy: SpliceSpy, tmp_path: Path) -> None:
+    payload = os.urandom(3 * MiB)
+    handler = SplicingHandler(tmp_path)
+    async with running(handler, body_timeout=0.3) as port:
+        connection = await RawConnection.open(port)
+        try:
+            await connection.send(head(len(payload) + 1) + payload)  # then stalls, socket open
+            response = await connection.read_response("PATCH", timeout=WAIT)
+            total, error, stored = await handler.results.get()
+        finally:
+            await connection.close()
+    assert isinstance(error, BodyTimeout)
+    assert response.body == str(len(payload)).encode()
+    assert response.header("connection") == "close"
+    assert total == len(payload) and sha(stored) == sha(payload)
+
+
+@pytest.mark.both_loops
+async def test_splice_unavailable_falls_back(monkeypatch: pytest.MonkeyPatch, spy: SpliceSpy, tmp_path: Path) -> None:
+    monkeypatch.setattr(http_splice, "SPLICE_SUPPORTED", False)
+    seen: list[bool] = []
+
+    async def handler(request: Request) -> Response:
+        body = request.body
+        assert isinstance(body, SpliceableBody)
+        seen.append(body.can_splice)
+        data = b"".join([chunk async for chunk in body])
+        return Response(200, [], sha(data).encode())
+
+    payload = os.urandom(4 * MiB)
+    async with running(handler) as port:
+        connection = await RawConnection.open(port)
+        try:
+            await connection.send(head(len(payload)) + payload)
+            assert await read_text_response(connection) == sha(payload).encode()
+        finally:
+            await connection.close()
+    assert seen == [False]
+    assert spy.calls == 0
+
+
+# -- end to end: the file store's PATCH --------------------------------------------------
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Running]:
+    async with serving(file_store_config(tmp_path)) as running:
+        yield running
+
+
+def stored_bytes(tmp_path: Path, path: str) -> bytes:
+    """The upload's data file as the store wrote it."""
+    return (tmp_path / "data" / upload_id_of(path)).read_bytes()
+
+
+@pytest.mark.both_loops
+async def test_file_store_patch_is_spliced(spy: SpliceSpy, server: Running, tmp_path: Path) -> None:
+    payload = os.urandom(20 * MiB + 3)
+    path = await create(server.port, len(payload))
+    connection = await RawConnection.open(server.port)
+    try:
+        await connection.send(patch_head(path, 0, len(payload)) + payload)
+        response = await connection.read_response("PATCH", timeout=WAIT)
+    finally:
+        await connection.close()
+    assert response.status == 204
+    assert response.header("upload-offset") == str(len(payload))
+    assert sha(stored_bytes(tmp_path, path)) == sha(payload)
+    assert spy.consumed > 0
+
+
+@pytest.mark.both_loops
+async def test_file_store_disconnect_keeps_every_byte(spy: SpliceSpy, server: Running, tmp_path: Path) -> None:
+    payload = os.urandom(8 * MiB)
+    sent = 6 * MiB + 5
+    path = await create(server.port, len(payload))
+    connection = await RawConnection.open(server.port)
+    await connection.send(patch_head(path, 0, len(payload)) + payload[:sent])
+    await connection.close()
+    assert await head_offset(server.port, path) == sent
+    assert sha(stored_bytes(tmp_path, path)) == sha(payload[:sent])
+
+
+@pytest.mark.both_loops
+async def test_file_store_stalled_splice_is_released(spy: SpliceSpy, server: Running, tmp_path: Path) -> None:
+    """A client stalls mid-PATCH; a HEAD asks the holder to let go: it stops within
+    the drain window, keeps what arrived and answers."""
+    payload = os.urandom(8 * MiB)
+    sent = 5 * MiB + 17
+    path = await create(server.port, len(payload))
+    stalled = await RawConnection.open(server.port)
+    try:
+        await stalled.send(patch_head(path, 0, len(payload)) + payload[:sent])
+        assert await head_offset(server.port, path) == sent
+        answer = await stalled.read_response("PATCH", timeout=WAIT)
+        assert answer.status == 204
+        assert answer.header("upload-offset") == str(sent)
+    finally:
+        await stalled.close()
+    assert sha(stored_bytes(tmp_path, path)) == sha(payload[:sent])
+
+
+@pytest.mark.both_loops
+async def test_file_store_falls_back_without_splice(
+    monkeypatch: pytest.MonkeyPatch, spy: SpliceSpy, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(http_splice, "SPLICE_SUPPORTED", False)
+    async with serving(file_store_config(tmp_path)) as running:
+        payload = os.urandom(6 * MiB)
+        path = await create(running.port, len(payload))
+        response = await request(
+            running.port,
+            "PATCH",
+            path,
+            {"Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"},
+            payload,
+        )
+        assert response.status == 204
+        assert sha(stored_bytes(tmp_path, path)) == sha(payload)
+    assert spy.calls == 0
