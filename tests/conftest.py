@@ -1,24 +1,36 @@
-"""Shared test fixtures.
+"""Shared test fixtures (shared plain helpers are in ``helpers.py``).
 
 - Async tests run on uvloop (the production loop); tests marked ``both_loops`` also run
   on plain asyncio (pytest-asyncio's loop-factory hook parametrizes them).
 - ``moto_endpoint``: a moto S3 server in its own process on a free loopback port,
-  reached over real HTTP. ``S3_UPLOAD_PART_MIN_SIZE`` is left at S3's 5 MiB unless a
-  test module lowers it through ``moto_part_min_size``.
+  reached over real HTTP, with S3's 5 MiB minimum part size (``test_s3_support``'s
+  ``fast_moto`` lowers it to 1 MiB); ``bucket``: a fresh bucket in it.
+- ``tus``: the tus handler over a file store, called directly (``tus_fakes``).
+- ``nginx_installed``: skips a test without nginx (fails it in CI).
+- ``captured_logs``: tusd-py's own JSON logging, into a buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
 
+import nginx_support
 import pytest
+from helpers import make_bucket
+from tus_fakes import Harness, make_harness
+
+from tusd_py.config import LogConfig
+from tusd_py.logs import setup_logging
 
 try:
     import uvloop
@@ -124,3 +136,48 @@ def reset_moto(endpoint: str) -> None:
     request = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
     with urllib.request.urlopen(request, timeout=10):
         pass
+
+
+@pytest.fixture
+async def bucket(moto_endpoint: str) -> str:
+    """A fresh, empty bucket in ``moto_endpoint``."""
+    return await make_bucket(moto_endpoint)
+
+
+@pytest.fixture
+async def tus(tmp_path: Path) -> AsyncIterator[Harness]:
+    """The tus handler over a FileStore in ``tmp_path/data`` and a MemoryLocker."""
+    harness = make_harness(tmp_path / "data")
+    yield harness
+    await harness.close()
+
+
+@pytest.fixture
+def nginx_installed() -> None:
+    """Skip the test when Debian's nginx is missing; in CI (CI=true), fail it."""
+    try:
+        nginx_support.nginx_binary()
+    except nginx_support.NginxUnavailable as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{error}; .ci/run must install it")
+        pytest.skip(str(error))
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Undo ``setup_logging`` (``cli.main`` calls it) after each test: it stops the
+    ``tusd_py`` logger from propagating, which would hide later tests' records from
+    ``caplog``."""
+    logger = logging.getLogger("tusd_py")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.fixture
+def captured_logs(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """tusd-py's own logging set-up (JSON, debug) writing into a buffer."""
+    buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buffer)
+    setup_logging(LogConfig(level="debug", format="json"))
+    return buffer

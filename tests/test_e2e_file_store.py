@@ -9,63 +9,24 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from tusclient import client as tus_client
+from helpers import create, download, file_store_config, head_offset, patch_head, tuspy_upload
 
 from tests.conftest import free_port, wait_for_port
 from tests.rawhttp import RawConnection, request
 from tusd_py.cli import Running, serving
-from tusd_py.config import MiB, load_config
+from tusd_py.config import MiB
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Running]:
-    config = load_config(
-        environ={},
-        overrides={
-            "server.port": 0,
-            "store.file.directory": str(tmp_path / "data"),
-            "lock.acquire_timeout": 5.0,
-            "server.shutdown_timeout": 5.0,
-        },
-    )
-    async with serving(config) as running:
+    async with serving(file_store_config(tmp_path)) as running:
         yield running
-
-
-def _location_path(location: str) -> str:
-    return "/" + location.split("/", 3)[3]
-
-
-async def _create(port: int, length: int, metadata: str = "") -> str:
-    headers = {"Upload-Length": str(length)}
-    if metadata:
-        headers["Upload-Metadata"] = metadata
-    response = await request(port, "POST", "/files/", headers)
-    assert response.status == 201, response
-    location = response.header("location")
-    assert location is not None
-    return _location_path(location)
-
-
-async def _offset(port: int, path: str) -> int:
-    response = await request(port, "HEAD", path)
-    assert response.status == 200, response
-    return int(response.header("upload-offset") or -1)
-
-
-def _patch_head(path: str, offset: int, length: int) -> bytes:
-    return (
-        f"PATCH {path} HTTP/1.1\r\nHost: localhost\r\nTus-Resumable: 1.0.0\r\n"
-        f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\n"
-        f"Content-Length: {length}\r\n\r\n"
-    ).encode()
 
 
 @pytest.mark.both_loops
@@ -74,34 +35,22 @@ async def test_tuspy_uploads_50_mib_in_1_mib_chunks(server: Running, tmp_path: P
     source = tmp_path / "source.bin"
     source.write_bytes(payload)
 
-    def upload() -> str:
-        client = tus_client.TusClient(f"{server.url}/files/")
-        with open(source, "rb") as stream:  # tuspy leaves a file it opened itself unclosed
-            uploader = client.uploader(file_stream=stream, chunk_size=1 * MiB, metadata={"filename": "source.bin"})
-            uploader.upload()
-        return str(uploader.url)
-
-    url = await asyncio.to_thread(upload)
-
-    def download() -> bytes:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return bytes(response.read())
-
-    stored = await asyncio.to_thread(download)
+    url = await asyncio.to_thread(tuspy_upload, f"{server.url}/files/", source, 1 * MiB, {"filename": "source.bin"})
+    stored = await asyncio.to_thread(download, url)
     assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(payload).hexdigest()
 
 
 @pytest.mark.both_loops
 async def test_interrupted_patch_keeps_every_byte_then_resumes(server: Running) -> None:
     payload = os.urandom(3 * MiB + 123)
-    path = await _create(server.port, len(payload))
+    path = await create(server.port, len(payload))
     sent = 1 * MiB + 4567
 
     connection = await RawConnection.open(server.port)
-    await connection.send(_patch_head(path, 0, len(payload)) + payload[:sent])
+    await connection.send(patch_head(path, 0, len(payload)) + payload[:sent])
     await connection.close()  # the client goes away mid-body
 
-    assert await _offset(server.port, path) == sent
+    assert await head_offset(server.port, path) == sent
     response = await request(
         server.port,
         "PATCH",
@@ -119,12 +68,12 @@ async def test_stalled_patch_is_taken_over_by_a_resuming_client(server: Running)
     """A client stalls mid-PATCH with its socket open; the same client resumes on a new
     connection: the HEAD asks the stalled holder to let go, which stores what it got."""
     payload = os.urandom(2 * MiB)
-    path = await _create(server.port, len(payload))
+    path = await create(server.port, len(payload))
     stalled = await RawConnection.open(server.port)
     half = len(payload) // 2
-    await stalled.send(_patch_head(path, 0, len(payload)) + payload[:half])
+    await stalled.send(patch_head(path, 0, len(payload)) + payload[:half])
     try:
-        assert await _offset(server.port, path) == half
+        assert await head_offset(server.port, path) == half
         response = await request(
             server.port,
             "PATCH",
@@ -140,12 +89,12 @@ async def test_stalled_patch_is_taken_over_by_a_resuming_client(server: Running)
 
 async def test_two_concurrent_patches_never_corrupt(server: Running) -> None:
     payload = os.urandom(4 * MiB)
-    path = await _create(server.port, len(payload))
+    path = await create(server.port, len(payload))
 
     async def patch_from_zero() -> int:
         connection = await RawConnection.open(server.port)
         try:
-            await connection.send(_patch_head(path, 0, len(payload)))
+            await connection.send(patch_head(path, 0, len(payload)))
             for start in range(0, len(payload), 256 * 1024):
                 await connection.send(payload[start : start + 256 * 1024])
             response = await connection.read_response("PATCH")
@@ -157,7 +106,7 @@ async def test_two_concurrent_patches_never_corrupt(server: Running) -> None:
 
     statuses = await asyncio.gather(patch_from_zero(), patch_from_zero())
     assert 204 in statuses or 409 in statuses, statuses
-    offset = await _offset(server.port, path)
+    offset = await head_offset(server.port, path)
     stored = (await request(server.port, "GET", path)).body if offset == len(payload) else None
     if stored is not None:
         assert stored == payload
@@ -191,9 +140,9 @@ def test_tusd_py_command_serves_and_shuts_down_gracefully(tmp_path: Path) -> Non
         async def scenario() -> tuple[str, int]:
             options = await request(port, "OPTIONS", "/files/")
             assert options.status == 204 and options.header("tus-version") == "1.0.0"
-            path = await _create(port, 1 * MiB)
+            path = await create(port, 1 * MiB)
             stalled = await RawConnection.open(port)
-            await stalled.send(_patch_head(path, 0, 1 * MiB) + b"x" * 1000)
+            await stalled.send(patch_head(path, 0, 1 * MiB) + b"x" * 1000)
             # A round trip on another connection: the loop has handled the stalled
             # connection's earlier bytes by the time it answers (they were readable first).
             assert (await request(port, "OPTIONS", "/files/")).status == 204

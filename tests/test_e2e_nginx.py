@@ -11,42 +11,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from tusclient import client as tus_client
+from helpers import download, file_store_config, tuspy_upload
 
-from tests import nginx_support
 from tests.nginx_support import RunningNginx, run_nginx
 from tests.rawhttp import RawConnection
 from tusd_py.cli import Running, serving
-from tusd_py.config import MiB, load_config
+from tusd_py.config import MiB
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _nginx_installed() -> None:
-    try:
-        nginx_support.nginx_binary()
-    except nginx_support.NginxUnavailable as error:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{error}; .ci/run must install it")
-        pytest.skip(str(error))
+pytestmark = pytest.mark.usefixtures("nginx_installed")
 
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Running]:
-    config = load_config(
-        environ={},
-        overrides={
-            "server.port": 0,
-            "server.behind_proxy": True,
-            "store.file.directory": str(tmp_path / "data"),
-            "server.shutdown_timeout": 5.0,
-        },
-    )
-    async with serving(config) as running:
+    async with serving(file_store_config(tmp_path, **{"server.behind_proxy": True})) as running:
         yield running
 
 
@@ -62,22 +43,11 @@ async def test_tuspy_upload_through_nginx(server: Running, nginx: RunningNginx, 
     source = tmp_path / "source.bin"
     source.write_bytes(payload)
 
-    def upload() -> str:
-        client = tus_client.TusClient(f"{nginx.url}/files/")
-        with open(source, "rb") as stream:  # tuspy leaves a file it opened itself unclosed
-            uploader = client.uploader(file_stream=stream, chunk_size=5 * MiB, metadata={"filename": "source.bin"})
-            uploader.upload()
-        return str(uploader.url)
-
-    url = await asyncio.to_thread(upload)
+    url = await asyncio.to_thread(tuspy_upload, f"{nginx.url}/files/", source, 5 * MiB, {"filename": "source.bin"})
     # behind_proxy: the upload URL names nginx (X-Forwarded-Host), not tusd-py's port.
     assert url.startswith(f"{nginx.url}/files/"), url
 
-    def download() -> bytes:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            return bytes(response.read())
-
-    stored = await asyncio.to_thread(download)
+    stored = await asyncio.to_thread(download, url)
     assert len(stored) == len(payload)
     assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(payload).hexdigest()
     # Every PATCH went through nginx (its access log), in 5 MiB chunks.

@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import io
 import json
-import logging
 import os
 import signal
 import socket
@@ -19,48 +18,21 @@ import struct
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import web
+from helpers import file_store_config, path_of, tuspy_upload
 from prometheus_client.parser import text_string_to_metric_families
-from tusclient import client as tus_client
 
 from tests.conftest import free_port
 from tests.rawhttp import RawConnection, request
 from tusd_py.cli import serving
-from tusd_py.config import Config, LogConfig, MiB, load_config
+from tusd_py.config import MiB
 from tusd_py.hooks import HookEvent, PreCreateAnswer
-from tusd_py.logs import setup_logging
 
 STEP_TIMEOUT = 20.0
 """Upper bound for one expected event (a bound, not a delay)."""
-
-
-def _config(tmp_path: Path, **overrides: Any) -> Config:
-    return load_config(
-        environ={},
-        overrides={
-            "server.port": 0,
-            "store.file.directory": str(tmp_path / "data"),
-            "server.shutdown_timeout": 5.0,
-            **overrides,
-        },
-    )
-
-
-def _tuspy_upload(url: str, source: Path, chunk_size: int, metadata: dict[str, str] | None = None) -> str:
-    client = tus_client.TusClient(url, headers={"Authorization": "Bearer client-token-value"})
-    with open(source, "rb") as stream:  # tuspy leaves a file it opened itself unclosed
-        uploader = client.uploader(file_stream=stream, chunk_size=chunk_size, metadata=metadata or {})
-        uploader.upload()
-    return str(uploader.url)
-
-
-def _path_of(location: str) -> str:
-    return "/" + location.split("/", 3)[3]
 
 
 # --- metrics ---------------------------------------------------------------------------
@@ -78,12 +50,12 @@ def _value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **
     return sum(value for sample_labels, value in samples.get(name, []) if labels.items() <= sample_labels.items())
 
 
-async def test_metrics_after_a_tuspy_upload(tmp_path: Path) -> None:
+async def test_metrics_after_atuspy_upload(tmp_path: Path) -> None:
     size, chunk = 3 * MiB + 17, 1 * MiB
     source = tmp_path / "source.bin"
     source.write_bytes(os.urandom(size))
-    async with serving(_config(tmp_path)) as server:
-        await asyncio.to_thread(_tuspy_upload, f"{server.url}/files/", source, chunk)
+    async with serving(file_store_config(tmp_path)) as server:
+        await asyncio.to_thread(tuspy_upload, f"{server.url}/files/", source, chunk)
 
         scraper = await RawConnection.open(server.port)
         try:
@@ -126,12 +98,12 @@ async def test_metrics_after_a_tuspy_upload(tmp_path: Path) -> None:
 
 
 async def test_metrics_path_is_configurable_and_can_be_disabled(tmp_path: Path) -> None:
-    async with serving(_config(tmp_path, **{"metrics.path": "/internal/metrics"})) as server:
+    async with serving(file_store_config(tmp_path, **{"metrics.path": "/internal/metrics"})) as server:
         response = await request(server.port, "GET", "/internal/metrics")
         assert response.status == 200 and b"tusd_py_connections_open" in response.body
         assert (await request(server.port, "POST", "/internal/metrics")).status == 405
         assert (await request(server.port, "GET", "/metrics")).status == 404
-    async with serving(_config(tmp_path, **{"metrics.enabled": False})) as server:
+    async with serving(file_store_config(tmp_path, **{"metrics.enabled": False})) as server:
         assert (await request(server.port, "GET", "/metrics")).status == 404
 
 
@@ -184,7 +156,7 @@ async def test_hook_callables_see_the_life_of_an_upload(tmp_path: Path) -> None:
         "post-finish": recorder.record,
         "post-terminate": recorder.record,
     }
-    config = _config(tmp_path, **{"hooks.progress_interval": 0.05})
+    config = file_store_config(tmp_path, **{"hooks.progress_interval": 0.05})
     async with serving(config, hooks=callables) as server:
         # pre-create rejects: its status and message reach the client; nothing is created.
         rejected = await request(
@@ -298,23 +270,9 @@ class Receiver:
         await self._runner.cleanup()
 
 
-@pytest.fixture
-def captured_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    """tusd-py's own logging set-up (JSON, debug) writing into a buffer."""
-    logger = logging.getLogger("tusd_py")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    buffer = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", buffer)
-    setup_logging(LogConfig(level="debug", format="json"))
-    try:
-        yield buffer
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
-
-
 async def test_webhook_json_logs_and_no_secret_leaks(tmp_path: Path, captured_logs: io.StringIO) -> None:
     async with Receiver() as receiver:
-        config = _config(
+        config = file_store_config(
             tmp_path,
             **{
                 "hooks.url": f"http://tusd:hookpassword@127.0.0.1:{receiver.port}/hook",
@@ -324,7 +282,8 @@ async def test_webhook_json_logs_and_no_secret_leaks(tmp_path: Path, captured_lo
         source = tmp_path / "source.bin"
         source.write_bytes(os.urandom(MiB + 5))
         async with serving(config) as server:
-            url = await asyncio.to_thread(_tuspy_upload, f"{server.url}/files/", source, MiB)
+            client_headers = {"Authorization": "Bearer client-token-value"}
+            url = await asyncio.to_thread(tuspy_upload, f"{server.url}/files/", source, MiB, headers=client_headers)
             async with asyncio.timeout(STEP_TIMEOUT):
                 await receiver.got_finish.wait()
             # A request with a request id and a secret in the query string.
@@ -332,7 +291,7 @@ async def test_webhook_json_logs_and_no_secret_leaks(tmp_path: Path, captured_lo
             try:
                 await connection.send_request(
                     "HEAD",
-                    _path_of(url) + "?access_token=query-secret-value",
+                    path_of(url) + "?access_token=query-secret-value",
                     {"X-Request-ID": "req-abc-123", "Authorization": "Bearer client-token-value"},
                 )
                 head = await connection.read_response("HEAD")
@@ -362,7 +321,7 @@ async def test_webhook_json_logs_and_no_secret_leaks(tmp_path: Path, captured_lo
     head_lines = [line for line in access if line["request_id"] == "req-abc-123"]
     assert len(head_lines) == 1
     assert head_lines[0]["method"] == "HEAD" and head_lines[0]["status"] == 200
-    assert head_lines[0]["path"] == _path_of(url)  # the query string is not logged
+    assert head_lines[0]["path"] == path_of(url)  # the query string is not logged
     assert {line["method"] for line in access} >= {"POST", "PATCH", "HEAD"}
     assert any(line["message"] == "upload created" for line in lines)
     for secret in SECRETS:

@@ -6,38 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import os
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from helpers import make_bucket, tuspy_upload
 from prometheus_client.parser import text_string_to_metric_families
-from tusclient import client as tus_client
 
 from tests.rawhttp import request
-from tests.test_s3_support import make_bucket
 from tusd_py.cli import serving
-from tusd_py.config import LogConfig, MiB, load_config
-from tusd_py.logs import setup_logging
+from tusd_py.config import MiB, load_config
 from tusd_py.stores.base import UploadInfo, new_upload_id
 from tusd_py.stores.s3 import S3Store
 
 SECRET_KEY = "s3-secret-access-key-value"
-
-
-@pytest.fixture
-def captured_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    logger = logging.getLogger("tusd_py")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    buffer = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", buffer)
-    setup_logging(LogConfig(level="debug", format="json"))
-    try:
-        yield buffer
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -74,12 +57,7 @@ async def test_s3_metrics_and_no_credentials_in_logs(
 
     async with serving(config) as server:
 
-        def upload() -> None:
-            client = tus_client.TusClient(f"{server.url}/files/")
-            with open(source, "rb") as stream:  # tuspy leaves a file it opened itself unclosed
-                client.uploader(file_stream=stream, chunk_size=5 * MiB).upload()
-
-        await asyncio.to_thread(upload)
+        await asyncio.to_thread(tuspy_upload, f"{server.url}/files/", source, 5 * MiB)
         missing = await request(server.port, "HEAD", f"/files/{new_upload_id()}")
         assert missing.status == 404
         samples = _samples((await request(server.port, "GET", "/metrics")).body.decode())

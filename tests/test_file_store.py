@@ -20,6 +20,7 @@ from tusd_py.stores.base import (
     SupportsDeferredLength,
     SupportsDownload,
     SupportsTermination,
+    UploadExists,
     UploadInfo,
     UploadNotFound,
 )
@@ -177,7 +178,7 @@ async def test_finish_is_idempotent(store: FileStore) -> None:
 
 async def test_duplicate_create_fails(store: FileStore) -> None:
     await store.create(UploadInfo(id="dup", length=1))
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UploadExists):
         await store.create(UploadInfo(id="dup", length=1))
 
 

@@ -65,8 +65,7 @@ async def tus(tmp_path: Path, counter: Counter) -> AsyncIterator[Harness]:
     locker = MemoryLocker(acquire_timeout=5.0)
     harness = Harness(TusHandler(store, locker, config, metrics=counter), store, locker, config, tmp_path / "data")
     yield harness
-    await store.close()
-    await locker.close()
+    await harness.close()
 
 
 def ietf_request(
@@ -164,7 +163,8 @@ async def test_stalled_append_is_taken_over_by_offset_retrieval(tus: Harness) ->
     assert (await tus.store.get_info(upload_id)).length == 100
 
 
-async def test_shutdown_refuses_new_uploads_and_stops_running_ones(tus: Harness) -> None:
+async def _stalled_append(tus: Harness) -> tuple[str, asyncio.Future[Response]]:
+    """A new upload and an append to it that sent 3 bytes and is now stalled reading."""
     created = await tus(ietf_request("POST", headers={"Upload-Complete": "?0"}))
     upload_id = upload_id_of(created)
     body = QueueBody()
@@ -180,6 +180,11 @@ async def test_shutdown_refuses_new_uploads_and_stops_running_ones(tus: Harness)
     )
     body.feed(b"abc")
     await body.waiting.wait()
+    return upload_id, append
+
+
+async def test_shutdown_refuses_new_uploads_and_stops_running_ones(tus: Harness) -> None:
+    _, append = await _stalled_append(tus)
     tus.handler.release_all()
     stopped = await append
     assert stopped.status == 204
@@ -192,21 +197,7 @@ async def test_shutdown_refuses_new_uploads_and_stops_running_ones(tus: Harness)
 
 
 async def test_lost_lock_answers_503_problem(tus: Harness) -> None:
-    created = await tus(ietf_request("POST", headers={"Upload-Complete": "?0"}))
-    upload_id = upload_id_of(created)
-    body = QueueBody()
-    append = asyncio.ensure_future(
-        tus(
-            ietf_request(
-                "PATCH",
-                BASE + upload_id,
-                {"Upload-Offset": "0", "Upload-Complete": "?0", "Content-Type": PARTIAL},
-                body,
-            )
-        )
-    )
-    body.feed(b"abc")
-    await body.waiting.wait()
+    upload_id, append = await _stalled_append(tus)
     entry = tus.locker._entries[upload_id]  # noqa: SLF001 - simulate a Consul session loss
     assert entry.holder is not None
     entry.holder.held.lost.set()

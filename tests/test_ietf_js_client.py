@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import file_store_config, path_of
 
 from tests.rawhttp import RawConnection
 from tusd_py.cli import Running, serving
-from tusd_py.config import MiB, load_config
+from tusd_py.config import MiB
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 NODE = shutil.which("node")
@@ -35,16 +36,7 @@ INTEROP_VERSION = {"ietf-draft-03": "5", "ietf-draft-05": "6"}
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Running]:
-    config = load_config(
-        environ={},
-        overrides={
-            "server.port": 0,
-            "store.file.directory": str(tmp_path / "data"),
-            "lock.acquire_timeout": 5.0,
-            "server.shutdown_timeout": 5.0,
-        },
-    )
-    async with serving(config) as running:
+    async with serving(file_store_config(tmp_path)) as running:
         yield running
 
 
@@ -75,7 +67,7 @@ async def _run_client(server: Running, source: Path, **options: Any) -> dict[str
 
 async def _stored_sha256(server: Running, url: str) -> str:
     """sha256 of the upload as the server serves it (plain GET download)."""
-    path = "/" + url.split("/", 3)[3]
+    path = path_of(url)
     connection = await RawConnection.open(server.port)
     try:
         await connection.send_request("GET", path)

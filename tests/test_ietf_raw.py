@@ -8,7 +8,6 @@ exact header values, interrupted and stalled bodies.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -16,57 +15,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import file_store_config, make_bucket, path_of, sha256
 
 from tests.rawhttp import RawConnection, RawResponse
 from tusd_py.cli import Running, serving
-from tusd_py.config import MiB, load_config
+from tusd_py.config import MiB
 
 MAX_SIZE = 64 * MiB
 PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types#"
 
 
-def _s3_available() -> bool:
-    try:
-        import tusd_py.stores.s3  # noqa: F401
-    except ImportError:  # pragma: no cover - the S3 store is part of the package
-        return False
-    return True
-
-
-STORES = ["file", pytest.param("s3", marks=pytest.mark.skipif(not _s3_available(), reason="no S3 store"))]
-
-
-async def _make_bucket(endpoint: str) -> str:
-    from aiobotocore.session import get_session
-
-    bucket = f"ietf-{os.urandom(8).hex()}"
-    async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1") as client:
-        await client.create_bucket(Bucket=bucket)
-    return bucket
-
-
-@pytest.fixture(params=STORES)
+@pytest.fixture(params=["file", "s3"])
 async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Running]:
-    overrides: dict[str, object] = {
-        "server.port": 0,
-        "server.max_size": MAX_SIZE,
-        "store.file.directory": str(tmp_path / "data"),
-        "lock.acquire_timeout": 5.0,
-        "server.shutdown_timeout": 5.0,
-    }
+    overrides: dict[str, object] = {"server.max_size": MAX_SIZE}
     if request.param == "s3":
         endpoint = request.getfixturevalue("moto_endpoint")
         overrides.update(
             {
                 "store.backend": "s3",
-                "store.s3.bucket": await _make_bucket(endpoint),
+                "store.s3.bucket": await make_bucket(endpoint),
                 "store.s3.endpoint_url": endpoint,
                 "store.s3.part_size": 5 * MiB,
                 "store.s3.spool": "memory",
             }
         )
-    config = load_config(environ={}, overrides=overrides)
-    async with serving(config) as running:
+    async with serving(file_store_config(tmp_path, **overrides)) as running:
         yield running
 
 
@@ -145,7 +118,7 @@ def _chunked(data: bytes, piece: int = 100_000) -> bytes:
 
 def _path(location: str | None) -> str:
     assert location is not None and location.startswith("http://localhost/files/"), location
-    return "/" + location.split("/", 3)[3]
+    return path_of(location)
 
 
 async def _download(port: int, path: str) -> bytes:
@@ -153,10 +126,6 @@ async def _download(port: int, path: str) -> bytes:
     exchange = await call(port, "GET", path, version=None)
     assert exchange.status == 200, exchange.final
     return exchange.final.body
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 async def _offset(port: int, path: str) -> Exchange:
@@ -193,7 +162,7 @@ async def test_creation_with_complete_body_announces_with_104_and_stores_it(serv
     assert exchange.header("upload-offset") == str(len(data))
     assert exchange.header("tus-resumable") is None
     path = _path(exchange.header("location"))
-    assert _sha(await _download(server.port, path)) == _sha(data)
+    assert sha256(await _download(server.port, path)) == sha256(data)
     download = await call(server.port, "GET", path, version=None)
     assert download.header("content-type") == "image/png"
     assert 'filename="a.png"' in (download.header("content-disposition") or "")
@@ -268,7 +237,7 @@ async def test_creation_with_incomplete_body_then_offset_append_and_completion(s
     assert completed.header("upload-offset") == str(len(data))
     head = await _offset(server.port, path)
     assert head.header("upload-complete") == "?1"
-    assert _sha(await _download(server.port, path)) == _sha(data)
+    assert sha256(await _download(server.port, path)) == sha256(data)
 
 
 async def test_empty_creation_then_appends_with_get_as_offset_retrieval(server: Running) -> None:
@@ -328,7 +297,7 @@ async def test_deferred_length_ending_with_complete_chunked_request_stores_the_t
     head_exchange = await _offset(server.port, path)
     assert head_exchange.header("upload-length") == str(len(data))
     assert head_exchange.header("upload-complete") == "?1"
-    assert _sha(await _download(server.port, path)) == _sha(data)
+    assert sha256(await _download(server.port, path)) == sha256(data)
 
 
 async def test_deferred_length_completed_by_an_empty_request(server: Running) -> None:
@@ -540,7 +509,7 @@ async def test_stalled_creation_is_taken_over_by_offset_retrieval_and_resumed(se
     )
     assert resumed.status == 200, resumed.final
     assert resumed.header("upload-complete") == "?1"
-    assert _sha(await _download(server.port, path)) == _sha(data)
+    assert sha256(await _download(server.port, path)) == sha256(data)
 
 
 async def test_aborted_creation_resumes_from_the_announced_location(server: Running) -> None:
@@ -564,4 +533,4 @@ async def test_aborted_creation_resumes_from_the_announced_location(server: Runn
         data[offset:],
     )
     assert resumed.status == 200, resumed.final
-    assert _sha(await _download(server.port, path)) == _sha(data)
+    assert sha256(await _download(server.port, path)) == sha256(data)

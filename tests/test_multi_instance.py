@@ -10,11 +10,11 @@ Consul's state changes, each with a bound.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from helpers import create, data_of, head_offset, object_bytes, patch, sha256, upload_id_of
 
 from tests import nginx_support
 from tests.consul_fake import FakeConsul
@@ -23,21 +23,13 @@ from tests.instances import (
     MiB,
     bucket_state,
     consul_settings,
-    create,
-    data_of,
     expect_continue_patch,
-    head_offset,
-    make_bucket,
     merged,
-    object_bytes,
-    patch,
     running,
     s3_settings,
     scenario_concurrent_patches,
     scenario_interrupted_uploads,
     scenario_takeover,
-    sha256,
-    upload_id_of,
 )
 from tests.rawhttp import request
 
@@ -52,11 +44,6 @@ async def consul() -> AsyncIterator[FakeConsul]:
     await fake.start()
     yield fake
     await fake.stop()
-
-
-@pytest.fixture
-async def bucket(moto_endpoint: str) -> str:
-    return await make_bucket(moto_endpoint)
 
 
 @pytest.fixture
@@ -152,16 +139,6 @@ async def test_consul_unreachable_answers_503_and_writes_nothing(
     response = await patch(b.port, path, MiB, payload[MiB:])
     assert response.status == 204, response
     assert sha256(await object_bytes(moto_endpoint, bucket, upload_id_of(path))) == sha256(payload)
-
-
-@pytest.fixture
-def nginx_installed() -> None:
-    try:
-        nginx_support.nginx_binary()
-    except nginx_support.NginxUnavailable as error:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{error}; .ci/run must install it")
-        pytest.skip(str(error))
 
 
 async def test_interrupted_uploads_through_nginx_round_robin(

@@ -31,15 +31,7 @@ FIRST_PART = 1 * MiB
 TOTAL = 5 * MiB
 STAGE_TIMEOUT = 10.0
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _nginx_installed() -> None:
-    try:
-        nginx_support.nginx_binary()
-    except nginx_support.NginxUnavailable as error:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{error}; .ci/run must install it")
-        pytest.skip(str(error))
+pytestmark = pytest.mark.usefixtures("nginx_installed")
 
 
 @dataclass

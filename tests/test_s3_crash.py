@@ -18,19 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from helpers import data_of, make_bucket, object_bytes, sha256
 from test_s3_support import (
     CrashingClient,
     KiB,
     MiB,
     body,
     bucket_contents,
-    data_of,
     fast_moto,  # noqa: F401  (fixture)
-    make_bucket,
-    object_bytes,
     open_store,
     s3_config,
-    sha256,
 )
 
 from tusd_py.stores.base import UploadInfo, new_upload_id

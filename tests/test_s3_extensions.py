@@ -11,17 +11,14 @@ from typing import Any
 
 import pytest
 from aiobotocore.session import get_session
+from helpers import data_of, make_bucket, object_bytes, sha256
 from test_s3_support import (
     CountingClient,
     SeamWrapper,
     bucket_contents,
-    data_of,
     fast_moto,  # noqa: F401  (fixture)
-    make_bucket,
-    object_bytes,
     open_store,
     s3_config,
-    sha256,
 )
 from tus_fakes import BASE, HOST, StaticBody, body_bytes, header, make_request
 
@@ -78,11 +75,6 @@ class Tus:
     async def final(self, ids: list[str]) -> Any:
         concat = "final;" + " ".join(f"http://{HOST}{BASE}{upload_id}" for upload_id in ids)
         return await self.handler(make_request("POST", BASE, {"Upload-Concat": concat}))
-
-
-@pytest.fixture
-async def real_bucket(moto_endpoint: str) -> str:
-    return await make_bucket(moto_endpoint)
 
 
 # --- the part plan ---------------------------------------------------------------------
@@ -143,7 +135,7 @@ def test_plan_invariants(seed: int) -> None:
     ],
 )
 async def test_concatenation_on_s3(
-    moto_endpoint: str, real_bucket: str, sizes: list[int], expected_copies: int
+    moto_endpoint: str, bucket: str, sizes: list[int], expected_copies: int
 ) -> None:
     counting: list[CountingClient] = []
 
@@ -151,7 +143,7 @@ async def test_concatenation_on_s3(
         counting.append(CountingClient(inner))
         return counting[0]
 
-    store = await open_store(s3_config(moto_endpoint, real_bucket, part_size=Size(5 * MiB)), wrap=wrap)
+    store = await open_store(s3_config(moto_endpoint, bucket, part_size=Size(5 * MiB)), wrap=wrap)
     assert isinstance(store, SupportsConcatenation)
     tus = Tus(store)
     try:
@@ -161,7 +153,7 @@ async def test_concatenation_on_s3(
         response = await tus.final(ids)
         assert response.status == 201, await body_bytes(response)
         final_id = (header(response, "Location") or "").rsplit("/", 1)[-1]
-        stored = await object_bytes(moto_endpoint, real_bucket, final_id)
+        stored = await object_bytes(moto_endpoint, bucket, final_id)
         assert sha256(stored) == sha256(b"".join(datas))
         copies = counting[0].calls.get("UploadPartCopy", 0) - before.get("UploadPartCopy", 0)
         assert copies == expected_copies
@@ -173,7 +165,7 @@ async def test_concatenation_on_s3(
         assert (await tus.patch(final_id, sum(sizes), b"x")).status == 403
         download = await tus.handler(make_request("GET", BASE + final_id))
         assert sha256(await body_bytes(download)) == sha256(b"".join(datas))
-        _, multipart_uploads = await bucket_contents(moto_endpoint, real_bucket)
+        _, multipart_uploads = await bucket_contents(moto_endpoint, bucket)
         assert multipart_uploads == []
     finally:
         await store.close()
@@ -186,15 +178,15 @@ class _CopyFails(SeamWrapper):
         return await call()
 
 
-async def test_failed_concatenation_leaves_nothing(moto_endpoint: str, real_bucket: str) -> None:
-    store = await open_store(s3_config(moto_endpoint, real_bucket, part_size=Size(5 * MiB)), wrap=_CopyFails)
+async def test_failed_concatenation_leaves_nothing(moto_endpoint: str, bucket: str) -> None:
+    store = await open_store(s3_config(moto_endpoint, bucket, part_size=Size(5 * MiB)), wrap=_CopyFails)
     tus = Tus(store)
     try:
         ids = [await tus.partial(data_of(6 * MiB)), await tus.partial(b"tail")]
-        keys_before, _ = await bucket_contents(moto_endpoint, real_bucket)
+        keys_before, _ = await bucket_contents(moto_endpoint, bucket)
         response = await tus.final(ids)
         assert response.status == 503
-        keys, multipart_uploads = await bucket_contents(moto_endpoint, real_bucket)
+        keys, multipart_uploads = await bucket_contents(moto_endpoint, bucket)
         assert sorted(keys) == sorted(keys_before)
         assert multipart_uploads == []
     finally:

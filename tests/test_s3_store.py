@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from helpers import data_of, make_bucket, object_bytes, sha256
 from test_s3_support import (
     ClientGone,
     CountingClient,
@@ -24,13 +25,9 @@ from test_s3_support import (
     body,
     broken_body,
     bucket_contents,
-    data_of,
     fast_moto,  # noqa: F401  (fixture)
-    make_bucket,
-    object_bytes,
     open_store,
     s3_config,
-    sha256,
     upload,
 )
 

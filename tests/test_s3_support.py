@@ -1,13 +1,10 @@
 """Helpers for the S3 store tests (no tests here): client-seam wrappers that count
-calls and bytes or crash after a given call, bucket set-up and inspection against a
-moto server, and body generators."""
+calls and bytes or crash after a given call, bucket inspection against a moto server,
+and body generators (bucket set-up and test data: ``helpers``)."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import random
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -46,23 +43,6 @@ def fast_moto() -> Iterator[str]:
         stop_process(process)
 
 
-def data_of(size: int, seed: int = 1) -> bytes:
-    """Deterministic pseudo-random bytes."""
-    return random.Random(seed).randbytes(size)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-async def make_bucket(endpoint: str) -> str:
-    """A fresh, empty bucket."""
-    bucket = f"test-{uuid.uuid4().hex[:20]}"
-    async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1") as client:
-        await client.create_bucket(Bucket=bucket)
-    return bucket
-
-
 async def bucket_contents(endpoint: str, bucket: str) -> tuple[list[str], list[str]]:
     """(every object key, every in-progress multipart upload's key) in the bucket."""
     async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1") as client:
@@ -72,13 +52,6 @@ async def bucket_contents(endpoint: str, bucket: str) -> tuple[list[str], list[s
         [item["Key"] for item in listing.get("Contents", [])],
         [item["Key"] for item in uploads.get("Uploads", [])],
     )
-
-
-async def object_bytes(endpoint: str, bucket: str, key: str) -> bytes:
-    async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1") as client:
-        response = await client.get_object(Bucket=bucket, Key=key)
-        async with response["Body"] as body:
-            return bytes(await body.read())
 
 
 def s3_config(endpoint: str, bucket: str, **overrides: Any) -> S3StoreConfig:

@@ -12,7 +12,8 @@ counted separately.
 from __future__ import annotations
 
 import pytest
-from test_s3_support import CountingClient, MiB, body, data_of, make_bucket, object_bytes, open_store, s3_config, sha256
+from helpers import data_of, make_bucket, object_bytes, sha256
+from test_s3_support import CountingClient, MiB, body, open_store, s3_config
 
 from tusd_py.config import Size
 from tusd_py.stores.base import UploadInfo, new_upload_id

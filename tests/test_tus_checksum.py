@@ -28,8 +28,7 @@ async def tus(tmp_path: Path) -> AsyncIterator[Harness]:
     config.checksum.max_buffered_size = Size(1000)
     harness = make_harness(tmp_path / "data", config)
     yield harness
-    await harness.store.close()
-    await harness.locker.close()
+    await harness.close()
 
 
 @pytest.mark.parametrize("algorithm", ["md5", "sha1", "sha256"])

@@ -16,14 +16,6 @@ from tusd_py.tus.concat import PARTIAL, parse_upload_concat
 from tusd_py.tus.errors import TusError
 
 
-@pytest.fixture
-async def tus(tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = make_harness(tmp_path / "data")
-    yield harness
-    await harness.store.close()
-    await harness.locker.close()
-
-
 async def partial(tus: Harness, data: bytes) -> str:
     """A finished partial upload holding ``data``."""
     upload_id = await tus.create(len(data), **{"Upload-Concat": "partial"})

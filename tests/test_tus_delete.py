@@ -3,19 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
-from tus_fakes import BASE, Harness, QueueBody, StaticBody, files_in, header, make_harness, make_request
-
-
-@pytest.fixture
-async def tus(tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = make_harness(tmp_path / "data")
-    yield harness
-    await harness.store.close()
-    await harness.locker.close()
+from tus_fakes import BASE, Harness, QueueBody, StaticBody, files_in, header, make_request
 
 
 async def test_delete_removes_upload(tus: Harness) -> None:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from tus_fakes import BASE, Harness, StaticBody, files_in, header, make_harness, make_request
+from tus_fakes import BASE, Harness, StaticBody, files_in, header, make_request
 
 from tusd_py.config import Config
 from tusd_py.lockers.base import HeldLock, LockUnavailable, ReleaseRequest
@@ -16,14 +16,6 @@ from tusd_py.lockers.memory import MemoryLocker
 from tusd_py.stores.base import StoreUnavailable, UploadInfo
 from tusd_py.stores.file import FileStore
 from tusd_py.tus.handler import TusHandler
-
-
-@pytest.fixture
-async def tus(tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = make_harness(tmp_path / "data")
-    yield harness
-    await harness.store.close()
-    await harness.locker.close()
 
 
 class RecordingStore(FileStore):

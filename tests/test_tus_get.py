@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
-from tus_fakes import BASE, Harness, StaticBody, b64, body_bytes, header, make_harness, make_request
+from tus_fakes import BASE, Harness, StaticBody, b64, body_bytes, header, make_request
 
 DATA = bytes(range(256)) * 2000  # 512000 bytes: two read chunks and a bit
-
-
-@pytest.fixture
-async def tus(tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = make_harness(tmp_path / "data")
-    yield harness
-    await harness.store.close()
-    await harness.locker.close()
 
 
 async def upload(tus: Harness, data: bytes = DATA, metadata: str | None = None) -> str:

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from tus_fakes import BASE, Harness, StaticBody, header, make_harness, make_request
 
 from tusd_py.config import Config
 from tusd_py.http.types import Headers, Response
-
-
-@pytest.fixture
-async def tus(tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = make_harness(tmp_path / "data")
-    yield harness
-    await harness.store.close()
-    await harness.locker.close()
 
 
 def all_headers(response: Response, name: str) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,14 +11,6 @@ from tus_fakes import BASE, Harness, QueueBody, StaticBody, header, make_harness
 
 from tusd_py.config import Config
 from tusd_py.http.types import BodyTimeout, ClientDisconnected
-
-
-@pytest.fixture
-async def tus(tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = make_harness(tmp_path / "data")
-    yield harness
-    await harness.store.close()
-    await harness.locker.close()
 
 
 def sha256(data: bytes) -> str:

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from tus_fakes import BASE, Harness, StaticBody, b64, files_in, header, make_harness, make_request
 
 from tusd_py.config import Config
-
-
-@pytest.fixture
-async def tus(tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = make_harness(tmp_path / "data")
-    yield harness
-    await harness.store.close()
-    await harness.locker.close()
 
 
 async def test_creation_returns_201_with_absolute_location(tus: Harness) -> None:

@@ -12,7 +12,6 @@ the one port.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -24,7 +23,6 @@ from tests import nginx_support
 from tests.instances import (
     Instance,
     MiB,
-    make_bucket,
     merged,
     running,
     s3_settings,
@@ -32,11 +30,6 @@ from tests.instances import (
     scenario_interrupted_uploads,
     scenario_takeover,
 )
-
-
-@pytest.fixture
-async def bucket(moto_endpoint: str) -> str:
-    return await make_bucket(moto_endpoint)
 
 
 @pytest.fixture
@@ -87,16 +80,6 @@ async def test_stalled_patch_is_taken_over_through_another_connection(
     await asyncio.gather(*(
         scenario_takeover(server.port, server.port, moto_endpoint, bucket, seed=200 + index) for index in range(3)
     ))
-
-
-@pytest.fixture
-def nginx_installed() -> None:
-    try:
-        nginx_support.nginx_binary()
-    except nginx_support.NginxUnavailable as error:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{error}; .ci/run must install it")
-        pytest.skip(str(error))
 
 
 async def test_interrupted_uploads_through_nginx(

@@ -195,6 +195,10 @@ class Harness:
     def data(self, upload_id: str) -> bytes:
         return (self.directory / upload_id).read_bytes()
 
+    async def close(self) -> None:
+        await self.store.close()
+        await self.locker.close()
+
 
 def make_harness(directory: Path, config: Config | None = None, acquire_timeout: float = 5.0) -> Harness:
     config = config or Config()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import logging
 import multiprocessing
@@ -354,7 +356,40 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, os.environ, overrides)
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MALLOC_MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
+"""Allocations below this come from the heap, not from their own mmap."""
+MALLOC_TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024
+"""Free memory at the top of the heap kept instead of returned to the kernel."""
+
+
+def tune_malloc() -> None:
+    """Keep 1 MiB body chunks out of mmap (glibc only; a no-op elsewhere).
+
+    Every body read allocates a 1 MiB bytes object. With glibc's defaults such a block
+    gets its own mmap, or heap memory that is trimmed back to the kernel when freed,
+    so the churn of chunks costs fresh zeroed pages: ~95k minor page faults per GiB
+    received (measured on the ingest benchmark). Fixed thresholds make those chunks
+    reuse heap memory; the heap still shrinks once more than 32 MiB is free at its top.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has no mallopt thresholds)
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
+    mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES)
+
+
 def _run_worker(config: Config, reuse_port: bool, on_ready: Callable[[], object] | None = None) -> int:
+    tune_malloc()
     loop = new_event_loop()
     try:
         return loop.run_until_complete(_serve_until_signal(config, reuse_port, on_ready))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tusd_py.lockers.base import Locker, LockTimeout, LockUnavailable
-from tusd_py.stores.base import Store, StoreError, SupportsExpiration, UploadInfo, UploadNotFound
+from tusd_py.stores.base import Store, StoreError, SupportsExpiration, UploadNotFound
 
 log = logging.getLogger("tusd_py.expiry")
 
@@ -39,11 +39,6 @@ class SweepResult:
 
 class ExpiringStore(Store, SupportsExpiration, Protocol):
     """A store that can list, terminate and clean up uploads."""
-
-
-def is_expired(info: UploadInfo, now: float) -> bool:
-    """True for an unfinished upload whose expiry time has passed."""
-    return info.expires_at is not None and info.expires_at <= now and not info.finished and not info.is_complete
 
 
 def _no_release() -> None:
@@ -93,7 +88,7 @@ class Sweeper:
                 info = await self._store.get_info(upload_id)
             except UploadNotFound:
                 return False
-            if not is_expired(info, now):
+            if not info.is_expired(now):
                 return False
             await self._store.terminate(info)
         log.info("removed expired upload", extra={"upload_id": upload_id})

@@ -18,13 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
+log = logging.getLogger("tusd_py.lockers")
+
 ReleaseRequest = Callable[[], None]
 """Called (on the holder's event loop) when another request wants the lock."""
+
+_LOCK_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class LockError(Exception):
@@ -112,3 +118,32 @@ async def observed_lock(
         if not acquired:
             observer.lock_timeout()
         raise
+
+
+def observed(
+    acquire: Callable[[ReleaseRequest], AbstractAsyncContextManager[HeldLock]],
+    on_release_request: ReleaseRequest,
+    observer: LockObserver | None,
+) -> AbstractAsyncContextManager[HeldLock]:
+    """``acquire(on_release_request)``, through ``observed_lock`` when there is an
+    ``observer`` (how every locker's ``lock`` reports to its optional observer)."""
+    if observer is None:
+        return acquire(on_release_request)
+    return observed_lock(acquire, on_release_request, observer)
+
+
+def check_lock_name(upload_id: str) -> None:
+    """Raise ``ValueError`` unless ``upload_id`` is safe as a lock file name or a
+    Consul key part (letters, digits, '-', '_'). The handler passes only valid ids;
+    lockers that build names from them check anyway."""
+    if not _LOCK_NAME.fullmatch(upload_id):
+        raise ValueError(f"invalid upload id {upload_id!r}")
+
+
+def ask_to_release(on_release_request: ReleaseRequest) -> None:
+    """Call a holder's ``on_release_request``; a buggy callback is logged and must
+    not break the locker."""
+    try:
+        on_release_request()
+    except Exception:
+        log.exception("on_release_request callback failed")

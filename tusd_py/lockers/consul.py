@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
-import re
 import socket
 import ssl
 import time
@@ -55,14 +55,21 @@ import consul.aio
 import consul.base
 
 from tusd_py.config import ConsulLockConfig
-from tusd_py.lockers.base import HeldLock, LockObserver, LockTimeout, LockUnavailable, ReleaseRequest, observed_lock
+from tusd_py.lockers.base import (
+    HeldLock,
+    LockObserver,
+    LockTimeout,
+    LockUnavailable,
+    ReleaseRequest,
+    ask_to_release,
+    check_lock_name,
+    observed,
+)
 from tusd_py.lockers.memory import MemoryLocker
 
 log = logging.getLogger("tusd_py.lockers.consul")
 
 T = TypeVar("T")
-
-_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 WATCH_WAIT_SECONDS = 30.0
 """Longest a blocking query (release watcher, session watcher) waits before it is
@@ -136,10 +143,7 @@ class _Holding:
             self.call_on_release_request()
 
     def call_on_release_request(self) -> None:
-        try:
-            self.on_release_request()
-        except Exception:  # a buggy callback must not break the locker
-            log.exception("on_release_request callback failed")
+        ask_to_release(self.on_release_request)
 
 
 class ConsulLocker:
@@ -240,11 +244,8 @@ class ConsulLocker:
 
     def lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AbstractAsyncContextManager[HeldLock]:
         """Acquire the lock of ``upload_id`` (see ``lockers.base.Locker.lock``)."""
-        if not _UPLOAD_ID.fullmatch(upload_id):
-            raise ValueError(f"invalid upload id {upload_id!r}")
-        if self._observer is not None:
-            return observed_lock(lambda release: self._lock(upload_id, release), on_release_request, self._observer)
-        return self._lock(upload_id, on_release_request)
+        check_lock_name(upload_id)
+        return observed(functools.partial(self._lock, upload_id), on_release_request, self._observer)
 
     @contextlib.asynccontextmanager
     async def _lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AsyncIterator[HeldLock]:

@@ -36,21 +36,28 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
-import re
 import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
-from tusd_py.lockers.base import HeldLock, LockObserver, LockTimeout, LockUnavailable, ReleaseRequest, observed_lock
+from tusd_py.lockers.base import (
+    HeldLock,
+    LockObserver,
+    LockTimeout,
+    LockUnavailable,
+    ReleaseRequest,
+    ask_to_release,
+    check_lock_name,
+    observed,
+)
 from tusd_py.lockers.memory import MemoryLocker
 
 log = logging.getLogger("tusd_py.lockers.file")
-
-_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 SOCKET_PREFIX = ".sock-"
 LOCK_SUFFIX = ".lock"
@@ -104,10 +111,7 @@ class _Holding:
         if self.fd is None:
             self.release_requested = True
             return
-        try:
-            self.on_release_request()
-        except Exception:  # a buggy callback must not break the locker
-            log.exception("on_release_request callback failed")
+        ask_to_release(self.on_release_request)
 
 
 class FileLocker:
@@ -183,11 +187,8 @@ class FileLocker:
 
     def lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AbstractAsyncContextManager[HeldLock]:
         """Acquire the lock of ``upload_id`` (see ``lockers.base.Locker.lock``)."""
-        if not _UPLOAD_ID.fullmatch(upload_id):
-            raise ValueError(f"invalid upload id {upload_id!r}")
-        if self._observer is not None:
-            return observed_lock(lambda release: self._lock(upload_id, release), on_release_request, self._observer)
-        return self._lock(upload_id, on_release_request)
+        check_lock_name(upload_id)
+        return observed(functools.partial(self._lock, upload_id), on_release_request, self._observer)
 
     @contextlib.asynccontextmanager
     async def _lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AsyncIterator[HeldLock]:

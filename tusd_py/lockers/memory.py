@@ -13,13 +13,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import logging
+import functools
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 
-from tusd_py.lockers.base import HeldLock, LockObserver, LockTimeout, LockUnavailable, ReleaseRequest, observed_lock
-
-log = logging.getLogger("tusd_py.lockers.memory")
+from tusd_py.lockers.base import (
+    HeldLock,
+    LockObserver,
+    LockTimeout,
+    LockUnavailable,
+    ReleaseRequest,
+    ask_to_release,
+    observed,
+)
 
 
 class _Holder:
@@ -32,10 +38,7 @@ class _Holder:
         """Resolved when the lock is handed to this waiter."""
 
     def ask_to_release(self) -> None:
-        try:
-            self.on_release_request()
-        except Exception:  # a buggy callback must not break the locker
-            log.exception("on_release_request callback failed")
+        ask_to_release(self.on_release_request)
 
 
 class _Entry:
@@ -58,9 +61,7 @@ class MemoryLocker:
 
     def lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AbstractAsyncContextManager[HeldLock]:
         """Acquire the lock of ``upload_id`` (see ``lockers.base.Locker.lock``)."""
-        if self._observer is not None:
-            return observed_lock(lambda release: self._lock(upload_id, release), on_release_request, self._observer)
-        return self._lock(upload_id, on_release_request)
+        return observed(functools.partial(self._lock, upload_id), on_release_request, self._observer)
 
     @contextlib.asynccontextmanager
     async def _lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AsyncIterator[HeldLock]:

@@ -18,6 +18,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -43,6 +44,11 @@ class StoreError(Exception):
 
 class UploadNotFound(StoreError):
     """No upload with that id exists (or it was terminated)."""
+
+
+class UploadExists(StoreError):
+    """An upload with that id already exists (a pre-create hook chose an id in use);
+    ``create`` and ``concatenate`` raise it and leave the existing upload alone."""
 
 
 class StoreUnavailable(StoreError):
@@ -96,6 +102,10 @@ class UploadInfo:
     def is_complete(self) -> bool:
         return self.length is not None and self.offset == self.length
 
+    def is_expired(self, now: float) -> bool:
+        """True for an unfinished upload whose expiry time (Unix time) has passed."""
+        return self.expires_at is not None and self.expires_at <= now and not self.finished and not self.is_complete
+
     def metadata_text(self, key: str) -> str | None:
         """The decoded value of metadata ``key`` as text (invalid UTF-8 replaced)."""
         raw = self.metadata.get(key)
@@ -138,12 +148,33 @@ class UploadInfo:
 
 
 @runtime_checkable
+class FileSpliceSource(Protocol):
+    """An optional capability of the ``chunks`` a store's ``write`` receives: move
+    the bytes straight into a file (Linux ``splice(2)``: socket to file inside the
+    kernel) instead of iterating them as ``bytes``. A store that writes files checks
+    ``isinstance(chunks, FileSpliceSource) and chunks.can_splice``; any other store
+    just iterates. The same rules hold as for iteration: bounded to the upload,
+    stopped by release requests, every moved byte counted."""
+
+    @property
+    def can_splice(self) -> bool:
+        """Whether ``splice_to`` may be used now (else iterate)."""
+        ...
+
+    async def splice_to(self, fd: int, offset: int, max_bytes: int, *, executor: Executor | None = None) -> int:
+        """Move up to ``max_bytes`` into file ``fd`` at ``offset``; return how many
+        landed in the file (0: the body ended or was stopped)."""
+        ...
+
+
+@runtime_checkable
 class Store(Protocol):
     """What every store implements (tus core + creation)."""
 
     async def create(self, info: UploadInfo) -> UploadInfo:
         """Create a new empty upload described by ``info`` (its id is already chosen
-        and valid). Returns the stored info (offset 0)."""
+        and valid). Returns the stored info (offset 0); raises ``UploadExists`` when
+        an upload with that id exists."""
         ...
 
     async def get_info(self, upload_id: str) -> UploadInfo:
@@ -211,7 +242,8 @@ class SupportsConcatenation(Protocol):
         The partials are finished uploads whose locks the caller holds; they are
         left as they are. The final upload becomes visible to ``get_info`` only once
         it is complete: a crash part-way leaves at most unreferenced storage that
-        ``SupportsExpiration.remove_orphans`` cleans up.
+        ``SupportsExpiration.remove_orphans`` cleans up. Raises ``UploadExists``
+        when an upload with ``final.id`` exists.
         """
         ...
 

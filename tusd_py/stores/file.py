@@ -25,10 +25,11 @@ import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from tusd_py.http.types import SpliceableBody
 from tusd_py.stores.base import (
+    FileSpliceSource,
     StoreError,
     StoreUnavailable,
+    UploadExists,
     UploadInfo,
     UploadNotFound,
     is_valid_upload_id,
@@ -150,7 +151,10 @@ class FileStore:
         return info
 
     def _create_sync(self, info: UploadInfo) -> None:
-        fd = os.open(self._data_path(info.id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(self._data_path(info.id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError as error:  # a pre-create hook chose an id in use
+            raise UploadExists(info.id) from error
         os.close(fd)
         self._write_info_sync(info)
 
@@ -175,7 +179,7 @@ class FileStore:
         except FileNotFoundError as error:
             raise UploadNotFound(info.id) from error
         room = None if info.length is None else info.length - info.offset
-        if isinstance(chunks, SpliceableBody) and chunks.can_splice:
+        if isinstance(chunks, FileSpliceSource) and chunks.can_splice:
             try:
                 return await self._write_spliced(fd, info.offset, room, chunks)
             finally:
@@ -203,7 +207,7 @@ class FileStore:
                 await _wait_uncancellable(self._run(os.close, fd))
         return writer.position
 
-    async def _write_spliced(self, fd: int, offset: int, room: int | None, body: SpliceableBody) -> int:
+    async def _write_spliced(self, fd: int, offset: int, room: int | None, body: FileSpliceSource) -> int:
         """``write`` for a body that moves itself into the file (``splice_to``, no
         bytes objects on the event loop). ``splice_to`` returns only once what it
         moved is in the file, so the offset counts only written bytes."""
@@ -304,7 +308,10 @@ class FileStore:
             finally:
                 await _wait_uncancellable(self._run(os.close, destination))
             # link() refuses an existing name, like create()'s O_EXCL.
-            await self._run(os.link, temp, data_path)
+            try:
+                await self._run(os.link, temp, data_path)
+            except FileExistsError as error:
+                raise UploadExists(final.id) from error
         finally:
             await _wait_uncancellable(self._run(_unlink_quietly, temp))
         final.finished = True

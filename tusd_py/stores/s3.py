@@ -41,6 +41,7 @@ from tusd_py.stores.base import (
     StoreConfigError,
     StoreError,
     StoreUnavailable,
+    UploadExists,
     UploadInfo,
     UploadNotFound,
     UploadTooLarge,
@@ -221,7 +222,8 @@ class S3Store:
     # --- Store -------------------------------------------------------------------------
 
     async def create(self, info: UploadInfo) -> UploadInfo:
-        """Start the multipart upload, then write ``.info``.
+        """Check that no ``.info`` has this id, start the multipart upload, then
+        write ``.info``.
 
         ``.info`` goes last: an upload exists once its ``.info`` does, and everything
         it names exists by then. (A crash in between leaves a multipart upload nobody
@@ -233,6 +235,7 @@ class S3Store:
         part_size = part_size_for(max_length, self._config.part_size)
         keys = self._keys(info.id)
         with _store_errors(info.id):
+            await self._refuse_existing(keys, info.id)
             # A zero-length upload needs no multipart upload: finish writes an empty object.
             upload_id = None
             if info.length != 0:
@@ -452,6 +455,7 @@ class S3Store:
             raise UploadTooLarge(f"the partial uploads would need {len(plan)} parts; S3 allows {MAX_PARTS}")
         final.storage.update({"multipart_upload_id": None, "part_size": MIN_PART_SIZE, "max_length": final.length})
         with _store_errors(final.id):
+            await self._refuse_existing(keys, final.id)
             if final.length == 0:
                 await self._client.put_object(self._bucket, keys.object, b"", content_md5(b""))
             else:
@@ -612,6 +616,16 @@ class S3Store:
         if info.id != upload_id:
             raise StoreUnavailable(f"upload {upload_id}: .info names another upload ({info.id})")
         return info
+
+    async def _refuse_existing(self, keys: UploadKeys, upload_id: str) -> None:
+        """Raise ``UploadExists`` when ``.info`` exists: a pre-create hook chose the id
+        of an upload in use, whose multipart upload and ``.info`` must stay as they are.
+        (The caller holds the id's lock, so no other request creates it meanwhile.)"""
+        try:
+            await self._client.head_object(self._bucket, keys.info)
+        except S3NotFound:
+            return
+        raise UploadExists(upload_id)
 
     async def _put_info(self, keys: UploadKeys, info: UploadInfo) -> None:
         body = json.dumps(info.to_json(), separators=(",", ":")).encode()

@@ -30,6 +30,7 @@ from tusd_py.lockers.base import Locker
 from tusd_py.stores.base import (
     Store,
     SupportsConcatenation,
+    UploadExists,
     UploadInfo,
     UploadNotFound,
     is_valid_upload_id,
@@ -160,6 +161,9 @@ async def create_final(
         final.length = sum(partial.offset for partial in partials)
         check_length(final.length)
         final = await events.pre_create(final, request)
+        if final.id in known:
+            # A hook chose a partial's id: its lock is ours already, and it exists.
+            raise UploadExists(final.id)
         async with locker.lock(final.id, _no_release):
             final = await concatenator.concatenate(final, partials)
             events.created(final, request)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tusd_py.http.types import Response
 from tusd_py.lockers.base import LockTimeout, LockUnavailable
-from tusd_py.stores.base import StoreUnavailable, UploadNotFound, UploadTooLarge
+from tusd_py.stores.base import StoreUnavailable, UploadExists, UploadNotFound, UploadTooLarge
 
 log = logging.getLogger("tusd_py.tus")
 
@@ -89,6 +89,9 @@ ERR_INVALID_HOST = ErrorKind("ERR_INVALID_HOST", 400, "missing or invalid Host h
 ERR_INVALID_METHOD_OVERRIDE = ErrorKind("ERR_INVALID_METHOD_OVERRIDE", 400, "invalid X-HTTP-Method-Override header")
 ERR_NOT_FOUND = ErrorKind("ERR_NOT_FOUND", 404, "not found")
 ERR_UPLOAD_NOT_FOUND = ErrorKind("ERR_UPLOAD_NOT_FOUND", 404, "upload not found")
+ERR_UPLOAD_EXISTS = ErrorKind(
+    "ERR_UPLOAD_EXISTS", 409, "an upload with the id chosen by the pre-create hook already exists"
+)
 ERR_UPLOAD_NOT_FINISHED = ErrorKind(
     "ERR_UPLOAD_NOT_FINISHED", 404, "upload is not finished; only complete uploads can be downloaded"
 )
@@ -145,6 +148,8 @@ def classify(error: BaseException) -> TusError:
         return TusError(ERR_UPLOAD_LOCKED, str(error) or None)
     if isinstance(error, LockUnavailable):
         return TusError(ERR_LOCK_UNAVAILABLE)
+    if isinstance(error, UploadExists):
+        return TusError(ERR_UPLOAD_EXISTS)
     if isinstance(error, UploadTooLarge):
         return TusError(ERR_STORE_SIZE_EXCEEDED)
     if isinstance(error, StoreUnavailable):

@@ -457,7 +457,7 @@ class TusHandler:
         """The upload's info from the store; 410 once an unfinished upload's expiry
         time passed (it may not have been swept yet). Also used by the IETF handler."""
         info = await self._store.get_info(upload_id)
-        if info.expires_at is not None and not info.is_complete and info.expires_at <= self._clock():
+        if info.is_expired(self._clock()):
             raise TusError(ERR_UPLOAD_EXPIRED)
         return info
 
