@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import platform
 import re
@@ -543,6 +544,19 @@ def git_revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return revision + ("-dirty" if dirty else "")
+
+
+def source_digest(directory: Path = REPO_ROOT / "tusd_py") -> str:
+    """A short SHA-256 of the server's Python sources (paths and contents). Taken at the
+    start and the end of a run: on a shared working tree someone may edit the server
+    mid-run, and servers started after the edit (the suite restarts them) would run
+    other code than the ones before."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*.py")):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0")
+        with contextlib.suppress(OSError):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def environment() -> dict[str, Any]:

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from benchmarks.common import MB, GiB, KiB, MiB, ServerFailed, ServerProcess, accounted, new_event_loop, status_kib
@@ -209,23 +210,21 @@ async def _request_rate(port: int, load: RequestRate, request_timeout: float) ->
     latencies: list[float] = []
     start = time.perf_counter()
     deadline = start + load.seconds
-    transports = []
+    transports: list[asyncio.BaseTransport] = []
     finished: list[asyncio.Future[None]] = []
     try:
         for requests, status, head_only in plans:
             done: asyncio.Future[None] = loop.create_future()
-            transport, _ = await loop.create_connection(
-                lambda r=requests, s=status, h=head_only, d=done: _RateProtocol(r, s, h, deadline, latencies, d),
-                HOST, port,
-            )
+            protocol = partial(_RateProtocol, requests, status, head_only, deadline, latencies, done)
+            transport, _ = await loop.create_connection(protocol, HOST, port)
             transports.append(transport)
             finished.append(done)
         async with asyncio.timeout(load.seconds + request_timeout):
             await asyncio.gather(*finished)
         return time.perf_counter() - start, latencies
     finally:
-        for transport in transports:
-            transport.close()
+        for opened in transports:
+            opened.close()
 
 
 def measure_request_rate(server: ServerProcess, store: str, run: int, load: RequestRate,

@@ -1,6 +1,6 @@
 """The benchmark suite: one command for the whole performance table.
 
-    python -m benchmarks.suite                       # 3 runs, full sizes (~15-20 min)
+    python -m benchmarks.suite                       # 3 runs, full sizes (~15 min on 2 cores)
     python -m benchmarks.suite --quick               # 1 run, small sizes (< 3 min)
     python -m benchmarks.suite --runs 5 --out benchmarks/results/today
 
@@ -53,6 +53,7 @@ from benchmarks.common import (
     format_size,
     load_average,
     random_buffer,
+    source_digest,
 )
 from benchmarks.ingest import Measurement, Workload
 from benchmarks.loads import (
@@ -396,7 +397,7 @@ def write_results(results: SuiteResults, sizes: Sizes, out: Path) -> None:
         "# tusd-py benchmark suite",
         "",
         f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}; git {meta['git']}",
+        f"- date: {meta['date']}; git {meta['git']}; tusd_py sources digest {meta['source_digest_before']}",
         f"- machine: {meta['cpus']} CPUs, {meta['platform']}; Python {meta['python']}; node {meta['node']}; "
         + (", ".join(f"{k} {v}" for k, v in meta["peer_versions"].items()) or "no peer"),
         f"- load average (1, 5, 15 min) before {_load(meta['load_average_before'])}, "
@@ -490,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": asdict(sizes),
         "stores": stores,
         "load_average_before": load_average(),
+        "source_digest_before": source_digest(),
     })
     work_dir = Path(tempfile.mkdtemp(prefix="tusd-py-suite-"))
     print(f"load average {_load(results.meta['load_average_before'])}; work dir {work_dir}; results to {out}",
@@ -503,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
     finally:
         results.meta["load_average_after"] = load_average()
+        results.meta["source_digest_after"] = source_digest()
+        before, after = results.meta["source_digest_before"], results.meta["source_digest_after"]
+        if after != before:
+            results.failures.append(f"tusd_py/ changed during the run (sources digest {before} -> {after}): "
+                                    "servers started after the edit ran other code; rerun on a quiet tree")
         shutil.rmtree(work_dir, ignore_errors=True)
         write_results(results, sizes, out)
     print((out / "results.md").read_text())
