@@ -29,6 +29,7 @@ import fcntl
 import http
 import logging
 import os
+import random
 import re
 import secrets
 import struct
@@ -142,7 +143,19 @@ def request_id_from(header: str | None) -> str:
         cleaned = _REQUEST_ID_UNSAFE.sub("", header)[:_REQUEST_ID_MAX]
         if cleaned:
             return cleaned
-    return secrets.token_hex(8)
+    return _new_request_id()
+
+
+_request_ids = random.Random(secrets.randbits(64))
+# Forked workers must not repeat each other's ids.
+os.register_at_fork(after_in_child=lambda: _request_ids.seed(secrets.randbits(64)))
+
+
+def _new_request_id() -> str:
+    """16 random hex digits. A request id only correlates log lines, so it needs no
+    cryptographic randomness: a PRNG seeded from ``secrets`` once avoids a
+    ``getrandom`` system call per request."""
+    return f"{_request_ids.getrandbits(64):016x}"
 
 
 class ServerContext:
@@ -946,7 +959,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             (b"content-length", str(len(body)).encode("ascii")),
             (b"connection", b"close"),
         ]
-        request_id = secrets.token_hex(8)
+        request_id = _new_request_id()
         headers.append((b"x-request-id", request_id.encode("ascii")))
         conn = self._conn
         try:

@@ -14,7 +14,6 @@ import asyncio
 import collections
 import contextlib
 import functools
-from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 
 from tusd_py.lockers.base import (
@@ -49,6 +48,28 @@ class _Entry:
         self.waiters: collections.deque[_Holder] = collections.deque()
 
 
+class _Acquisition:
+    """``async with``: acquire on enter, release on exit (a plain class: every request
+    takes a lock, and a generator-based context manager costs more per use)."""
+
+    __slots__ = ("_locker", "_upload_id", "_on_release_request", "_holder")
+
+    def __init__(self, locker: MemoryLocker, upload_id: str, on_release_request: ReleaseRequest) -> None:
+        self._locker = locker
+        self._upload_id = upload_id
+        self._on_release_request = on_release_request
+        self._holder: _Holder | None = None
+
+    async def __aenter__(self) -> HeldLock:
+        self._holder = await self._locker._acquire(self._upload_id, self._on_release_request)
+        return self._holder.held
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            self._locker._release(self._upload_id, holder)
+
+
 class MemoryLocker:
     """Per-upload exclusive locks with release requests, for a single process."""
 
@@ -61,15 +82,9 @@ class MemoryLocker:
 
     def lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AbstractAsyncContextManager[HeldLock]:
         """Acquire the lock of ``upload_id`` (see ``lockers.base.Locker.lock``)."""
-        return observed(functools.partial(self._lock, upload_id), on_release_request, self._observer)
-
-    @contextlib.asynccontextmanager
-    async def _lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AsyncIterator[HeldLock]:
-        holder = await self._acquire(upload_id, on_release_request)
-        try:
-            yield holder.held
-        finally:
-            self._release(upload_id, holder)
+        if self._observer is None:
+            return _Acquisition(self, upload_id, on_release_request)
+        return observed(functools.partial(_Acquisition, self, upload_id), on_release_request, self._observer)
 
     async def _acquire(self, upload_id: str, on_release_request: ReleaseRequest) -> _Holder:
         if self._closed:
