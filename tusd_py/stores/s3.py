@@ -25,8 +25,10 @@ tail segment. ``write`` returns only once everything it counts is in S3.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -72,7 +74,7 @@ from tusd_py.stores.s3_parts import (
     part_size_for,
     resolve_layout,
 )
-from tusd_py.stores.s3_spool import SpoolRing, SpoolSlot
+from tusd_py.stores.s3_spool import Hasher, SpoolRing, SpoolSlot
 
 log = logging.getLogger("tusd_py.stores.s3")
 
@@ -741,12 +743,15 @@ class S3Store:
         (from its spool file) only inside the global semaphore, so the part bodies in
         memory are bounded by ``max_concurrent_part_uploads``."""
         async with self._part_uploads:
+            digest = None
             if slot is not None:
+                whole_part = not data
                 data = data + await slot.read_chunks()
+                if whole_part:
+                    digest = slot.digest()  # hashed while it was spooled, if the slot did
             body = data[0] if len(data) == 1 else b"".join(data)
-            etag = await self._client.upload_part(
-                self._bucket, keys.object, upload_id, number, body, await _md5(body)
-            )
+            checksum = _b64(digest) if digest is not None else await _md5(body)
+            etag = await self._client.upload_part(self._bucket, keys.object, upload_id, number, body, checksum)
             return PartEntry(number, len(body), etag)
 
     async def _delete_keys(self, keys: Sequence[str]) -> None:
@@ -810,6 +815,14 @@ async def _nothing() -> None:
     return None
 
 
+def _md5_hasher() -> Hasher:
+    return hashlib.md5(usedforsecurity=False)
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
 async def _md5(body: bytes) -> str:
     if len(body) >= MD5_IN_THREAD_SIZE:
         return await asyncio.to_thread(content_md5, body)
@@ -834,7 +847,9 @@ class _PatchWriter:
         self.keys = self.store._keys(self.info.id)
         self.part_size = self.base.part_size
         self.upload_id = str(self.info.storage.get("multipart_upload_id"))
-        self.ring = SpoolRing(config.max_buffered_parts, config.spool, config.spool_dir, self.store._spool_observer)
+        self.ring = SpoolRing(
+            config.max_buffered_parts, config.spool, config.spool_dir, self.store._spool_observer, hasher=_md5_hasher
+        )
         # The part being received: its number, first byte, the existing tail segments
         # it starts with, and the slot with its new bytes.
         self.part_number = len(self.base.parts) + 1

@@ -9,8 +9,10 @@ socket.
 
 File slots (the default) keep only a small write buffer in memory and the rest in an
 anonymous temporary file (unlinked at once, so nothing is left behind on a crash);
-file I/O runs in a worker thread, never on the event loop. Memory slots keep the
-chunks as received.
+file I/O runs in a worker thread, never on the event loop. Given a ``hasher`` factory,
+a file slot also hashes the bytes in that thread as it writes them (the part's
+integrity checksum then costs no pass of its own, and covers the spool file's round
+trip too). Memory slots keep the chunks as received.
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ T = TypeVar("T")
 FILE_FLUSH_SIZE = 1024 * 1024
 """A file slot writes to disk in batches of about this many bytes: one thread hop per
 MiB instead of one per (possibly tiny) body chunk."""
+WRITEV_MAX_BUFFERS = 512
+"""Chunks per ``os.writev`` call (well below Linux's IOV_MAX of 1024)."""
+
+
+class Hasher(Protocol):
+    """What a slot needs of a hash object (``hashlib.md5()`` is one)."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def digest(self) -> bytes: ...
 
 
 class SpoolSlot(Protocol):
@@ -42,6 +54,11 @@ class SpoolSlot(Protocol):
 
     async def read_chunks(self) -> list[bytes]:
         """Everything appended, as a list of byte strings (joined by the caller)."""
+        ...
+
+    def digest(self) -> bytes | None:
+        """After ``read_chunks``: the digest of everything appended, when the slot
+        hashed its bytes on the way in; None when it did not (the caller hashes)."""
         ...
 
     async def close(self) -> None:
@@ -67,20 +84,26 @@ class MemorySlot:
     async def read_chunks(self) -> list[bytes]:
         return list(self._chunks)
 
+    def digest(self) -> bytes | None:
+        return None
+
     async def close(self) -> None:
         self._chunks.clear()
 
 
 class FileSlot:
-    """A slot in an anonymous temporary file in ``directory`` (system temp if empty)."""
+    """A slot in an anonymous temporary file in ``directory`` (system temp if empty);
+    with ``hasher`` (a factory such as ``hashlib.md5``), every byte written to the file
+    is hashed in the same worker-thread call that writes it."""
 
-    def __init__(self, directory: str = "") -> None:
+    def __init__(self, directory: str = "", hasher: Callable[[], Hasher] | None = None) -> None:
         self._directory = directory or None
         self._file: IO[bytes] | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._size = 0
         self._busy: asyncio.Future[Any] | None = None
+        self._hash = hasher() if hasher is not None else None
 
     async def _in_thread(self, function: Callable[[], T]) -> T:
         """Run file I/O in a worker thread. Shielded: a cancelled caller must not
@@ -104,21 +127,39 @@ class FileSlot:
     async def _flush(self) -> None:
         if not self._pending:
             return
-        data = b"".join(self._pending)
-        self._pending.clear()
+        chunks = self._pending
+        self._pending = []
         self._pending_size = 0
-        await self._in_thread(lambda: self._write(data))
+        await self._in_thread(lambda: self._write(chunks))
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, chunks: list[bytes]) -> None:
+        """Append ``chunks`` to the file with ``writev`` (no joined copy) and hash them."""
         if self._file is None:
             self._file = tempfile.TemporaryFile(dir=self._directory, prefix="tusd-py-spool-")
-        self._file.write(data)
+        fd = self._file.fileno()  # only raw fd I/O on this file: its buffer stays empty
+        if self._hash is not None:
+            for chunk in chunks:
+                self._hash.update(chunk)
+        for first in range(0, len(chunks), WRITEV_MAX_BUFFERS):
+            batch: list[bytes | memoryview] = list(chunks[first:first + WRITEV_MAX_BUFFERS])
+            while batch:
+                written = os.writev(fd, batch)
+                while batch and written >= len(batch[0]):  # drop what was written in full
+                    written -= len(batch[0])
+                    batch.pop(0)
+                if written:  # a short write ended inside this buffer
+                    batch[0] = memoryview(batch[0])[written:]
 
     async def read_chunks(self) -> list[bytes]:
         if self._file is None:
             return list(self._pending)
         await self._flush()
         return [await self._in_thread(self._read_all)]
+
+    def digest(self) -> bytes | None:
+        if self._hash is None or self._file is None or self._pending:
+            return None  # bytes that never went through the file were not hashed
+        return self._hash.digest()
 
     def _read_all(self) -> bytes:
         assert self._file is not None
@@ -162,6 +203,9 @@ class _CountedSlot:
     async def read_chunks(self) -> list[bytes]:
         return await self._inner.read_chunks()
 
+    def digest(self) -> bytes | None:
+        return self._inner.digest()
+
     async def close(self) -> None:
         on_change, self._on_change = self._on_change, None
         if on_change is not None:
@@ -172,20 +216,23 @@ class _CountedSlot:
 class SpoolRing:
     """At most ``slots`` slots in use at once; ``kind`` is "file" or "memory".
     ``on_change`` (optional, e.g. a metrics gauge) hears +1 per new slot and -1 when
-    a slot is closed."""
+    a slot is closed. ``hasher`` (optional) makes file slots hash their bytes as they
+    write them (``SpoolSlot.digest``)."""
 
     def __init__(
-        self, slots: int, kind: str = "file", directory: str = "", on_change: Callable[[int], None] | None = None
+        self, slots: int, kind: str = "file", directory: str = "", on_change: Callable[[int], None] | None = None,
+        hasher: Callable[[], Hasher] | None = None,
     ) -> None:
         self._free = asyncio.Semaphore(slots)
         self._kind = kind
         self._directory = directory
         self._on_change = on_change
+        self._hasher = hasher
 
     async def acquire(self) -> SpoolSlot:
         """A new empty slot; waits while every slot is taken (backpressure)."""
         await self._free.acquire()
-        slot: SpoolSlot = FileSlot(self._directory) if self._kind == "file" else MemorySlot()
+        slot: SpoolSlot = FileSlot(self._directory, self._hasher) if self._kind == "file" else MemorySlot()
         return slot if self._on_change is None else _CountedSlot(slot, self._on_change)
 
     def release(self) -> None:
