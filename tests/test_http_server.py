@@ -501,18 +501,24 @@ async def test_handler_exception_gives_500(caplog: pytest.LogCaptureFixture) -> 
 async def test_backpressure_keeps_the_body_buffer_near_the_high_mark() -> None:
     loop = asyncio.get_running_loop()
     paused = loop.create_future()
+    reading = False
     buffered_at_pause: list[int] = []
     total = 8 * MiB
 
     def observe(connection: HTTPProtocol, is_paused: bool) -> None:
-        if is_paused:
+        if is_paused and reading:
             buffered_at_pause.append(connection.buffered_body_bytes)
             if not paused.done():
                 paused.set_result(None)
 
     async def handler(request: Request) -> Response:
-        await paused  # read nothing until the server had to stop reading
-        return await echo_length(request)
+        nonlocal reading
+        chunks = aiter(request.body)
+        reading = True
+        first = await anext(chunks)  # the body is read from here on
+        await paused  # read nothing more until the server had to stop reading
+        rest = b"".join([chunk async for chunk in chunks])
+        return Response(200, [], b"PATCH /bp %d" % (len(first) + len(rest)))
 
     async with running(handler) as (server, port), connect(port) as client:
         server.flow_observer = observe
@@ -525,6 +531,46 @@ async def test_backpressure_keeps_the_body_buffer_near_the_high_mark() -> None:
     # Reading pauses after the read that crossed the mark: at most one body read more.
     assert max(buffered_at_pause) <= limits.body_high_water + BODY_READ_SIZE
     assert buffered_at_pause[0] > limits.body_high_water
+
+
+@pytest.mark.both_loops
+async def test_a_framed_body_is_not_read_before_the_application_asks() -> None:
+    """Body bytes stay in the kernel until the application first reads: a store that
+    splices gets them all from the socket, and nothing is buffered for a request that
+    waits (e.g. for a lock) before it reads."""
+    loop = asyncio.get_running_loop()
+    waiting = loop.create_future()
+    go = loop.create_future()
+    buffered_while_waiting: list[int] = []
+    connections: list[HTTPProtocol] = []
+
+    def observe(connection: HTTPProtocol, is_paused: bool) -> None:
+        connections.append(connection)
+
+    async def handler(request: Request) -> Response:
+        if request.target == "/x":
+            return Response(200, [], b"ok")
+        waiting.set_result(None)
+        await go
+        return await echo_length(request)
+
+    async with running(handler) as (server, port), connect(port) as client:
+        server.flow_observer = observe
+        total = 4 * MiB
+        client.writer.write(b"PATCH /lazy HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % total)
+        await waiting
+        client.writer.write(b"q" * total)
+        # A round trip on a second connection: the server's loop has seen the first
+        # connection's bytes become readable by the time it answers.
+        async with connect(port) as other:
+            other.writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            await other.read_response()
+        assert connections and connections[0].reading_paused
+        buffered_while_waiting.append(connections[0].buffered_body_bytes)
+        go.set_result(None)
+        _, _, body = await client.read_response()
+        assert body == b"PATCH /lazy %d" % total
+    assert buffered_while_waiting == [0]
 
 
 @pytest.mark.both_loops

@@ -310,6 +310,12 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         self._pipeline_paused = False
         self._reading_stopped = False
         self._splice_paused = False
+        # A framed body is not read from the socket before the application first
+        # asks for it: a store that splices the body into a file then gets all of it
+        # from the kernel instead of its first MiB through the read buffer (measured:
+        # ~1 ms of loop time per PATCH), and a request answered early leaves its body
+        # unread in the kernel for the drain logic.
+        self._awaiting_first_read = False
         """A splice owns the socket (or is about to): the transport must not read."""
         self._splice_wanted = False
         self._splice_release_scheduled = False
@@ -534,6 +540,8 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         if length:
             cycle.framed_here = True
             self._raw_remaining = length
+            self._awaiting_first_read = not cycle.expect_continue
+            self._update_reading()
             # The first body bytes may have arrived with the head; they are still in
             # h11's buffer (this h11 connection parses nothing more).
             trailing = self._conn.trailing_data[0]
@@ -597,7 +605,13 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             self._close(linger=True)
 
     def _update_reading(self) -> None:
-        paused = self._body_backpressure or self._pipeline_paused or self._reading_stopped or self._splice_paused
+        paused = (
+            self._body_backpressure
+            or self._pipeline_paused
+            or self._reading_stopped
+            or self._splice_paused
+            or self._awaiting_first_read
+        )
         if paused is self._reading_paused or self._closing or self._transport is None:
             return
         self._reading_paused = paused
@@ -750,6 +764,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         cycle.draining = True
         cycle.body.discard()
         self._body_backpressure = False
+        self._awaiting_first_read = False
         self._update_reading()
         self._set_timer(_DRAIN, self._limits.drain_timeout)
 
@@ -784,10 +799,14 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             self._idle_bytes = len(self._conn.trailing_data[0])
         self._body_backpressure = False
         self._pipeline_paused = False
+        self._awaiting_first_read = False
         self._update_reading()
         self._process_events()
 
     def _on_first_read(self, cycle: _Cycle) -> None:
+        if cycle is self._cycle and self._awaiting_first_read:
+            self._awaiting_first_read = False
+            self._update_reading()
         if (
             cycle.expect_continue
             and not cycle.continue_sent
