@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import re
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -569,3 +570,15 @@ def environment() -> dict[str, Any]:
         "argv": sys.argv,
     }
 
+
+
+def finish_report(meta: Mapping[str, Any], runs: Sequence[Sequence[Any]], summary: Any, json_path: Path | None) -> None:
+    """The closing lines every benchmark prints (load average, exit codes) and its
+    optional JSON document (``meta``, every run's measurements, the summary)."""
+    print(f"\nload average before {meta['load_average_before']}, after {meta['load_average_after']}; "
+          f"server exit codes {meta.get('server_exit_codes')}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        document = {"meta": meta, "runs": [[asdict(m) for m in run] for run in runs], "summary": summary}
+        json_path.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {json_path}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import shutil
@@ -53,6 +52,7 @@ from benchmarks.common import (
     clear_directory,
     command_from_template,
     environment,
+    finish_report,
     flush_page_cache,
     format_size,
     free_port,
@@ -578,14 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(data_dir, ignore_errors=True)
     summary = summarize(results, options)
     print_summary(summary, options)
-    print(f"\nload average before {results.meta['load_average_before']}, after {results.meta['load_average_after']}; "
-          f"server exit codes {results.meta['server_exit_codes']}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        document = {"meta": results.meta, "runs": [[asdict(m) for m in run] for run in results.runs],
-                    "summary": summary}
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    finish_report(results.meta, results.runs, summary, args.json)
     return 1 if args.check and not summary["targets_met"] else 0
 
 

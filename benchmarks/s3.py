@@ -26,7 +26,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -52,6 +51,7 @@ from benchmarks.common import (
     accounted,
     command_from_template,
     environment,
+    finish_report,
     free_port,
     load_average,
     median,
@@ -501,14 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
     summary = summarize(results, options)
     print_summary(summary, options)
-    print(f"\nload average before {results.meta['load_average_before']}, after {results.meta['load_average_after']}; "
-          f"server exit codes {results.meta.get('server_exit_codes')}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        document = {"meta": results.meta, "runs": [[asdict(m) for m in run] for run in results.runs],
-                    "summary": summary}
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    finish_report(results.meta, results.runs, summary, args.json)
     return 0
 
 
