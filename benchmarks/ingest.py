@@ -415,6 +415,27 @@ def _find(measurements: list[Measurement], target: str, workload: str) -> Measur
     return None
 
 
+FIGURE_KEYS = ("mb_per_s", "server_cpu_s_per_gib", "server_main_thread_busy", "server_peak_rss_mib",
+               "client_cpu_s_per_gib", "other_cpu_s", "backend_cpu_s_per_gib")
+
+
+def median_figures(rows: list[Measurement]) -> dict[str, float]:
+    """The median of each figure over ``rows`` (one target and workload, several runs)."""
+    return {key: median([value for m in rows if (value := getattr(m, key)) is not None]) for key in FIGURE_KEYS}
+
+
+def median_row(target: str, workload: str, figures: dict[str, float]) -> Measurement:
+    """A Measurement holding ``median_figures``, for printing with ``format_row``."""
+    return Measurement(
+        target=target, workload=workload, bytes=0, seconds=0.0, mb_per_s=figures["mb_per_s"],
+        server_cpu_s_per_gib=figures["server_cpu_s_per_gib"],
+        server_main_thread_busy=figures["server_main_thread_busy"],
+        server_peak_rss_mib=figures["server_peak_rss_mib"], server_hwm_mib=None, rss_samples=0,
+        client_cpu_s_per_gib=figures["client_cpu_s_per_gib"], other_cpu_s=figures["other_cpu_s"],
+        backend_cpu_s_per_gib=figures["backend_cpu_s_per_gib"],
+    )
+
+
 def summarize(results: Results, options: Options) -> dict[str, Any]:
     """Medians of each figure and of each same-run ratio, plus the pass/fail of targets."""
     summary: dict[str, Any] = {"medians": {}, "ratios": {}, "targets_met": True}
@@ -422,11 +443,7 @@ def summarize(results: Results, options: Options) -> dict[str, Any]:
         medians: dict[str, dict[str, float]] = {}
         for target in options.targets:
             runs = [m for run in results.runs if (m := _find(run, target, workload.name)) is not None]
-            medians[target] = {
-                key: median([value for m in runs if (value := getattr(m, key)) is not None])
-                for key in ("mb_per_s", "server_cpu_s_per_gib", "server_main_thread_busy", "server_peak_rss_mib",
-                            "client_cpu_s_per_gib", "other_cpu_s")
-            }
+            medians[target] = median_figures(runs)
             medians[target]["max_peak_rss_mib"] = max(
                 (m.server_peak_rss_mib for m in runs if m.server_peak_rss_mib is not None), default=float("nan"),
             )
@@ -469,14 +486,7 @@ def print_summary(summary: dict[str, Any], options: Options) -> None:
     print(HEADER)
     for workload, by_target in summary["medians"].items():
         for target, figures in by_target.items():
-            row = Measurement(
-                target=target, workload=workload, bytes=0, seconds=0.0, mb_per_s=figures["mb_per_s"],
-                server_cpu_s_per_gib=figures["server_cpu_s_per_gib"],
-                server_main_thread_busy=figures["server_main_thread_busy"],
-                server_peak_rss_mib=figures["server_peak_rss_mib"], server_hwm_mib=None, rss_samples=0,
-                client_cpu_s_per_gib=figures["client_cpu_s_per_gib"], other_cpu_s=figures["other_cpu_s"],
-            )
-            print(format_row("med", row))
+            print(format_row("med", median_row(target, workload, figures)))
     print("\nratios (median of per-run ratios; each ratio uses numbers from one run)")
     for workload, ratios in summary["ratios"].items():
         if "tusd_py_over_limit" in ratios:

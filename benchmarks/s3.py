@@ -32,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,18 @@ from benchmarks.common import (
     random_buffer,
 )
 from benchmarks.countproxy import CountingProxy
-from benchmarks.ingest import HEADER, HOST, Measurement, Workload, format_row, measure_server, upload_to
+from benchmarks.ingest import (
+    HEADER,
+    HOST,
+    Measurement,
+    Results,
+    Workload,
+    format_row,
+    measure_server,
+    median_figures,
+    median_row,
+    upload_to,
+)
 
 BUCKET = "tusd-py-bench"
 REGION = "us-east-1"
@@ -87,14 +98,6 @@ class Options:
     client_buffer: int
     timeout: float
     work_dir: Path
-
-
-@dataclass
-class Results:
-    """Everything measured, as written to ``--json``."""
-
-    meta: dict[str, Any]
-    runs: list[list[Measurement]] = field(default_factory=list)
 
 
 def _clean_environment() -> dict[str, str]:
@@ -400,11 +403,7 @@ def summarize(results: Results, options: Options) -> dict[str, Any]:
         by_target: dict[str, dict[str, float]] = {}
         for target in options.targets:
             rows = [m for run in results.runs for m in run if m.target == target and m.workload == workload.name]
-            by_target[target] = {
-                key: median([value for m in rows if (value := getattr(m, key)) is not None])
-                for key in ("mb_per_s", "server_cpu_s_per_gib", "server_main_thread_busy", "server_peak_rss_mib",
-                            "client_cpu_s_per_gib", "other_cpu_s", "backend_cpu_s_per_gib")
-            }
+            by_target[target] = median_figures(rows)
         summary["medians"][workload.name] = by_target
         ratios: dict[str, list[float]] = {"tusd_py_over_limit": [], "tusd_py_over_peer": []}
         for run in results.runs:
@@ -424,14 +423,7 @@ def print_summary(summary: dict[str, Any], options: Options) -> None:
     print(HEADER + f" {'moto CPU s/GiB':>14}")
     for workload, by_target in summary["medians"].items():
         for target, figures in by_target.items():
-            row = Measurement(
-                target=target, workload=workload, bytes=0, seconds=0.0, mb_per_s=figures["mb_per_s"],
-                server_cpu_s_per_gib=figures["server_cpu_s_per_gib"],
-                server_main_thread_busy=figures["server_main_thread_busy"],
-                server_peak_rss_mib=figures["server_peak_rss_mib"], server_hwm_mib=None, rss_samples=0,
-                client_cpu_s_per_gib=figures["client_cpu_s_per_gib"], other_cpu_s=figures["other_cpu_s"],
-                backend_cpu_s_per_gib=figures["backend_cpu_s_per_gib"],
-            )
+            row = median_row(target, workload, figures)
             print(format_row("med", row) + f" {fmt_backend(row):>14}")
     print("\nratios (median of per-run ratios)")
     for workload, ratios in summary["ratios"].items():

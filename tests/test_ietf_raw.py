@@ -128,6 +128,16 @@ async def _download(port: int, path: str) -> bytes:
     return exchange.final.body
 
 
+async def _append(port: int, path: str, offset: int, body: bytes, *, complete: bool) -> Exchange:
+    """An interop-8 append: PATCH with ``application/partial-upload``."""
+    headers = {
+        "Upload-Offset": str(offset),
+        "Upload-Complete": "?1" if complete else "?0",
+        "Content-Type": "application/partial-upload",
+    }
+    return await call(port, "PATCH", path, headers, body)
+
+
 async def _offset(port: int, path: str) -> Exchange:
     exchange = await call(port, "HEAD", path)
     assert exchange.status == 204, exchange.final
@@ -214,24 +224,12 @@ async def test_creation_with_incomplete_body_then_offset_append_and_completion(s
     assert head.header("upload-limit") == f"max-size={MAX_SIZE}"
     assert head.header("cache-control") == "no-store"
 
-    appended = await call(
-        server.port,
-        "PATCH",
-        path,
-        {"Upload-Offset": "50000", "Upload-Complete": "?0", "Content-Type": "application/partial-upload"},
-        data[50_000:120_000],
-    )
+    appended = await _append(server.port, path, 50_000, data[50_000:120_000], complete=False)
     assert appended.status == 204, appended.final
     assert appended.header("upload-complete") == "?0"
     assert appended.header("upload-offset") == "120000"
 
-    completed = await call(
-        server.port,
-        "PATCH",
-        path,
-        {"Upload-Offset": "120000", "Upload-Complete": "?1", "Content-Type": "application/partial-upload"},
-        data[120_000:],
-    )
+    completed = await _append(server.port, path, 120_000, data[120_000:], complete=True)
     assert completed.status == 200, completed.final
     assert completed.header("upload-complete") == "?1"
     assert completed.header("upload-offset") == str(len(data))
@@ -249,13 +247,7 @@ async def test_empty_creation_then_appends_with_get_as_offset_retrieval(server: 
     assert retrieved.status == 204
     assert retrieved.header("upload-offset") == "0"
     assert retrieved.header("upload-length") is None  # not known yet
-    appended = await call(
-        server.port,
-        "PATCH",
-        path,
-        {"Upload-Offset": "0", "Upload-Complete": "?1", "Content-Type": "application/partial-upload"},
-        b"hello",
-    )
+    appended = await _append(server.port, path, 0, b"hello", complete=True)
     assert appended.status == 200
     assert appended.header("upload-complete") == "?1"
     assert await _download(server.port, path) == b"hello"
@@ -321,13 +313,7 @@ async def test_deferred_length_completed_by_an_empty_request(server: Running) ->
 async def test_offset_mismatch_is_a_problem_document(server: Running) -> None:
     created = await call(server.port, "POST", "/files/", {"Upload-Complete": "?0"}, b"0123456789")
     path = _path(created.header("location"))
-    exchange = await call(
-        server.port,
-        "PATCH",
-        path,
-        {"Upload-Offset": "4", "Upload-Complete": "?0", "Content-Type": "application/partial-upload"},
-        b"xyz",
-    )
+    exchange = await _append(server.port, path, 4, b"xyz", complete=False)
     assert exchange.status == 409
     assert exchange.header("upload-offset") == "10"
     assert exchange.header("upload-complete") == "?0"
@@ -500,13 +486,7 @@ async def test_stalled_creation_is_taken_over_by_offset_retrieval_and_resumed(se
     finally:
         creator.abort()
 
-    resumed = await call(
-        server.port,
-        "PATCH",
-        path,
-        {"Upload-Offset": str(offset), "Upload-Complete": "?1", "Content-Type": "application/partial-upload"},
-        data[offset:],
-    )
+    resumed = await _append(server.port, path, offset, data[offset:], complete=True)
     assert resumed.status == 200, resumed.final
     assert resumed.header("upload-complete") == "?1"
     assert sha256(await _download(server.port, path)) == sha256(data)
@@ -525,12 +505,6 @@ async def test_aborted_creation_resumes_from_the_announced_location(server: Runn
     # Until the server noticed, the creation holds the lock; the HEAD asks it to let go.
     offset = int((await _offset(server.port, path)).header("upload-offset") or -1)
     assert 0 <= offset <= 2 * MiB
-    resumed = await call(
-        server.port,
-        "PATCH",
-        path,
-        {"Upload-Offset": str(offset), "Upload-Complete": "?1", "Content-Type": "application/partial-upload"},
-        data[offset:],
-    )
+    resumed = await _append(server.port, path, offset, data[offset:], complete=True)
     assert resumed.status == 200, resumed.final
     assert sha256(await _download(server.port, path)) == sha256(data)
