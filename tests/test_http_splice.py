@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import select
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -323,3 +325,62 @@ async def test_file_store_falls_back_without_splice(
         assert response.status == 204
         assert sha(stored_bytes(tmp_path, path)) == sha(payload)
     assert spy.calls == 0
+
+
+# --- the worker function on its own ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tcp_pair() -> Any:
+    """A connected loopback TCP pair: (sender, non-blocking receiver)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        sender = socket.create_connection(listener.getsockname())
+        receiver, _ = listener.accept()
+    receiver.setblocking(False)
+    try:
+        yield sender, receiver
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def low_water_mark(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+
+
+def test_worker_moves_a_whole_body_and_restores_the_low_water_mark(tmp_path: Path) -> None:
+    payload = os.urandom(3 * MiB + 7)
+    with tcp_pair() as (sender, receiver):
+        feeder = threading.Thread(target=sender.sendall, args=(payload,))
+        feeder.start()
+        fd = os.open(tmp_path / "body", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            result = http_splice.splice_socket_to_file(receiver.fileno(), fd, 5, len(payload), (), idle=WAIT)
+        finally:
+            os.close(fd)
+            feeder.join()
+        assert (result.consumed, result.moved, result.eof) == (len(payload), len(payload), False)
+        assert (tmp_path / "body").read_bytes()[5:] == payload
+        # The event loop polls this socket next: readiness must mean "one byte".
+        assert low_water_mark(receiver) == 1
+
+
+def test_worker_takes_bytes_below_the_wake_threshold_before_going_idle(tmp_path: Path) -> None:
+    """A client that sends less than ``WAKE_BYTES`` and pauses still has every byte
+    stored: the worker looks at the socket between poll slices, not only on wake-ups."""
+    payload = os.urandom(1000)
+    assert len(payload) < http_splice.WAKE_BYTES
+    with tcp_pair() as (sender, receiver):
+        sender.sendall(payload)
+        fd = os.open(tmp_path / "body", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            # 1 MiB announced, 1000 bytes sent: the worker hands back after the idle gap.
+            result = http_splice.splice_socket_to_file(receiver.fileno(), fd, 0, MiB, (), idle=0.2)
+        finally:
+            os.close(fd)
+        assert (result.consumed, result.moved, result.eof) == (1000, 1000, False)
+        assert (tmp_path / "body").read_bytes() == payload
+        assert low_water_mark(receiver) == 1
+        # The socket still works for the event loop: the next bytes are readable at once.
+        sender.sendall(b"x")
+        assert select.select([receiver], [], [], WAIT)[0] == [receiver]
