@@ -76,6 +76,8 @@ SINK_CMD = f"{sys.executable} -m benchmarks.sink --host {{host}} --port {{port}}
 # Targets from the foundation issue: tusd-py must reach this share of the slower limit,
 THROUGHPUT_TARGET = 0.60
 # and stay under this peak RSS while it takes the single large PATCH.
+DISK_PASSES = 2
+"""Passes of the disk limit per run; the faster one is the limit (see FileTargets.measure)."""
 RSS_TARGET_BYTES = 100 * MiB
 
 LIMIT_TARGETS = ("loopback", "disk")
@@ -346,10 +348,19 @@ class FileTargets(ServerGroup):
 
     def measure(self, target: str, workload: Workload) -> Measurement:
         """Measure ``target`` taking ``workload`` once, prepared like every other one."""
-        self.prepare(target, workload.size)
         if target == "disk":
-            return measure_disk(self.disk_dir, workload, self.buffer, self.options.disk_write_size,
-                                self.options.disk_fsync)
+            # The faster of DISK_PASSES passes, each prepared like any measurement: a
+            # limit is what the machine can do, and on the benchmark VM an occasional
+            # pass runs at a fifth of the usual speed with five times the CPU (the
+            # host faulting in memory it took back), which would understate the limit
+            # and flatter every ratio to it.
+            passes = []
+            for _ in range(DISK_PASSES):
+                self.prepare(target, workload.size)
+                passes.append(measure_disk(self.disk_dir, workload, self.buffer, self.options.disk_write_size,
+                                           self.options.disk_fsync))
+            return max(passes, key=lambda m: m.mb_per_s)
+        self.prepare(target, workload.size)
         measurement = measure_server(self.servers[target], workload, self.buffer, self.options.timeout)
         clear_directory(self.data_dir(target))
         return measurement
@@ -451,13 +462,17 @@ def summarize(results: Results, options: Options) -> dict[str, Any]:
 
         ratios: dict[str, Any] = {}
         limit_ratio: list[float] = []
+        loopback_ratio: list[float] = []
         peer_ratio: list[float] = []
         for run in results.runs:
             tusd = _find(run, "tusd-py", workload.name)
             limits = [m.mb_per_s for t in LIMIT_TARGETS if (m := _find(run, t, workload.name)) is not None]
+            loopback = _find(run, "loopback", workload.name)
             peer = _find(run, "peer", workload.name)
             if tusd is not None and limits:
                 limit_ratio.append(tusd.mb_per_s / min(limits))
+            if tusd is not None and loopback is not None:
+                loopback_ratio.append(tusd.mb_per_s / loopback.mb_per_s)
             if tusd is not None and peer is not None:
                 peer_ratio.append(tusd.mb_per_s / peer.mb_per_s)
         if limit_ratio:
@@ -466,6 +481,8 @@ def summarize(results: Results, options: Options) -> dict[str, Any]:
             met = median(limit_ratio) >= THROUGHPUT_TARGET
             ratios["tusd_py_over_limit"]["met"] = met
             summary["targets_met"] &= met
+        if loopback_ratio:
+            ratios["tusd_py_over_loopback"] = {"per_run": loopback_ratio, "median": median(loopback_ratio)}
         if peer_ratio:
             ratios["tusd_py_over_peer"] = {"per_run": peer_ratio, "median": median(peer_ratio)}
         summary["ratios"][workload.name] = ratios
@@ -495,6 +512,10 @@ def print_summary(summary: dict[str, Any], options: Options) -> None:
             per_run = ", ".join(f"{v:.2f}" for v in r["per_run"])
             print(f"  {workload:<10} tusd-py / min(loopback, disk) = {r['median']:.2f} "
                   f"(target >= {r['target']:.2f}: {verdict}; runs: {per_run})")
+        if "tusd_py_over_loopback" in ratios:
+            r = ratios["tusd_py_over_loopback"]
+            per_run = ", ".join(f"{v:.2f}" for v in r["per_run"])
+            print(f"  {workload:<10} tusd-py / loopback alone      = {r['median']:.2f} (runs: {per_run})")
         if "tusd_py_over_peer" in ratios:
             r = ratios["tusd_py_over_peer"]
             per_run = ", ".join(f"{v:.2f}" for v in r["per_run"])

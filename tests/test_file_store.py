@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tus_fakes import files_in
@@ -259,3 +261,113 @@ async def test_short_writes_are_continued(store: FileStore, monkeypatch: pytest.
     info = await store.create(UploadInfo(id="short", length=len(data)))
     assert await store.write(info, chunks(parts)) == len(data)
     assert (Path(store.directory) / "short").read_bytes() == data
+
+
+# --- data files kept open between PATCHes ---------------------------------------------------
+
+
+def open_data_files(directory: str) -> list[str]:
+    """Paths of this process's open descriptors inside ``directory`` (deleted ones
+    end in " (deleted)")."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(directory + os.sep):
+            found.append(target)
+    return found
+
+
+async def closed_on_the_pool(store: FileStore) -> None:
+    """Return once every close already handed to the store's pool has run: kept
+    files are closed there without the request waiting for it. Each pool thread
+    takes work in order, so once all of them meet at a barrier submitted after the
+    closes, the closes are done."""
+    threads = file_store_module.IO_THREADS
+    barrier = threading.Barrier(threads)
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(*(loop.run_in_executor(store._pool, barrier.wait, 10.0) for _ in range(threads)))
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+
+
+@needs_proc
+async def test_kept_file_is_reused_and_closed_when_the_upload_completes(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[str] = []
+    real_open = file_store_module._open_for_writing
+
+    def counting_open(path: str) -> Any:
+        opened.append(path)
+        return real_open(path)
+
+    monkeypatch.setattr(file_store_module, "_open_for_writing", counting_open)
+    await store.create(UploadInfo(id="kept", length=6))
+    offset = await store.write(await store.get_info("kept"), chunks([b"abc"]))
+    data_path = os.path.join(store.directory, "kept")
+    assert open_data_files(store.directory) == [data_path]  # kept for the next PATCH
+    await store.write(await store.get_info("kept"), chunks([b"def"]))
+    assert offset == 3
+    assert opened == [data_path]  # the second PATCH used the kept descriptor
+    assert await read_all(store, await store.get_info("kept"), 0, 6) == b"abcdef"
+    await closed_on_the_pool(store)
+    assert open_data_files(store.directory) == []
+
+
+@needs_proc
+async def test_kept_file_of_an_upload_recreated_elsewhere_is_not_written(store: FileStore, tmp_path: Path) -> None:
+    """Another instance deletes the upload and creates one with the same id (a
+    pre-create hook may choose ids): this instance's kept descriptor points at the
+    deleted file, and the next PATCH must land in the new one."""
+    await store.create(UploadInfo(id="same", length=None))
+    await store.write(await store.get_info("same"), chunks([b"old bytes"]))
+    other = FileStore(store.directory)
+    try:
+        await other.terminate(await other.get_info("same"))
+        await other.create(UploadInfo(id="same", length=None))
+        info = await store.get_info("same")
+        assert info.offset == 0
+        assert await store.write(info, chunks([b"new"])) == 3
+        assert await read_all(other, await other.get_info("same"), 0, 3) == b"new"
+    finally:
+        await other.close()
+    assert not [path for path in open_data_files(store.directory) if path.endswith("(deleted)")]
+
+
+@needs_proc
+async def test_terminate_closes_the_kept_file(store: FileStore) -> None:
+    await store.create(UploadInfo(id="gone", length=10))
+    await store.write(await store.get_info("gone"), chunks([b"12345"]))
+    await store.terminate(await store.get_info("gone"))
+    await closed_on_the_pool(store)
+    assert open_data_files(store.directory) == []
+
+
+@needs_proc
+async def test_kept_files_are_bounded(store: FileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_store_module, "OPEN_FILES_LIMIT", 3)
+    for number in range(6):
+        upload_id = f"u{number}"
+        await store.create(UploadInfo(id=upload_id, length=100))
+        await store.write(await store.get_info(upload_id), chunks([b"x"]))
+    await closed_on_the_pool(store)
+    kept = sorted(os.path.basename(path) for path in open_data_files(store.directory))
+    assert kept == ["u3", "u4", "u5"]  # the least recently used were closed
+    for number in range(6):  # every upload still takes its next bytes
+        upload_id = f"u{number}"
+        assert await store.write(await store.get_info(upload_id), chunks([b"y"])) == 2
+
+
+@needs_proc
+async def test_idle_kept_files_are_closed(store: FileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    await store.create(UploadInfo(id="idle", length=100))
+    await store.create(UploadInfo(id="busy", length=100))
+    await store.write(await store.get_info("idle"), chunks([b"x"]))
+    monkeypatch.setattr(file_store_module, "OPEN_FILE_IDLE_SECONDS", 0.0)
+    await store.write(await store.get_info("busy"), chunks([b"x"]))  # sweeps the idle one
+    await closed_on_the_pool(store)
+    assert [os.path.basename(path) for path in open_data_files(store.directory)] == ["busy"]

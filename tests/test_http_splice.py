@@ -384,3 +384,45 @@ def test_worker_takes_bytes_below_the_wake_threshold_before_going_idle(tmp_path:
         # The socket still works for the event loop: the next bytes are readable at once.
         sender.sendall(b"x")
         assert select.select([receiver], [], [], WAIT)[0] == [receiver]
+
+
+async def test_queued_bytes_and_the_socket_rest_go_in_one_worker_call(
+    spy: SpliceSpy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Body bytes read with the head and the rest waiting in the socket are written
+    by one worker call (queued bytes first), not two thread hand-offs."""
+    calls: list[int] = []
+    real = http_protocol._splice_and_close
+
+    def recording(*args: Any) -> http_splice.SpliceResult:
+        calls.append(sum(len(chunk) for chunk in args[-1]))
+        return real(*args)
+
+    monkeypatch.setattr(http_protocol, "_splice_and_close", recording)
+    payload = os.urandom(150_000)
+    queued: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    proceed = asyncio.Event()
+
+    async def before_splice(request: Request) -> None:
+        assert isinstance(request.body, RequestBody)
+        queued.set_result(request.body.buffered)
+        await proceed.wait()
+
+    handler = SplicingHandler(tmp_path, before_splice)
+    async with running(handler) as port:
+        connection = await RawConnection.open(port)
+        try:
+            await connection.send(head(len(payload)) + payload[:100_000])
+            already = await asyncio.wait_for(queued, WAIT)
+            assert 0 < already <= 100_000
+            # On loopback the rest is in the server's socket once sent.
+            await connection.send(payload[100_000:])
+            proceed.set()
+            assert await read_text_response(connection) == str(len(payload)).encode()
+            total, error, stored = await handler.results.get()
+        finally:
+            await connection.close()
+    assert error is None and total == len(payload)
+    assert sha(stored) == sha(payload)
+    assert calls[0] == already  # the queued bytes went with the first splice
+    assert spy.consumed == len(payload) - already

@@ -36,7 +36,7 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Sequence
 from concurrent.futures import Executor
 from email.utils import formatdate
 from typing import Final, cast
@@ -268,9 +268,15 @@ class _Cycle:
         return self.protocol._splice_ready(self)
 
     async def body_splice(
-        self, fd: int, offset: int, max_bytes: int, stop: SpliceStop | None, executor: Executor | None
+        self,
+        fd: int,
+        offset: int,
+        max_bytes: int,
+        stop: SpliceStop | None,
+        executor: Executor | None,
+        first: Sequence[bytes | memoryview] = (),
     ) -> _splice.SpliceResult:
-        return await self.protocol._splice_body(self, fd, offset, max_bytes, stop, executor)
+        return await self.protocol._splice_body(self, fd, offset, max_bytes, stop, executor, first)
 
     async def send_informational(self, status: int, headers: list[tuple[str, str]]) -> None:
         await self.protocol._send_informational(self, status, headers)
@@ -671,10 +677,16 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         max_bytes: int,
         stop: SpliceStop | None,
         executor: Executor | None,
+        first: Sequence[bytes | memoryview] = (),
     ) -> _splice.SpliceResult:
+        first_size = sum(len(chunk) for chunk in first)
         if not self._splice_ready(cycle) or self._socket_fd is None:
-            return _splice.SpliceResult()
-        count = min(max_bytes, self._raw_remaining)
+            if not first:
+                return _splice.SpliceResult()
+            # Not worth a splice after all: just write the bytes already read.
+            written, error = await self._loop.run_in_executor(executor, _splice.pwrite_chunks, fd, first, offset)
+            return _splice.SpliceResult(written_first=written, file_error=error)
+        count = min(max_bytes - first_size, self._raw_remaining)
         abort = self._splice_abort = threading.Event()
         stops = (abort,) if stop is None else (abort, stop.event)
         # The thread gets its own descriptor: if the transport closes the socket
@@ -682,7 +694,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         sock_fd = os.dup(self._socket_fd)
         try:
             work = self._loop.run_in_executor(
-                executor, _splice_and_close, sock_fd, fd, offset, count, stops, SPLICE_IDLE_SECONDS
+                executor, _splice_and_close, sock_fd, fd, offset, count, stops, SPLICE_IDLE_SECONDS, first
             )
         except BaseException:
             os.close(sock_fd)
@@ -1082,10 +1094,23 @@ def _splice_usable(loop: asyncio.AbstractEventLoop, transport: asyncio.Transport
 
 
 def _splice_and_close(
-    sock_fd: int, fd: int, offset: int, count: int, stops: tuple[threading.Event, ...], idle: float
+    sock_fd: int,
+    fd: int,
+    offset: int,
+    count: int,
+    stops: tuple[threading.Event, ...],
+    idle: float,
+    first: Sequence[bytes | memoryview],
 ) -> _splice.SpliceResult:
     try:
-        return _splice.splice_socket_to_file(sock_fd, fd, offset, count, stops, idle)
+        written = 0
+        if first:
+            written, error = _splice.pwrite_chunks(fd, first, offset)
+            if error is not None:
+                return _splice.SpliceResult(written_first=written, file_error=error)
+        result = _splice.splice_socket_to_file(sock_fd, fd, offset + written, count, stops, idle)
+        result.written_first = written
+        return result
     finally:
         os.close(sock_fd)
 

@@ -55,7 +55,11 @@ class SpliceResult:
     """What one ``splice_socket_to_file`` call did."""
 
     moved: int = 0
-    """Bytes now in the file (always equal to ``consumed`` unless ``file_error``)."""
+    """Bytes from the socket now in the file (always equal to ``consumed`` unless
+    ``file_error``)."""
+    written_first: int = 0
+    """Bytes already read from the socket, written before splicing (see
+    ``HTTPProtocol._splice_body``)."""
     consumed: int = 0
     """Bytes taken from the socket."""
     eof: bool = False

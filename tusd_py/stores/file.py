@@ -22,7 +22,10 @@ import json
 import logging
 import os
 import secrets
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tusd_py.stores.base import (
@@ -67,6 +70,10 @@ READ_CHUNK_SIZE = 256 * 1024
 """Bytes per chunk of a download."""
 IO_THREADS = 4
 """Threads of the store's pool: a few concurrent uploads' disk writes in flight."""
+OPEN_FILES_LIMIT = 64
+"""Data files kept open between the PATCHes of an upload (see ``_OpenFiles``)."""
+OPEN_FILE_IDLE_SECONDS = 30.0
+"""A kept data file not written for this long is closed."""
 COPY_STEP_SIZE = 64 * 1024 * 1024
 """Bytes copied per executor call when concatenating: long enough to amortize the hop,
 short enough that concurrent uploads' writes get a thread in between."""
@@ -91,6 +98,7 @@ class FileStore:
         except OSError as error:
             raise StoreUnavailable(f"cannot create store directory {self.directory}: {error}") from error
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="tusd-file")
+        self._open_files = _OpenFiles(self._close_later)
 
     # --- paths ------------------------------------------------------------------------
 
@@ -140,9 +148,9 @@ class FileStore:
     def _read_info_sync(self, upload_id: str) -> UploadInfo:
         info_path = self._info_path(upload_id)
         try:
-            with open(info_path, "rb") as file:
+            with open(info_path, "rb", buffering=0) as file:
                 document = json.loads(file.read())
-            size = os.stat(self._data_path(upload_id)).st_size
+            data = os.stat(self._data_path(upload_id))
         except FileNotFoundError as error:
             raise UploadNotFound(upload_id) from error
         except (ValueError, UnicodeDecodeError) as error:
@@ -151,7 +159,9 @@ class FileStore:
             info = UploadInfo.from_json(document)
         except ValueError as error:
             raise StoreError(f"corrupt info document {info_path}: {error}") from error
+        size = data.st_size
         info.offset = size if info.length is None else min(size, info.length)
+        info.state = _FileIdentity(data.st_dev, data.st_ino)
         return info
 
     # --- Store ------------------------------------------------------------------------
@@ -173,7 +183,11 @@ class FileStore:
 
     async def get_info(self, upload_id: str) -> UploadInfo:
         """The stored info with ``offset`` = size of the data file (capped at length)."""
-        return await self._run(self._read_info_sync, upload_id)
+        try:
+            return await self._run(self._read_info_sync, upload_id)
+        except UploadNotFound:
+            self._open_files.forget(upload_id)  # deleted, maybe by another instance
+            raise
 
     async def write(self, info: UploadInfo, chunks: AsyncIterable[bytes]) -> int:
         """Write ``chunks`` at ``info.offset``; return the new offset.
@@ -186,20 +200,37 @@ class FileStore:
         file in order and its size (the offset) never counts a gap; after a failed
         write nothing more is written and the error is raised.
         """
-        path = self._data_path(info.id)
+        entry = await self._open_data_file(info)
+        position = info.offset
         try:
-            fd = await self._run(os.open, path, os.O_WRONLY)
+            position = await self._write_to(entry, info, chunks)
+        finally:
+            # Kept for the next PATCH unless the upload is complete.
+            self._open_files.check_in(entry, keep=info.length is None or position < info.length)
+        return position
+
+    async def _open_data_file(self, info: UploadInfo) -> _OpenFile:
+        """The upload's data file, open for writing: the one kept from an earlier
+        PATCH when it is still the file ``get_info`` just found (same device and
+        inode), else newly opened."""
+        identity = info.state if isinstance(info.state, _FileIdentity) else None
+        entry = self._open_files.check_out(info.id, identity)
+        if entry is not None:
+            return entry
+        try:
+            fd, opened = await self._run(_open_for_writing, self._data_path(info.id))
         except FileNotFoundError as error:
             raise UploadNotFound(info.id) from error
+        return self._open_files.add(info.id, fd, opened)
+
+    async def _write_to(self, entry: _OpenFile, info: UploadInfo, chunks: AsyncIterable[bytes]) -> int:
+        fd = entry.fd
         room = None if info.length is None else info.length - info.offset
         # getattr first: isinstance() against a runtime-checkable Protocol walks the
         # protocol's members on every call (measurable per PATCH).
         if getattr(chunks, "can_splice", False) and isinstance(chunks, FileSpliceSource):
-            try:
-                return await self._write_spliced(fd, info.offset, room, chunks)
-            finally:
-                # splice_to returns only once its bytes are in the file.
-                self._close_later(fd)
+            # splice_to returns only once its bytes are in the file.
+            return await self._write_spliced(fd, info.offset, room, chunks)
         writer = _OrderedWriter(self._pool, fd, info.offset)
         try:
             try:
@@ -215,13 +246,10 @@ class FileStore:
                 # Whatever happened to the iterator, what was received goes to disk.
                 await _wait_uncancellable(writer.write_rest())
         finally:
-            in_flight = writer.in_flight
-            if in_flight is not None:
-                # Only after a second cancellation: close once the thread is done.
-                in_flight.add_done_callback(lambda _: os.close(fd))
-            else:
-                # Every write is done (write_rest waited for it).
-                self._close_later(fd)
+            if writer.in_flight is not None:
+                # Only after a second cancellation: the descriptor may be closed
+                # only once that thread is done with it.
+                entry.in_flight = writer.in_flight
         return writer.position
 
     async def _write_spliced(self, fd: int, offset: int, room: int | None, body: FileSpliceSource) -> int:
@@ -244,13 +272,16 @@ class FileStore:
 
     async def finish(self, info: UploadInfo) -> UploadInfo:
         """Mark the upload finished in its info document (idempotent)."""
+        self._open_files.forget(info.id)
         if not info.finished:
             info.finished = True
             await self._run(self._write_info_sync, info)
         return info
 
     async def close(self) -> None:
-        """Stop the thread pool once running file operations are done."""
+        """Close the kept data files and stop the thread pool once running file
+        operations are done."""
+        self._open_files.forget_all()
         await asyncio.get_running_loop().run_in_executor(None, functools.partial(self._pool.shutdown, wait=True))
 
     # --- SupportsTermination --------------------------------------------------------
@@ -258,6 +289,7 @@ class FileStore:
     async def terminate(self, info: UploadInfo) -> None:
         """Delete the info document, then the data (a crash in between leaves an
         orphan data file that no request can reach)."""
+        self._open_files.forget(info.id)
         await self._run(self._terminate_sync, info.id)
 
     def _terminate_sync(self, upload_id: str) -> None:
@@ -401,6 +433,114 @@ class FileStore:
             log.info("removed orphan %s", name)
             removed += 1
         return removed
+
+
+@dataclass(frozen=True, slots=True)
+class _FileIdentity:
+    """Which file a path named when it was looked at (``get_info``)."""
+
+    device: int
+    inode: int
+
+
+@dataclass(slots=True, eq=False)
+class _OpenFile:
+    """A data file open for writing, kept between the PATCHes of one upload."""
+
+    upload_id: str
+    fd: int
+    identity: _FileIdentity
+    users: int = 1
+    last_used: float = 0.0
+    dropped: bool = False
+    in_flight: concurrent.futures.Future[None] | None = None
+    """A write still running on the descriptor (only after a second cancellation)."""
+
+
+class _OpenFiles:
+    """Data files kept open between the PATCHes of an upload, so that a PATCH after
+    the first costs no ``open``/``close`` round trip to the pool (each is a thread
+    hand-off: a few hundred microseconds of a small PATCH).
+
+    Safe because a kept descriptor is used only for the file ``get_info`` found by
+    path in the same locked request: same device and inode, else it is dropped and
+    the path opened anew (another instance may have deleted and re-created the
+    upload). Writes are positional, so another instance writing the same file in
+    between changes nothing. At most ``OPEN_FILES_LIMIT`` are kept, each for at
+    most ``OPEN_FILE_IDLE_SECONDS`` unused; one in use is never closed under its
+    writer. Runs on the event loop only.
+    """
+
+    def __init__(self, close: Callable[[int], None]) -> None:
+        self._close = close
+        self._entries: OrderedDict[str, _OpenFile] = OrderedDict()
+
+    def check_out(self, upload_id: str, identity: _FileIdentity | None) -> _OpenFile | None:
+        """The kept descriptor of ``upload_id`` if it is that file (one user more)."""
+        self._close_idle(time.monotonic())
+        entry = self._entries.get(upload_id)
+        if entry is None or identity is None:
+            return None
+        if entry.identity != identity or entry.users:
+            self.forget(upload_id)
+            return None
+        entry.users += 1
+        self._entries.move_to_end(upload_id)
+        return entry
+
+    def add(self, upload_id: str, fd: int, identity: _FileIdentity) -> _OpenFile:
+        """Keep a newly opened descriptor (checked out by the caller)."""
+        self.forget(upload_id)
+        entry = self._entries[upload_id] = _OpenFile(upload_id, fd, identity)
+        while len(self._entries) > OPEN_FILES_LIMIT:
+            oldest = next((key for key, kept in self._entries.items() if not kept.users), None)
+            if oldest is None:
+                break  # all in use: over the limit until they are checked in
+            self.forget(oldest)
+        return entry
+
+    def check_in(self, entry: _OpenFile, keep: bool) -> None:
+        """The caller is done with ``entry``; ``keep`` False drops it."""
+        entry.users -= 1
+        entry.last_used = time.monotonic()
+        if entry.in_flight is not None or not keep:
+            entry.dropped = True
+            if self._entries.get(entry.upload_id) is entry:
+                del self._entries[entry.upload_id]
+        if entry.dropped and not entry.users:
+            self._release(entry)
+
+    def forget(self, upload_id: str) -> None:
+        """Stop keeping ``upload_id``'s descriptor (closed once unused)."""
+        entry = self._entries.pop(upload_id, None)
+        if entry is not None:
+            entry.dropped = True
+            if not entry.users:
+                self._release(entry)
+
+    def forget_all(self) -> None:
+        for upload_id in list(self._entries):
+            self.forget(upload_id)
+
+    def _close_idle(self, now: float) -> None:
+        while self._entries:
+            upload_id, entry = next(iter(self._entries.items()))
+            if entry.users or now - entry.last_used < OPEN_FILE_IDLE_SECONDS:
+                break
+            self.forget(upload_id)
+
+    def _release(self, entry: _OpenFile) -> None:
+        in_flight, fd = entry.in_flight, entry.fd
+        if in_flight is not None:
+            in_flight.add_done_callback(lambda _: os.close(fd))
+        else:
+            self._close(fd)
+
+
+def _open_for_writing(path: str) -> tuple[int, _FileIdentity]:
+    fd = os.open(path, os.O_WRONLY)
+    opened = os.fstat(fd)
+    return fd, _FileIdentity(opened.st_dev, opened.st_ino)
 
 
 class _OrderedWriter:
