@@ -114,6 +114,21 @@ class SplicingHandler:
         return Response(200, [], str(total).encode())
 
 
+class HeldHandler:
+    """Holds ``SplicingHandler`` before its splice: ``queued`` tells how many body
+    bytes the connection had read with the head (queued before the handler ran),
+    and the handler goes on once the test sets ``proceed``."""
+
+    def __init__(self) -> None:
+        self.queued: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.proceed = asyncio.Event()
+
+    async def before_splice(self, request: Request) -> None:
+        assert isinstance(request.body, RequestBody)
+        self.queued.set_result(request.body.buffered)
+        await self.proceed.wait()
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -147,22 +162,14 @@ async def test_large_body_is_spliced_exactly(spy: SpliceSpy, tmp_path: Path) -> 
 async def test_bytes_queued_before_the_splice_come_first(spy: SpliceSpy, tmp_path: Path) -> None:
     payload = os.urandom(8 * MiB)
     first = 100_000
-    queued: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    proceed = asyncio.Event()
-
-    async def before_splice(request: Request) -> None:
-        # The bytes sent with the head are queued before the handler runs.
-        assert isinstance(request.body, RequestBody)
-        queued.set_result(request.body.buffered)
-        await proceed.wait()
-
-    handler = SplicingHandler(tmp_path, before_splice)
+    gate = HeldHandler()
+    handler = SplicingHandler(tmp_path, gate.before_splice)
     async with running(handler) as port:
         connection = await RawConnection.open(port)
         try:
             await connection.send(head(len(payload)) + payload[:first])
-            assert 0 < await asyncio.wait_for(queued, WAIT) <= first
-            proceed.set()
+            assert 0 < await asyncio.wait_for(gate.queued, WAIT) <= first
+            gate.proceed.set()
             await connection.send(payload[first:])
             assert await read_text_response(connection) == str(len(payload)).encode()
             total, error, stored = await handler.results.get()
@@ -400,24 +407,17 @@ async def test_queued_bytes_and_the_socket_rest_go_in_one_worker_call(
 
     monkeypatch.setattr(http_protocol, "_splice_and_close", recording)
     payload = os.urandom(150_000)
-    queued: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    proceed = asyncio.Event()
-
-    async def before_splice(request: Request) -> None:
-        assert isinstance(request.body, RequestBody)
-        queued.set_result(request.body.buffered)
-        await proceed.wait()
-
-    handler = SplicingHandler(tmp_path, before_splice)
+    gate = HeldHandler()
+    handler = SplicingHandler(tmp_path, gate.before_splice)
     async with running(handler) as port:
         connection = await RawConnection.open(port)
         try:
             await connection.send(head(len(payload)) + payload[:100_000])
-            already = await asyncio.wait_for(queued, WAIT)
+            already = await asyncio.wait_for(gate.queued, WAIT)
             assert 0 < already <= 100_000
             # On loopback the rest is in the server's socket once sent.
             await connection.send(payload[100_000:])
-            proceed.set()
+            gate.proceed.set()
             assert await read_text_response(connection) == str(len(payload)).encode()
             total, error, stored = await handler.results.get()
         finally:

@@ -119,7 +119,44 @@ def splice_socket_to_file(
     poller.register(sock_fd, _POLL_IN)
     wake_bytes = _WakeBytes(sock_fd)
     try:
-        _splice_loop(sock_fd, fd, offset, count, stops, idle, result, read_end, write_end, poller, wake_bytes)
+        idle_since = time.monotonic()
+        while result.consumed < count:
+            if any(stop.is_set() for stop in stops):
+                break
+            try:
+                taken = os.splice(sock_fd, write_end, min(count - result.consumed, PIPE_SIZE), flags=_SOCKET_FLAGS)
+            except BlockingIOError:
+                waited = time.monotonic() - idle_since
+                if waited >= idle:
+                    break
+                wake_bytes.set(min(WAKE_BYTES, count - result.consumed))
+                try:
+                    poller.poll(max(1, int(min(POLL_SLICE_SECONDS, idle - waited) * 1000)))
+                except InterruptedError:  # pragma: no cover - retried by PEP 475
+                    pass
+                continue
+            except OSError as error:
+                if error.errno == errno.EINTR:  # pragma: no cover - retried by PEP 475
+                    continue
+                result.socket_error = error
+                result.eof = True
+                break
+            if taken == 0:
+                result.eof = True
+                break
+            result.consumed += taken
+            idle_since = time.monotonic()
+            try:
+                while result.moved < result.consumed:
+                    written = os.splice(read_end, fd, result.consumed - result.moved, offset_dst=offset + result.moved,
+                                        flags=_FILE_FLAGS)
+                    if written <= 0:
+                        raise OSError(errno.EIO, "splice into the file wrote nothing")
+                    result.moved += written
+            except OSError as error:
+                result.file_error = error
+                _drop_pipe()
+                break
     finally:
         wake_bytes.restore()
     return result
@@ -148,59 +185,6 @@ class _WakeBytes:
 
     def restore(self) -> None:
         self.set(1)
-
-
-def _splice_loop(
-    sock_fd: int,
-    fd: int,
-    offset: int,
-    count: int,
-    stops: Sequence[threading.Event],
-    idle: float,
-    result: SpliceResult,
-    read_end: int,
-    write_end: int,
-    poller: select.poll,
-    wake_bytes: _WakeBytes,
-) -> None:
-    idle_since = time.monotonic()
-    while result.consumed < count:
-        if any(stop.is_set() for stop in stops):
-            break
-        try:
-            taken = os.splice(sock_fd, write_end, min(count - result.consumed, PIPE_SIZE), flags=_SOCKET_FLAGS)
-        except BlockingIOError:
-            waited = time.monotonic() - idle_since
-            if waited >= idle:
-                break
-            wake_bytes.set(min(WAKE_BYTES, count - result.consumed))
-            try:
-                poller.poll(max(1, int(min(POLL_SLICE_SECONDS, idle - waited) * 1000)))
-            except InterruptedError:  # pragma: no cover - retried by PEP 475
-                pass
-            continue
-        except OSError as error:
-            if error.errno == errno.EINTR:  # pragma: no cover - retried by PEP 475
-                continue
-            result.socket_error = error
-            result.eof = True
-            break
-        if taken == 0:
-            result.eof = True
-            break
-        result.consumed += taken
-        idle_since = time.monotonic()
-        try:
-            while result.moved < result.consumed:
-                written = os.splice(read_end, fd, result.consumed - result.moved, offset_dst=offset + result.moved,
-                                    flags=_FILE_FLAGS)
-                if written <= 0:
-                    raise OSError(errno.EIO, "splice into the file wrote nothing")
-                result.moved += written
-        except OSError as error:
-            result.file_error = error
-            _drop_pipe()
-            break
 
 
 def pwrite_chunks(fd: int, chunks: Sequence[bytes | memoryview], offset: int) -> tuple[int, OSError | None]:
