@@ -215,7 +215,9 @@ class RequestBody:
         self._received += size
         self._flow.body_consumed(self._buffered)
         loop = self._loop
-        if size < max_bytes and not chunks and not self._complete and self._flow.body_splice_ready():
+        if size < max_bytes and not chunks and not self._complete:
+            # The connection splices the rest after them when enough of it waits
+            # (else it writes just these): one readiness check, one worker call.
             result = await _finish_uncancelled(
                 loop, self._flow.body_splice(fd, offset, max_bytes, stop, executor, taken), stop
             )
