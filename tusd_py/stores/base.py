@@ -5,10 +5,22 @@ handler validates every request (version, offsets, lengths, metadata) before it 
 store, and holds the upload's lock around every call that reads or changes an upload,
 so a store never sees raw headers and never sees two writers of one upload at once.
 
-The core ``Store`` protocol is what every store implements. Optional capabilities are
-separate protocols (``SupportsTermination``, ...); the handler advertises a tus
-extension only when the configured store implements the matching protocol (checked with
-``isinstance`` at start-up; the protocols are ``runtime_checkable``).
+``Store.get`` (or ``create``) opens an upload: the ``Upload`` handle it returns owns
+the store's private state for the time the caller holds the lock (what S3 listed, the
+file found on disk), so the calls after it (``write``, ``finish``, ...) read nothing
+back. Callers see only ``UploadInfo`` snapshots, which are immutable: every call that
+changes an upload returns a new one.
+
+The core ``Store`` protocol (with ``Upload``) is what every store implements: tus
+core, creation, creation-defer-length, termination and downloads. Optional store-wide
+capabilities are separate protocols (``SupportsConcatenation``,
+``SupportsExpiration``); the handler advertises a tus extension only when the
+configured store implements the matching protocol (checked with ``isinstance`` once
+at start-up; the protocols are ``runtime_checkable``).
+
+The bytes of a write arrive as an ``UploadBody``: an async iterable of chunks that may
+also offer to copy itself into a file (``copy_into``), which a store writing files
+uses and any other store ignores.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ import base64
 import re
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -64,9 +76,17 @@ class UploadTooLarge(StoreError):
     S3 store's deferred-length ceiling, or S3's 5 TiB object limit."""
 
 
-@dataclass(slots=True)
+StorageFields = Mapping[str, str | int | None]
+"""A store's persistent per-upload fields (e.g. the S3 multipart upload id and part
+size): JSON scalars under names the store chooses. Hooks see them as ``storage``."""
+
+
+@dataclass(frozen=True, slots=True)
 class UploadInfo:
-    """Everything known about one upload.
+    """An immutable snapshot of one upload, as a store last saw it.
+
+    Stores hand out new snapshots (``Upload.info`` and the results of its calls);
+    nobody patches one back: use ``dataclasses.replace`` to describe a changed upload.
 
     ``metadata`` maps each Upload-Metadata key to its value exactly as the client sent
     it, still base64-encoded ("" for a key without value), so it can be echoed back
@@ -77,22 +97,20 @@ class UploadInfo:
     length: int | None
     """Total length in bytes, or None while the length is deferred."""
     offset: int = 0
-    """Bytes stored so far (filled in by ``Store.get_info``)."""
-    metadata: dict[str, str] = field(default_factory=dict)
+    """Bytes stored when the snapshot was taken (derived from the stored bytes, never
+    persisted)."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     expires_at: float | None = None
     """Unix time after which an unfinished upload may be removed; None: never."""
     is_partial: bool = False
     """Created with ``Upload-Concat: partial``."""
-    partial_ids: list[str] | None = None
+    partial_ids: tuple[str, ...] | None = None
     """For a final upload (``Upload-Concat: final;...``): the partial uploads' ids."""
     finished: bool = False
     """True once the store finished the upload (all bytes received, object complete)."""
-    storage: dict[str, Any] = field(default_factory=dict)
-    """Store-specific persistent fields (e.g. the S3 multipart upload id, part size)."""
-    state: object | None = field(default=None, compare=False, repr=False)
-    """Store-specific transient state from ``get_info`` reused by the next call on the
-    same upload within one request (never persisted)."""
+    storage: StorageFields = field(default_factory=dict)
+    """Store-specific persistent fields (see ``StorageFields``)."""
 
     @property
     def is_final(self) -> bool:
@@ -114,88 +132,157 @@ class UploadInfo:
         return base64.b64decode(raw).decode("utf-8", errors="replace")
 
     def to_json(self) -> dict[str, Any]:
-        """The persistent fields as a JSON-ready dict (``offset`` and ``state`` excluded:
-        the offset is always derived from the stored bytes)."""
+        """The persistent fields as a JSON-ready dict (``offset`` excluded: it is
+        always derived from the stored bytes)."""
         return {
             "id": self.id,
             "length": self.length,
-            "metadata": self.metadata,
+            "metadata": dict(self.metadata),
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "is_partial": self.is_partial,
-            "partial_ids": self.partial_ids,
+            "partial_ids": None if self.partial_ids is None else list(self.partial_ids),
             "finished": self.finished,
-            "storage": self.storage,
+            "storage": dict(self.storage),
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> UploadInfo:
-        """Inverse of ``to_json``; raises ``ValueError`` on a malformed document."""
+    def from_json(cls, data: dict[str, Any], offset: int = 0) -> UploadInfo:
+        """Inverse of ``to_json`` (with ``offset``); raises ``ValueError`` on a
+        malformed document."""
         try:
+            storage = dict(data.get("storage") or {})
+            for key, value in storage.items():
+                if value is not None and not isinstance(value, str | int):
+                    raise TypeError(f"storage field {key!r} is not a string or integer")
             return cls(
                 id=str(data["id"]),
                 length=None if data["length"] is None else int(data["length"]),
+                offset=offset,
                 metadata={str(k): str(v) for k, v in dict(data.get("metadata") or {}).items()},
                 created_at=float(data.get("created_at", 0.0)),
                 expires_at=None if data.get("expires_at") is None else float(data["expires_at"]),
                 is_partial=bool(data.get("is_partial", False)),
-                partial_ids=None if data.get("partial_ids") is None else [str(p) for p in data["partial_ids"]],
+                partial_ids=None if data.get("partial_ids") is None else tuple(str(p) for p in data["partial_ids"]),
                 finished=bool(data.get("finished", False)),
-                storage=dict(data.get("storage") or {}),
+                storage=storage,
             )
         except (KeyError, TypeError) as error:
             raise ValueError(f"malformed upload info: {error}") from error
 
 
-@runtime_checkable
-class FileSpliceSource(Protocol):
-    """An optional capability of the ``chunks`` a store's ``write`` receives: move
-    the bytes straight into a file (Linux ``splice(2)``: socket to file inside the
-    kernel) instead of iterating them as ``bytes``. A store that writes files checks
-    ``isinstance(chunks, FileSpliceSource) and chunks.can_splice``; any other store
-    just iterates. The same rules hold as for iteration: bounded to the upload,
-    stopped by release requests, every moved byte counted."""
+@dataclass(frozen=True, slots=True)
+class FileTarget:
+    """Where ``UploadBody.copy_into`` puts bytes: file descriptor ``fd`` at byte
+    ``offset``; ``executor`` runs the blocking work (None: the loop's default)."""
 
-    @property
-    def can_splice(self) -> bool:
-        """Whether ``splice_to`` may be used now (else iterate)."""
+    fd: int
+    offset: int
+    executor: Executor | None = None
+
+
+class UploadBody(Protocol):
+    """The bytes ``Upload.write`` stores: iterate it for ``bytes`` chunks, or, where
+    the body offers it and the store writes a file, let it copy itself into the file
+    (``copy_into``: on Linux the kernel moves socket bytes into the file with
+    ``splice(2)``, and no ``bytes`` object is made). Both ways obey the same limits
+    and stops (the upload's length, release requests, a lost lock), may be mixed, and
+    count every byte moved; the body stays one ordered stream."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """The body's chunks (never an empty one)."""
         ...
 
-    async def splice_to(self, fd: int, offset: int, max_bytes: int, *, executor: Executor | None = None) -> int:
-        """Move up to ``max_bytes`` into file ``fd`` at ``offset``; return how many
-        landed in the file (0: the body ended or was stopped)."""
+    async def copy_into(self, target: FileTarget, max_bytes: int) -> int | None:
+        """Move up to ``max_bytes`` body bytes into ``target``; return how many landed
+        in the file (every one of them is in the file when this returns), 0 once the
+        body ended or was stopped, or None when this body cannot be copied into a
+        file now (iterate it instead). Raises ``OSError`` when the file cannot be
+        written (bytes written before the error are in the file)."""
+        ...
+
+
+class IteratedBody:
+    """An ``UploadBody`` over any async iterable of chunks (no ``copy_into``): the
+    body of a verified checksum request, a concatenation's download, a test."""
+
+    __slots__ = ("_chunks",)
+
+    def __init__(self, chunks: AsyncIterable[bytes]) -> None:
+        self._chunks = chunks
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return aiter(self._chunks)
+
+    async def copy_into(self, target: FileTarget, max_bytes: int) -> None:
+        return None
+
+
+class Upload(Protocol):
+    """One upload, opened by ``Store.get`` or ``Store.create`` for the time the
+    caller holds the upload's lock.
+
+    The handle owns what the store learned while opening it (e.g. the S3 parts
+    listed, the file it found) and keeps it true across its calls, so a write after
+    ``get`` reads nothing back. It is not kept past the lock: the next request opens
+    the upload again. Every call may raise ``UploadNotFound`` (the upload vanished,
+    e.g. terminated by another instance), ``StoreUnavailable`` or ``StoreError``.
+    """
+
+    @property
+    def info(self) -> UploadInfo:
+        """The snapshot after the last call (its ``offset`` counts only stored bytes,
+        also after a call that failed part-way)."""
+        ...
+
+    async def write(self, offset: int, body: UploadBody) -> UploadInfo:
+        """Append the bytes of ``body`` at ``offset``; the new snapshot.
+
+        ``offset`` is ``info.offset`` (the handler checked the client's offset against
+        it; a store raises ``StoreError`` for any other). The handler bounds ``body``
+        so that it never runs past ``info.length``. ``body`` may end early (client
+        gone, release requested): every byte it yielded is stored before ``write``
+        returns, and the new offset counts only bytes that are durably stored. When
+        the body raises, the store stores what it has and re-raises (``info`` then
+        says what is stored).
+        """
+        ...
+
+    async def finish(self) -> UploadInfo:
+        """Make a complete upload (``offset == length``) finished, e.g.
+        CompleteMultipartUpload; the new snapshot. Idempotent."""
+        ...
+
+    async def declare_length(self, length: int) -> UploadInfo:
+        """Persist the now-known total length of a deferred-length upload (the
+        handler checked it against the offset); the new snapshot. Raises
+        ``UploadTooLarge`` above what the store can hold for this upload."""
+        ...
+
+    async def terminate(self) -> None:
+        """Delete the upload and everything stored for it."""
+        ...
+
+    def read(self, start: int, stop: int) -> AsyncIterator[bytes]:
+        """Stream bytes ``[start, stop)`` of the (finished) upload. The stream may be
+        iterated after the lock is released: a finished upload does not change."""
         ...
 
 
 @runtime_checkable
 class Store(Protocol):
-    """What every store implements (tus core + creation)."""
+    """What every store implements: tus core, creation, creation-defer-length,
+    termination and downloads (``Upload``'s methods)."""
 
-    async def create(self, info: UploadInfo) -> UploadInfo:
+    async def create(self, info: UploadInfo) -> Upload:
         """Create a new empty upload described by ``info`` (its id is already chosen
-        and valid). Returns the stored info (offset 0); raises ``UploadExists`` when
-        an upload with that id exists."""
+        and valid; its ``offset`` is ignored) and open it; raises ``UploadExists``
+        when an upload with that id exists."""
         ...
 
-    async def get_info(self, upload_id: str) -> UploadInfo:
-        """The upload's info with its current ``offset``; raises ``UploadNotFound``."""
-        ...
-
-    async def write(self, info: UploadInfo, chunks: AsyncIterable[bytes]) -> int:
-        """Append the bytes of ``chunks`` at ``info.offset``; return the new offset.
-
-        ``info`` comes from ``get_info`` in the same locked request. The handler has
-        already checked the offset and bounds ``chunks`` so that it never runs past
-        ``info.length``. ``chunks`` may end early (client gone, release requested):
-        every byte it yielded must be stored before ``write`` returns, and the
-        returned offset must count only bytes that are durably stored. When the
-        iterator raises, the store stores what it has and re-raises.
-        """
-        ...
-
-    async def finish(self, info: UploadInfo) -> UploadInfo:
-        """Called once when ``info.offset == info.length``: make the upload complete
-        (e.g. CompleteMultipartUpload). Idempotent."""
+    async def get(self, upload_id: str) -> Upload:
+        """Open the upload ``upload_id`` (its ``info`` carries the current offset);
+        raises ``UploadNotFound``."""
         ...
 
     async def close(self) -> None:
@@ -204,44 +291,17 @@ class Store(Protocol):
 
 
 @runtime_checkable
-class SupportsTermination(Protocol):
-    """tus ``termination``."""
-
-    async def terminate(self, info: UploadInfo) -> None:
-        """Delete the upload and everything stored for it."""
-        ...
-
-
-@runtime_checkable
-class SupportsDeferredLength(Protocol):
-    """tus ``creation-defer-length``."""
-
-    async def declare_length(self, info: UploadInfo, length: int) -> UploadInfo:
-        """Persist the now-known total length of a deferred-length upload."""
-        ...
-
-
-@runtime_checkable
-class SupportsDownload(Protocol):
-    """GET of a finished (or, for the file store, any) upload's bytes."""
-
-    def read(self, info: UploadInfo, start: int, stop: int) -> AsyncIterator[bytes]:
-        """Stream bytes ``[start, stop)`` of the upload."""
-        ...
-
-
-@runtime_checkable
 class SupportsConcatenation(Protocol):
     """tus ``concatenation`` (finished partial uploads only)."""
 
-    async def concatenate(self, final: UploadInfo, partials: list[UploadInfo]) -> UploadInfo:
+    async def concatenate(self, final: UploadInfo, partials: Sequence[UploadInfo]) -> UploadInfo:
         """Create the final upload ``final`` (id chosen and valid, ``partial_ids`` and
         ``length`` = the partials' total set) holding the bytes of ``partials`` in
-        order, and return its info finished (``offset == length``).
+        order, and return its snapshot, finished (``offset == length``).
 
         The partials are finished uploads whose locks the caller holds; they are
-        left as they are. The final upload becomes visible to ``get_info`` only once
-        it is complete: a crash part-way leaves at most unreferenced storage that
+        left as they are. The final upload becomes visible to ``get`` only once it
+        is complete: a crash part-way leaves at most unreferenced storage that
         ``SupportsExpiration.remove_orphans`` cleans up. Raises ``UploadExists``
         when an upload with ``final.id`` exists.
         """
@@ -249,8 +309,8 @@ class SupportsConcatenation(Protocol):
 
 
 @runtime_checkable
-class SupportsExpiration(SupportsTermination, Protocol):
-    """tus ``expiration``: removal of expired unfinished uploads (``terminate``) and of
+class SupportsExpiration(Protocol):
+    """tus ``expiration``: listing uploads (to terminate expired ones) and removing
     storage that no upload owns any more."""
 
     def list_uploads(self) -> AsyncIterator[UploadInfo]:
