@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from tusd_py.lockers.base import Locker, LockTimeout, LockUnavailable
+from tusd_py.lockers.base import Locker, LockTimeout, LockUnavailable, no_release_request
 from tusd_py.stores.base import Store, StoreError, SupportsExpiration, UploadNotFound
 
 log = logging.getLogger("tusd_py.expiry")
@@ -40,9 +40,6 @@ class SweepResult:
 class ExpiringStore(Store, SupportsExpiration, Protocol):
     """A store that can list, terminate and clean up uploads."""
 
-
-def _no_release() -> None:
-    """A sweep holds an upload's lock only to check and delete it."""
 
 
 class Sweeper:
@@ -83,14 +80,14 @@ class Sweeper:
         return SweepResult(expired, orphans, skipped)
 
     async def _remove_if_expired(self, upload_id: str, now: float) -> bool:
-        async with self._locker.lock(upload_id, _no_release):
+        async with self._locker.lock(upload_id, no_release_request):
             try:
-                info = await self._store.get_info(upload_id)
+                upload = await self._store.get(upload_id)
             except UploadNotFound:
                 return False
-            if not info.is_expired(now):
+            if not upload.info.is_expired(now):
                 return False
-            await self._store.terminate(info)
+            await upload.terminate()
         log.info("removed expired upload", extra={"upload_id": upload_id})
         return True
 

@@ -153,17 +153,6 @@ class RequestContext:
         }
 
 
-def _snapshot(info: UploadInfo) -> UploadInfo:
-    """A copy of ``info`` that later changes by the handler or store cannot touch."""
-    return dataclasses.replace(
-        info,
-        metadata=dict(info.metadata),
-        storage=dict(info.storage),
-        partial_ids=None if info.partial_ids is None else list(info.partial_ids),
-        state=None,
-    )
-
-
 def upload_to_json(info: UploadInfo) -> dict[str, Any]:
     """The upload as hook receivers see it: metadata decoded to text."""
     return {
@@ -174,11 +163,11 @@ def upload_to_json(info: UploadInfo) -> dict[str, Any]:
         "metadata": {key: info.metadata_text(key) for key in info.metadata},
         "is_partial": info.is_partial,
         "is_final": info.is_final,
-        "partial_uploads": info.partial_ids,
+        "partial_uploads": None if info.partial_ids is None else list(info.partial_ids),
         "finished": info.finished,
         "created_at": info.created_at,
         "expires_at": info.expires_at,
-        "storage": info.storage,
+        "storage": dict(info.storage),
     }
 
 
@@ -453,7 +442,7 @@ class Hooks:
         result = PreCreateResult(info)
         for fn in self._callables[PRE_CREATE]:
             try:
-                answer = await fn(HookEvent(PRE_CREATE, _snapshot(result.info), request))
+                answer = await fn(HookEvent(PRE_CREATE, result.info, request))
             except HookError:
                 raise
             except Exception as error:
@@ -464,7 +453,7 @@ class Hooks:
                 if result.rejection is not None:
                     return result
         if self._sender is not None and PRE_CREATE in self._webhook_events:
-            event = HookEvent(PRE_CREATE, _snapshot(result.info), request)
+            event = HookEvent(PRE_CREATE, result.info, request)
             try:
                 raw = await self._sender.send(PRE_CREATE, event.body())
                 try:
@@ -531,7 +520,7 @@ class Hooks:
             self._count(event_type, "dropped")
             return
         try:
-            self._queue.put_nowait(HookEvent(event_type, _snapshot(info), request))
+            self._queue.put_nowait(HookEvent(event_type, info, request))
         except asyncio.QueueFull:
             log.warning("%s hook dropped: %d deliveries already pending", event_type, self._queue.qsize(),
                         extra={"upload_id": info.id})

@@ -30,6 +30,13 @@ log = logging.getLogger("tusd_py.lockers")
 ReleaseRequest = Callable[[], None]
 """Called (on the holder's event loop) when another request wants the lock."""
 
+
+
+def no_release_request() -> None:
+    """The release request of a short lock holder (HEAD, DELETE, GET, a sweep, a
+    concatenation): it lets go soon on its own, so there is nothing to cut short."""
+
+
 _LOCK_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 

@@ -27,6 +27,7 @@ from concurrent.futures import Executor
 from typing import cast
 
 from tusd_py.http.types import Body, BodyTimeout, ClientDisconnected, SpliceableBody, SpliceStop
+from tusd_py.stores.base import FileTarget
 
 # While stopping: bytes already sent by the client arrive back to back (loopback or
 # LAN: microseconds apart), so a gap this long means the client stalled and the
@@ -111,6 +112,12 @@ class GuardedBody:
         # getattr, not isinstance(): a runtime-checkable Protocol check walks the
         # protocol's members on every call (measurable per PATCH).
         return bool(getattr(self._body, "can_splice", False))
+
+    async def copy_into(self, target: FileTarget, max_bytes: int) -> int | None:
+        """See ``stores.base.UploadBody.copy_into``."""
+        if not self.can_splice:
+            return None
+        return await self.splice_to(target.fd, target.offset, max_bytes, executor=target.executor)
 
     async def splice_to(
         self,

@@ -21,15 +21,17 @@ immutable operation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tusd_py.http.types import Request
-from tusd_py.lockers.base import Locker
+from tusd_py.lockers.base import Locker, no_release_request
 from tusd_py.stores.base import (
     Store,
     SupportsConcatenation,
+    Upload,
     UploadExists,
     UploadInfo,
     UploadNotFound,
@@ -139,7 +141,7 @@ async def create_final(
     final: UploadInfo,
     *,
     check_length: Callable[[int], None],
-    finish_if_complete: Callable[[UploadInfo, Request], Awaitable[UploadInfo]],
+    finish_if_complete: Callable[[Upload, Request], Awaitable[UploadInfo]],
 ) -> UploadInfo:
     """Create the final upload ``final`` (metadata set, ``partial_ids`` set, length
     unset) from its partial uploads and return it, finished.
@@ -152,19 +154,20 @@ async def create_final(
     assert final.partial_ids is not None
     async with contextlib.AsyncExitStack() as locks:
         for upload_id in sorted(set(final.partial_ids)):
-            await locks.enter_async_context(locker.lock(upload_id, _no_release))
+            await locks.enter_async_context(locker.lock(upload_id, no_release_request))
         known: dict[str, UploadInfo] = {}
         for upload_id in final.partial_ids:
             if upload_id not in known:
                 known[upload_id] = await _finished_partial(store, upload_id, request, finish_if_complete)
         partials = [known[upload_id] for upload_id in final.partial_ids]
-        final.length = sum(partial.offset for partial in partials)
-        check_length(final.length)
+        length = sum(partial.offset for partial in partials)
+        check_length(length)
+        final = dataclasses.replace(final, length=length)
         final = await events.pre_create(final, request)
         if final.id in known:
             # A hook chose a partial's id: its lock is ours already, and it exists.
             raise UploadExists(final.id)
-        async with locker.lock(final.id, _no_release):
+        async with locker.lock(final.id, no_release_request):
             final = await concatenator.concatenate(final, partials)
             events.created(final, request)
             events.finished(final, request)
@@ -175,12 +178,13 @@ async def _finished_partial(
     store: Store,
     upload_id: str,
     request: Request,
-    finish_if_complete: Callable[[UploadInfo, Request], Awaitable[UploadInfo]],
+    finish_if_complete: Callable[[Upload, Request], Awaitable[UploadInfo]],
 ) -> UploadInfo:
     try:
-        info = await store.get_info(upload_id)
+        upload = await store.get(upload_id)
     except UploadNotFound:
         raise TusError(ERR_PARTIAL_NOT_FOUND, f"no upload {upload_id}") from None
+    info = upload.info
     if not info.is_partial:
         raise TusError(ERR_NOT_PARTIAL, f"upload {upload_id} was not created with Upload-Concat: partial")
     if not info.is_complete:
@@ -188,8 +192,5 @@ async def _finished_partial(
             ERR_PARTIAL_NOT_FINISHED,
             f"upload {upload_id} has {info.offset} of {'?' if info.length is None else info.length} bytes",
         )
-    return await finish_if_complete(info, request)
+    return await finish_if_complete(upload, request)
 
-
-def _no_release() -> None:
-    """Concatenation holds the partials' locks briefly and cannot be cut short."""

@@ -52,9 +52,6 @@ ERR_LENGTH_AND_DEFER = ErrorKind(
 )
 ERR_LENGTH_ALREADY_SET = ErrorKind("ERR_LENGTH_ALREADY_SET", 400, "the upload length is already set and cannot change")
 ERR_LENGTH_BELOW_OFFSET = ErrorKind("ERR_LENGTH_BELOW_OFFSET", 400, "Upload-Length is smaller than the stored offset")
-ERR_DEFER_NOT_SUPPORTED = ErrorKind(
-    "ERR_DEFER_NOT_SUPPORTED", 400, "deferred upload length (creation-defer-length) is not supported by this store"
-)
 ERR_INVALID_METADATA = ErrorKind("ERR_INVALID_METADATA", 400, "invalid Upload-Metadata header")
 ERR_CHECKSUM_NOT_SUPPORTED = ErrorKind(
     "ERR_CHECKSUM_NOT_SUPPORTED", 400, "unsupported Upload-Checksum algorithm (supported: md5, sha1, sha256)"

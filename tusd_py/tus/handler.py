@@ -9,13 +9,17 @@ every store call that reads or changes an upload, and answers every error throug
 Store call order (the contract stores, hooks and metrics can rely on), always under
 the upload's lock:
 
-- POST:   ``create`` -> [``write`` if creation-with-upload] -> [``finish`` if complete]
-- HEAD:   ``get_info`` -> [``finish`` if complete but not finished]
-- PATCH:  ``get_info`` -> [``declare_length``] -> [``finish`` if complete but not
+- POST:   ``store.create`` -> [``write`` if creation-with-upload] -> [``finish`` if
+  complete]
+- HEAD:   ``store.get`` -> [``finish`` if complete but not finished]
+- PATCH:  ``store.get`` -> [``declare_length``] -> [``finish`` if complete but not
   finished] -> ``write`` -> [``finish`` if now complete]
-- DELETE: ``get_info`` -> ``terminate``
-- GET:    ``get_info`` -> [``finish`` if complete but not finished]; the lock is then
+- DELETE: ``store.get`` -> ``terminate``
+- GET:    ``store.get`` -> [``finish`` if complete but not finished]; the lock is then
   released and ``read`` streams the (complete, immutable) bytes.
+
+``store.get`` and ``store.create`` open an ``Upload`` handle; every later call goes
+to the handle, which returns a new ``UploadInfo`` snapshot for each change.
 
 The "finish if complete but not finished" steps recover an upload whose ``finish``
 failed after its last byte was stored (e.g. S3 unavailable): a client that sees
@@ -43,14 +47,13 @@ from collections.abc import Callable
 from tusd_py.config import Config
 from tusd_py.hooks import Hooks
 from tusd_py.http.types import Headers, Request, Response
-from tusd_py.lockers.base import HeldLock, Locker
+from tusd_py.lockers.base import HeldLock, Locker, no_release_request
 from tusd_py.stores.base import (
+    IteratedBody,
     Store,
     SupportsConcatenation,
-    SupportsDeferredLength,
-    SupportsDownload,
     SupportsExpiration,
-    SupportsTermination,
+    Upload,
     UploadInfo,
     new_upload_id,
 )
@@ -62,7 +65,6 @@ from tusd_py.tus.download import download_headers
 from tusd_py.tus.errors import (
     ERR_CHECKSUM_BODY_TOO_LARGE,
     ERR_CHECKSUM_MISMATCH,
-    ERR_DEFER_NOT_SUPPORTED,
     ERR_INVALID_CONCAT,
     ERR_INVALID_HOST,
     ERR_INVALID_METHOD_OVERRIDE,
@@ -105,10 +107,6 @@ log = logging.getLogger("tusd_py.tus")
 _METHOD_TOKEN = re.compile(r"[A-Za-z]{1,16}")
 
 
-def _no_release() -> None:
-    """Release request for short requests (HEAD, DELETE, GET): they finish quickly on
-    their own, so there is nothing to cut short."""
-
 
 def _http_date(timestamp: float) -> str:
     return email.utils.formatdate(timestamp, usegmt=True)
@@ -140,9 +138,6 @@ class TusHandler:
         """Hook events and upload counters (see ``tus.events`` for when each fires)."""
         self._max_size = int(server.max_size)
         self._cors = Cors(config.cors)
-        self._terminator = store if isinstance(store, SupportsTermination) else None
-        self._deferrer = store if isinstance(store, SupportsDeferredLength) else None
-        self._downloader = store if isinstance(store, SupportsDownload) else None
         self._concatenator = store if isinstance(store, SupportsConcatenation) else None
         self._checksum_limit = int(config.checksum.max_buffered_size)
         self._checksum_directory = config.checksum.spool_dir
@@ -151,11 +146,8 @@ class TusHandler:
             if config.expiration.lifetime > 0 and isinstance(store, SupportsExpiration)
             else 0.0
         )
-        extensions = ["creation", "creation-with-upload"]
-        if self._deferrer is not None:
-            extensions.append("creation-defer-length")
-        if self._terminator is not None:
-            extensions.append("termination")
+        # Every store offers creation-defer-length and termination (``stores.base``).
+        extensions = ["creation", "creation-with-upload", "creation-defer-length", "termination"]
         if self._concatenator is not None:
             extensions.append("concatenation")
         # Verified by the handler (tus.checksum), so every store offers it.
@@ -233,12 +225,7 @@ class TusHandler:
     def _allowed_methods(self, target: Route) -> list[str]:
         if target.upload_id is None:
             return ["POST", "OPTIONS"]
-        methods = ["HEAD", "PATCH", "OPTIONS"]
-        if self._terminator is not None:
-            methods.append("DELETE")
-        if self._downloader is not None:
-            methods.append("GET")
-        return methods
+        return ["HEAD", "PATCH", "OPTIONS", "DELETE", "GET"]
 
     async def _dispatch(self, request: Request, method: str) -> Response:
         target = route(request.target, self._base_path)
@@ -286,8 +273,6 @@ class TusHandler:
         if defer:
             if "upload-length" in headers:
                 raise TusError(ERR_LENGTH_AND_DEFER)
-            if self._deferrer is None:
-                raise TusError(ERR_DEFER_NOT_SUPPORTED)
             length = None
         else:
             length = parse_upload_length(headers.get("upload-length"))
@@ -311,20 +296,21 @@ class TusHandler:
         info = await self.events.pre_create(info, request)
         location = upload_url(*origin, self._base_path, info.id)
         body = GuardedBody(request.body) if with_upload else None
-        async with self._locker.lock(info.id, body.stop if body is not None else _no_release) as held:
-            info = await self._store.create(info)
+        async with self._locker.lock(info.id, body.stop if body is not None else no_release_request) as held:
+            upload = await self._store.create(info)
+            info = upload.info
             log.info("upload created", extra={"upload_id": info.id, "request_id": request.request_id})
             self.events.created(info, request)
             if body is not None:
                 try:
-                    info = await self.write_body(request, info, body, held, checksum)
+                    info = await self.write_body(request, upload, body, held, checksum)
                 except TusError as error:
                     # The upload exists (e.g. 460 for its first bytes): say where, so
                     # the client can resume it.
                     error.headers.append(("Location", location))
                     raise
             elif info.is_complete:
-                info = await self.finish_if_complete(info, request)
+                info = await self.finish_if_complete(upload, request)
 
         response_headers = [("Location", location)]
         if with_upload:
@@ -354,7 +340,7 @@ class TusHandler:
         metadata = parse_metadata(headers.get("upload-metadata"))
         origin = origin_of(headers, self._behind_proxy)
         assert origin is not None  # checked by _parse_concat
-        info = UploadInfo(id=new_upload_id(), length=None, metadata=metadata, partial_ids=list(concat.partial_ids))
+        info = UploadInfo(id=new_upload_id(), length=None, metadata=metadata, partial_ids=concat.partial_ids)
         info = await create_final(
             self._store,
             self._concatenator,
@@ -370,9 +356,8 @@ class TusHandler:
         return Response(201, [("Location", upload_url(*origin, self._base_path, info.id))])
 
     async def _head(self, request: Request, upload_id: str) -> Response:
-        async with self._locker.lock(upload_id, _no_release):
-            info = await self.load(upload_id)
-            info = await self.finish_if_complete(info, request)
+        async with self._locker.lock(upload_id, no_release_request):
+            info = await self.finish_if_complete(await self.load(upload_id), request)
         headers = [("Upload-Offset", str(info.offset)), ("Cache-Control", "no-store")]
         if info.length is None:
             headers.append(("Upload-Defer-Length", "1"))
@@ -397,7 +382,8 @@ class TusHandler:
 
         body = GuardedBody(request.body)
         async with self._locker.lock(upload_id, body.stop) as held:
-            info = await self.load(upload_id)
+            upload = await self.load(upload_id)
+            info = upload.info
             if info.is_final:
                 raise TusError(ERR_MODIFY_FINAL)
             if info.offset != offset:
@@ -405,27 +391,26 @@ class TusHandler:
                     ERR_MISMATCHED_OFFSET, f"upload is at {info.offset}", [("Upload-Offset", str(info.offset))]
                 )
             if declared_length is not None:
-                info = await self.declare_length(info, declared_length)
-            info = await self.finish_if_complete(info, request)
-            info = await self.write_body(request, info, body, held, checksum)
+                await self.declare_length(upload, declared_length)
+            await self.finish_if_complete(upload, request)
+            info = await self.write_body(request, upload, body, held, checksum)
         return Response(204, [("Upload-Offset", str(info.offset)), *self._expires_header(info)])
 
     async def _delete(self, request: Request, upload_id: str) -> Response:
-        assert self._terminator is not None  # routing allows DELETE only then
-        async with self._locker.lock(upload_id, _no_release):
-            info = await self._store.get_info(upload_id)
-            await self._terminator.terminate(info)
+        async with self._locker.lock(upload_id, no_release_request):
+            upload = await self._store.get(upload_id)
+            await upload.terminate()
+        info = upload.info
         log.info("upload terminated", extra={"upload_id": upload_id})
         self.events.terminated(info, request)
         return Response(204)
 
     async def _get(self, request: Request, upload_id: str) -> Response:
-        assert self._downloader is not None  # routing allows GET only then
-        async with self._locker.lock(upload_id, _no_release):
-            info = await self.load(upload_id)
-            if not info.is_complete:
+        async with self._locker.lock(upload_id, no_release_request):
+            upload = await self.load(upload_id)
+            if not upload.info.is_complete:
                 raise TusError(ERR_UPLOAD_NOT_FINISHED)
-            info = await self.finish_if_complete(info, request)
+            info = await self.finish_if_complete(upload, request)
         size = info.offset
         try:
             byte_range = parse_range(request.headers.get("range"), size)
@@ -441,7 +426,7 @@ class TusHandler:
         headers.append(("Content-Length", str(stop - start)))
         if stop == start:
             return Response(status, headers)
-        return Response(status, headers, self._downloader.read(info, start, stop))
+        return Response(status, headers, upload.read(start, stop))
 
     # --- helpers ------------------------------------------------------------------
 
@@ -453,44 +438,39 @@ class TusHandler:
         """The handler's clock (Unix time): upload expiry is measured with it."""
         return self._clock()
 
-    async def load(self, upload_id: str) -> UploadInfo:
-        """The upload's info from the store; 410 once an unfinished upload's expiry
-        time passed (it may not have been swept yet). Also used by the IETF handler."""
-        info = await self._store.get_info(upload_id)
-        if info.is_expired(self._clock()):
+    async def load(self, upload_id: str) -> Upload:
+        """Open the upload; 410 once an unfinished upload's expiry time passed (it may
+        not have been swept yet). Also used by the IETF handler."""
+        upload = await self._store.get(upload_id)
+        if upload.info.is_expired(self._clock()):
             raise TusError(ERR_UPLOAD_EXPIRED)
-        return info
+        return upload
 
-    async def declare_length(self, info: UploadInfo, length: int) -> UploadInfo:
-        """Record the length of a deferred-length upload, keeping ``info.offset``
-        (also used by the IETF draft handler, ``ietf.UploadCore``)."""
+    async def declare_length(self, upload: Upload, length: int) -> UploadInfo:
+        """Record the length of a deferred-length upload (also used by the IETF
+        draft handler, ``ietf.UploadCore``)."""
+        info = upload.info
         if info.length is not None:
             if length != info.length:
                 raise TusError(ERR_LENGTH_ALREADY_SET)
             return info
-        if self._deferrer is None:  # pragma: no cover - such a store cannot defer
-            raise TusError(ERR_DEFER_NOT_SUPPORTED)
         if length < info.offset:
             raise TusError(ERR_LENGTH_BELOW_OFFSET)
-        offset = info.offset
-        info = await self._deferrer.declare_length(info, length)
-        info.offset = offset
-        return info
+        return await upload.declare_length(length)
 
-    async def finish_if_complete(self, info: UploadInfo, request: Request | None = None) -> UploadInfo:
-        """Finish ``info`` when its length is reached and it is not finished yet
+    async def finish_if_complete(self, upload: Upload, request: Request | None = None) -> UploadInfo:
+        """Finish the upload when its length is reached and it is not finished yet
         (also used by the IETF draft handler). ``request`` is passed to the hooks."""
+        info = upload.info
         if info.is_complete and not info.finished:
-            offset = info.offset
-            info = await self._store.finish(info)
-            info.offset = offset
+            info = await upload.finish()
             self.events.finished(info, request)
         return info
 
     async def write_body(
-        self, request: Request, info: UploadInfo, body: GuardedBody, held: HeldLock, checksum: Checksum | None = None
+        self, request: Request, upload: Upload, body: GuardedBody, held: HeldLock, checksum: Checksum | None = None
     ) -> UploadInfo:
-        """Stream ``body`` into the store at ``info.offset``; finish when complete.
+        """Stream ``body`` into the upload at its offset; finish when complete.
         The one body path of both protocols (the IETF draft handler calls it too).
 
         Refuses (413, before a byte is read) a body whose declared Content-Length runs
@@ -500,6 +480,7 @@ class TusHandler:
         a body above ``checksum.max_buffered_size``, 460 and nothing stored on a
         mismatch, nothing stored when the body ends early.
         """
+        info = upload.info
         limit = info.length if info.length is not None else (self._max_size or None)
         remaining = None if limit is None else limit - info.offset
         declared = request.body.length
@@ -522,13 +503,13 @@ class TusHandler:
         try:
             with self.events.receiving(info, body, request):
                 if checksum is None:
-                    offset = await self._store.write(info, body)
+                    info = await upload.write(start, body)
                 else:
-                    offset = await self._write_verified(info, body, held, checksum)
+                    info = await self._write_verified(upload, body, held, checksum)
         finally:
             self._bodies.discard(body)
             lost_watch.cancel()
-        info.offset = offset
+        offset = info.offset
         self.events.received(info, request)
 
         extra = {"upload_id": info.id, "request_id": request.request_id, "reason": body.reason.value}
@@ -538,7 +519,7 @@ class TusHandler:
             raise TusError(ERR_LOCK_LOST)
         if body.reason in (EndReason.DISCONNECTED, EndReason.TIMEOUT, EndReason.RELEASED):
             log.info("upload body ended early; stored %d bytes", offset - start, extra=extra)
-        info = await self.finish_if_complete(info, request)
+        info = await self.finish_if_complete(upload, request)
         if info.is_complete:
             log.info("upload finished", extra=extra)
         if body.reason is EndReason.OVERFLOW:
@@ -546,8 +527,11 @@ class TusHandler:
             raise TusError(kind, f"stored up to offset {offset}")
         return info
 
-    async def _write_verified(self, info: UploadInfo, body: GuardedBody, held: HeldLock, checksum: Checksum) -> int:
-        """Hold the body, compare its digest, and only then write it; the new offset."""
+    async def _write_verified(
+        self, upload: Upload, body: GuardedBody, held: HeldLock, checksum: Checksum
+    ) -> UploadInfo:
+        """Hold the body, compare its digest, and only then write it; the new snapshot."""
+        info = upload.info
         async with ChecksumSpool(checksum, self._checksum_limit, self._checksum_directory) as spool:
             await spool.receive(body)
             if body.reason not in (EndReason.COMPLETE, EndReason.LIMIT):
@@ -555,12 +539,12 @@ class TusHandler:
                 # arrived, so none of them can be verified, and none is stored.
                 log.info("body with Upload-Checksum ended early; %d bytes discarded", spool.size,
                          extra={"upload_id": info.id})
-                return info.offset
+                return info
             if not spool.matches():
                 raise TusError(ERR_CHECKSUM_MISMATCH, headers=[("Upload-Offset", str(info.offset))])
             if held.lost.is_set():
                 raise TusError(ERR_LOCK_LOST)
-            return await self._store.write(info, spool.chunks())
+            return await upload.write(info.offset, IteratedBody(spool.chunks()))
 
     def _expires_header(self, info: UploadInfo) -> list[tuple[str, str]]:
         if not self._lifetime or info.expires_at is None or info.is_complete:

@@ -43,17 +43,15 @@ from email.message import Message
 from typing import Protocol
 
 from tusd_py.http.types import Headers, Request, Response
-from tusd_py.lockers.base import HeldLock, Locker
+from tusd_py.lockers.base import HeldLock, Locker, no_release_request
 from tusd_py.stores.base import (
     Store,
-    SupportsDeferredLength,
-    SupportsTermination,
+    Upload,
     UploadInfo,
     new_upload_id,
 )
 from tusd_py.tus.body import EndReason, GuardedBody
 from tusd_py.tus.errors import (
-    ERR_DEFER_NOT_SUPPORTED,
     ERR_INVALID_HOST,
     ERR_MAX_SIZE_EXCEEDED,
     ERR_METHOD_NOT_ALLOWED,
@@ -218,32 +216,29 @@ class UploadCore(Protocol):
         seen by hooks and metrics exactly like tus uploads."""
         ...
 
-    async def write_body(self, request: Request, info: UploadInfo, body: GuardedBody, held: HeldLock) -> UploadInfo:
-        """Stream ``body`` into the store at ``info.offset`` (bounded by the length or
-        the max size, stoppable by release requests); finish the upload when complete.
-        Returns the info with the new offset."""
+    async def write_body(self, request: Request, upload: Upload, body: GuardedBody, held: HeldLock) -> UploadInfo:
+        """Stream ``body`` into the upload at its offset (bounded by the length or the
+        max size, stoppable by release requests); finish the upload when complete.
+        Returns the new snapshot."""
         ...
 
-    async def finish_if_complete(self, info: UploadInfo, request: Request | None = None) -> UploadInfo:
+    async def finish_if_complete(self, upload: Upload, request: Request | None = None) -> UploadInfo:
         """Finish the upload when its length is reached and it is not finished yet
         (firing the finished event with ``request``)."""
         ...
 
-    async def declare_length(self, info: UploadInfo, length: int) -> UploadInfo:
-        """Record the length of a deferred-length upload (offset preserved)."""
+    async def declare_length(self, upload: Upload, length: int) -> UploadInfo:
+        """Record the length of a deferred-length upload."""
         ...
 
     def now(self) -> float:
         """The clock (Unix time) upload expiry is measured with."""
         ...
 
-    async def load(self, upload_id: str) -> UploadInfo:
-        """The upload's info from the store; 410 when it expired unfinished."""
+    async def load(self, upload_id: str) -> Upload:
+        """Open the upload; 410 when it expired unfinished."""
         ...
 
-
-def _no_release() -> None:
-    """Release request for offset retrieval and cancellation: they are short."""
 
 
 # --- header parsing ------------------------------------------------------------------
@@ -351,8 +346,6 @@ class IetfHandler:
         self._lifetime = lifetime
         """Seconds an unfinished upload lives (0: forever, or the store cannot expire
         uploads); announced as ``max-age``."""
-        self._terminator = store if isinstance(store, SupportsTermination) else None
-        self._deferrer = store if isinstance(store, SupportsDeferredLength) else None
 
     async def __call__(self, request: Request, method: str) -> Response:
         """Answer one draft request (``method`` after any override). Never raises
@@ -385,11 +378,11 @@ class IetfHandler:
             return await self._retrieve_offset(request, upload_id, rules)
         if method == "PATCH":
             return await self._append(request, upload_id, rules)
-        if method == "DELETE" and self._terminator is not None:
+        if method == "DELETE":
             return await self._cancel(request, upload_id)
         if method == "OPTIONS":
             return Response(204, self._limit_headers(rules, None))
-        allowed = ["HEAD", "GET", "PATCH", "OPTIONS"] + (["DELETE"] if self._terminator is not None else [])
+        allowed = ["HEAD", "GET", "PATCH", "OPTIONS", "DELETE"]
         raise TusError(ERR_METHOD_NOT_ALLOWED, headers=[("Allow", ", ".join(allowed))])
 
     # --- creation -----------------------------------------------------------------
@@ -408,8 +401,6 @@ class IetfHandler:
         )
         if length is not None:
             self._check_max_size(length)
-        elif self._deferrer is None:
-            raise TusError(ERR_DEFER_NOT_SUPPORTED)
         metadata = _creation_metadata(headers)
         origin = origin_of(headers, self._behind_proxy)
         if origin is None:
@@ -428,16 +419,16 @@ class IetfHandler:
         location = upload_url(*origin, self._base_path, info.id)
         body = GuardedBody(request.body)
         async with self._locker.lock(info.id, body.stop) as held:
-            info = await self._store.create(info)
+            upload = await self._store.create(info)
             log.info(
                 "upload created (IETF draft interop %d)",
                 draft.interop_version,
                 extra={"upload_id": info.id, "request_id": request.request_id},
             )
-            self._core.events.created(info, request)
+            self._core.events.created(upload.info, request)
             if announce:
-                await self._announce(request, draft, location, info)
-            info = await self._store_body(request, info, body, held, complete)
+                await self._announce(request, draft, location, upload.info)
+            info = await self._store_body(request, upload, body, held, complete)
         # Section "Upload Creation": 201 with Location; the same Location as the 104.
         return Response(201, [("Location", location), *self._state_headers(info, draft)])
 
@@ -457,9 +448,8 @@ class IetfHandler:
     # --- offset retrieval, append, cancellation -----------------------------------
 
     async def _retrieve_offset(self, request: Request, upload_id: str, draft: Draft) -> Response:
-        async with self._locker.lock(upload_id, _no_release):
-            info = await self._core.load(upload_id)
-            info = await self._core.finish_if_complete(info, request)
+        async with self._locker.lock(upload_id, no_release_request):
+            info = await self._core.finish_if_complete(await self._core.load(upload_id), request)
         # Section "Offset Retrieval": Upload-Offset, Upload-Complete, Upload-Length when
         # known, Upload-Limit, and no-store so that no cache serves a stale offset.
         headers = self._state_headers(info, draft)
@@ -485,9 +475,10 @@ class IetfHandler:
 
         body = GuardedBody(request.body)
         async with self._locker.lock(upload_id, body.stop) as held:
-            info = await self._core.load(upload_id)
+            upload = await self._core.load(upload_id)
+            info = upload.info
             if info.is_complete:
-                return await self._append_to_completed(request, info, offset, complete, draft)
+                return await self._append_to_completed(request, upload, offset, complete, draft)
             if offset != info.offset:
                 raise UploadProblem(
                     MISMATCHING_OFFSET,
@@ -499,31 +490,32 @@ class IetfHandler:
             )
             if length is not None and info.length is None:
                 self._check_max_size(length)
-                info = await self._core.declare_length(info, length)
-            info = await self._store_body(request, info, body, held, complete)
+                await self._core.declare_length(upload, length)
+            info = await self._store_body(request, upload, body, held, complete)
         if info.is_complete:
             return Response(200, self._state_headers(info, draft))
         return Response(204, self._state_headers(info, draft))
 
     async def _append_to_completed(
-        self, request: Request, info: UploadInfo, offset: int, complete: bool, draft: Draft
+        self, request: Request, upload: Upload, offset: int, complete: bool, draft: Draft
     ) -> Response:
         """An append to a completed upload. Section "Upload Append": the final response
         may have been lost, so a valid repeat of the completing request (same offset,
         ``Upload-Complete: ?1``, no content) gets the final response again; anything
         else would change a completed upload and is rejected."""
+        info = upload.info
         if offset == info.offset and complete and request.body.length == 0:
-            info = await self._core.finish_if_complete(info, request)
+            info = await self._core.finish_if_complete(upload, request)
             return Response(200, self._state_headers(info, draft))
         raise UploadProblem(COMPLETED_UPLOAD, headers=[("Upload-Offset", str(info.offset))])
 
     async def _cancel(self, request: Request, upload_id: str) -> Response:
-        assert self._terminator is not None  # routing allows DELETE only then
         # Section "Upload Cancellation": in-flight requests are stopped first; taking
         # the lock asks a running append to stop, store what it has and answer.
-        async with self._locker.lock(upload_id, _no_release):
-            info = await self._store.get_info(upload_id)
-            await self._terminator.terminate(info)
+        async with self._locker.lock(upload_id, no_release_request):
+            upload = await self._store.get(upload_id)
+            await upload.terminate()
+        info = upload.info
         log.info("upload cancelled (IETF draft)", extra={"upload_id": upload_id})
         self._core.events.terminated(info, request)
         return Response(204)
@@ -531,7 +523,7 @@ class IetfHandler:
     # --- helpers ------------------------------------------------------------------
 
     async def _store_body(
-        self, request: Request, info: UploadInfo, body: GuardedBody, held: HeldLock, complete: bool
+        self, request: Request, upload: Upload, body: GuardedBody, held: HeldLock, complete: bool
     ) -> UploadInfo:
         """Store the request content and, when the client marked it complete and all
         of it arrived, complete the upload.
@@ -541,9 +533,10 @@ class IetfHandler:
         and declaring it for an interrupted request would mark an upload complete
         that is not (section "Upload Creation", last paragraph).
         """
+        info = upload.info
         if request.body.length != 0:
             try:
-                info = await self._core.write_body(request, info, body, held)
+                info = await self._core.write_body(request, upload, body, held)
             except TusError as error:
                 if error.kind is not ERR_UPLOAD_SIZE_EXCEEDED:
                     raise
@@ -564,10 +557,10 @@ class IetfHandler:
                     f"the upload length is {info.length} but the content ended at {info.offset}",
                     headers=[("Upload-Offset", str(info.offset))],
                 )
-            info = await self._core.declare_length(info, info.offset)
+            await self._core.declare_length(upload, info.offset)
         # Also when no content was written: an empty request can complete an upload
         # whose length it just declared.
-        return await self._core.finish_if_complete(info, request)
+        return await self._core.finish_if_complete(upload, request)
 
     def _check_max_size(self, length: int) -> None:
         if self._max_size > 0 and length > self._max_size:

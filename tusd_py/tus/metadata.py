@@ -9,6 +9,7 @@ so HEAD echoes them byte for byte and nothing downstream ever sees undecoded jun
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from tusd_py.tus.errors import ERR_INVALID_METADATA, TusError
 
@@ -42,6 +43,6 @@ def parse_metadata(header: str | None) -> dict[str, str]:
     return metadata
 
 
-def format_metadata(metadata: dict[str, str]) -> str:
+def format_metadata(metadata: Mapping[str, str]) -> str:
     """The Upload-Metadata header value for ``metadata`` (inverse of the parser)."""
     return ",".join(f"{key} {value}" if value else key for key, value in metadata.items())
