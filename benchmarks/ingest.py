@@ -88,10 +88,10 @@ def file_store_write_size() -> int:
     into writes of this size), so the disk limit writes the way the store does. 1 MiB,
     its value when this was written, if it cannot be read."""
     try:
-        from tusd_py.stores import file
+        from tusd_py.stores import file_io
     except ImportError:
         return MiB
-    return int(getattr(file, "WRITE_BATCH_SIZE", MiB))
+    return int(getattr(file_io, "WRITE_BATCH_SIZE", MiB))
 
 
 @dataclass(frozen=True)

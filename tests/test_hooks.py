@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -220,9 +221,9 @@ async def test_post_events_are_delivered_as_json(receiver: Receiver) -> None:
     hooks = Hooks(config(receiver.url), metrics=metrics)
     info = upload(offset=0)
     hooks.post_create(info, CONTEXT)
-    info.offset = 1000
+    info = dataclasses.replace(info, offset=1000)
     hooks.post_receive(info, final=True)
-    info.finished = True
+    info = dataclasses.replace(info, finished=True)
     hooks.post_finish(info)
     hooks.post_terminate(upload(id="other", length=None, is_partial=True, metadata={}))
     await hooks.close()
@@ -508,8 +509,7 @@ async def test_post_receive_is_throttled_per_upload() -> None:
 
     def progress(info: UploadInfo, offset: int, at: float) -> None:
         clock.now = 100.0 + at
-        info.offset = offset
-        hooks.post_receive(info)
+        hooks.post_receive(dataclasses.replace(info, offset=offset))
 
     progress(one, 10, at=0.0)  # the PATCH begins: the window starts, no event
     progress(one, 20, at=0.5)
@@ -518,12 +518,10 @@ async def test_post_receive_is_throttled_per_upload() -> None:
     progress(one, 40, at=1.9)
     progress(two, 6, at=1.6)  # sent
     progress(one, 50, at=2.0)  # sent
-    one.offset = 55
-    hooks.post_receive(one, final=True)  # always sent
+    hooks.post_receive(dataclasses.replace(one, offset=55), final=True)  # always sent
     progress(one, 60, at=2.1)  # a new PATCH: a new window
     progress(one, 70, at=2.2)
-    one.offset = 70
-    hooks.post_receive(one, final=True)
+    hooks.post_receive(dataclasses.replace(one, offset=70), final=True)
     await hooks.close()
     assert seen == [("one", 30), ("two", 6), ("one", 50), ("one", 55), ("one", 70)]
 
@@ -619,8 +617,7 @@ async def test_post_callables_get_snapshots_and_errors_are_logged(caplog: pytest
     info = upload(storage={"key": "abc123"})
     with caplog.at_level(logging.ERROR, logger="tusd_py.hooks"):
         hooks.post_create(info, CONTEXT)
-        info.offset = 1000
-        info.storage["key"] = "changed"
+        info = dataclasses.replace(info, offset=1000, storage={"key": "changed"})
         hooks.post_finish(info)
         hooks.post_terminate(info)
         await hooks.close()
@@ -629,5 +626,7 @@ async def test_post_callables_get_snapshots_and_errors_are_logged(caplog: pytest
     assert created.upload.offset == 0
     assert created.upload.storage == {"key": "abc123"}
     assert created.request is CONTEXT
+    finished = next(event for event in events if event.type == "post-finish")
+    assert (finished.upload.offset, finished.upload.storage) == (1000, {"key": "changed"})
     logged = [record for record in caplog.records if record.exc_info and "bug in embedder" in str(record.exc_info[1])]
     assert len(logged) == 3

@@ -160,7 +160,7 @@ async def test_stalled_append_is_taken_over_by_offset_retrieval(tus: Harness) ->
     assert header(stopped, "Upload-Offset") == "42"
     assert tus.data(upload_id) == b"x" * 30 + b"y" * 12
     # The upload's length was recorded from Content-Length + Upload-Complete: ?1.
-    assert (await tus.store.get_info(upload_id)).length == 100
+    assert (await tus.store.get(upload_id)).info.length == 100
 
 
 async def _stalled_append(tus: Harness) -> tuple[str, asyncio.Future[Response]]:

@@ -42,7 +42,7 @@ async def test_matching_checksum_stores_the_body(tus: Harness, algorithm: str) -
     response = await tus.patch(upload_id, 9, StaticBody([b"d"]), **{"Upload-Checksum": checksum(algorithm, b"d")})
     assert response.status == 204
     assert tus.data(upload_id) == b"hello word"
-    assert (await tus.store.get_info(upload_id)).finished
+    assert (await tus.store.get(upload_id)).info.finished
 
 
 @pytest.mark.both_loops

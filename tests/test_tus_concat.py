@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tus_fakes import BASE, HOST, Harness, StaticBody, b64, body_bytes, files_in, header, make_harness, make_request
 
-from tusd_py.stores.base import SupportsConcatenation, UploadInfo
+from tusd_py.stores.base import IteratedBody, SupportsConcatenation, UploadInfo
 from tusd_py.stores.file import FileStore
 from tusd_py.tus.concat import PARTIAL, parse_upload_concat
 from tusd_py.tus.errors import TusError
@@ -192,26 +192,29 @@ async def test_file_store_concatenation_is_invisible_until_done(tmp_path: Path) 
     assert isinstance(store, SupportsConcatenation)
     try:
         first = await store.create(UploadInfo(id="a", length=3, is_partial=True))
-        assert await store.write(first, _chunks(b"abc")) == 3
+        assert (await first.write(0, _chunks(b"abc"))).offset == 3
         missing = UploadInfo(id="gone", length=4, is_partial=True, offset=4)
-        target = UploadInfo(id="f", length=7, partial_ids=["a", "gone"])
+        target = UploadInfo(id="f", length=7, partial_ids=("a", "gone"))
         with pytest.raises(Exception, match="gone"):
-            await store.concatenate(target, [await store.get_info("a"), missing])
+            await store.concatenate(target, [(await store.get("a")).info, missing])
         # Nothing of the failed final is left: no data, no info, no temporary file.
         assert sorted(os.listdir(tmp_path)) == ["a", "a.info"]
         big = (bytes(range(256)) * 5000)[:1_000_003]
         second = await store.create(UploadInfo(id="b", length=len(big), is_partial=True))
-        await store.write(second, _chunks(big))
+        await second.write(0, _chunks(big))
         done = await store.concatenate(
-            UploadInfo(id="f", length=3 + len(big), partial_ids=["a", "b"]),
-            [await store.get_info("a"), await store.get_info("b")],
+            UploadInfo(id="f", length=3 + len(big), partial_ids=("a", "b")),
+            [(await store.get("a")).info, (await store.get("b")).info],
         )
         assert done.finished and done.offset == 3 + len(big)
         assert (tmp_path / "f").read_bytes() == b"abc" + big
-        assert (await store.get_info("f")).partial_ids == ["a", "b"]
+        assert (await store.get("f")).info.partial_ids == ("a", "b")
     finally:
         await store.close()
 
 
-async def _chunks(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+def _chunks(data: bytes) -> IteratedBody:
+    async def iterate() -> AsyncIterator[bytes]:
+        yield data
+
+    return IteratedBody(iterate())

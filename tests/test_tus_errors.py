@@ -14,7 +14,7 @@ from tusd_py.config import Config
 from tusd_py.lockers.base import HeldLock, LockUnavailable, ReleaseRequest
 from tusd_py.lockers.memory import MemoryLocker
 from tusd_py.stores.base import StoreUnavailable, UploadInfo
-from tusd_py.stores.file import FileStore
+from tusd_py.stores.file import FileStore, FileUpload
 from tusd_py.tus.handler import TusHandler
 
 
@@ -25,9 +25,13 @@ class RecordingStore(FileStore):
         super().__init__(directory)
         self.touched: list[str] = []
 
-    async def get_info(self, upload_id: str) -> UploadInfo:
+    async def get(self, upload_id: str) -> FileUpload:
         self.touched.append(upload_id)
-        return await super().get_info(upload_id)
+        return await super().get(upload_id)
+
+    async def create(self, info: UploadInfo) -> FileUpload:
+        self.touched.append(info.id)
+        return await super().create(info)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +121,7 @@ class BrokenStore(FileStore):
         super().__init__(directory)
         self.error = error
 
-    async def get_info(self, upload_id: str) -> UploadInfo:
+    async def get(self, upload_id: str) -> FileUpload:
         raise self.error
 
 

@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 from tus_fakes import BASE, Harness, StaticBody, b64, header, make_request
 
+from tusd_py.stores.base import IteratedBody
+
 
 async def test_head_reports_offset_length_metadata(tus: Harness) -> None:
     metadata = f"filename {b64('a b.txt')},empty"
@@ -36,12 +38,12 @@ async def test_head_of_unknown_upload_is_404_without_body(tus: Harness) -> None:
 
 async def test_head_completes_an_upload_whose_finish_failed(tus: Harness) -> None:
     upload_id = await tus.create(3)
-    info = await tus.store.get_info(upload_id)
-    await tus.store.write(info, _chunks(b"abc"))  # all bytes stored, finish never ran
-    assert not (await tus.store.get_info(upload_id)).finished
+    upload = await tus.store.get(upload_id)
+    await upload.write(0, _chunks(b"abc"))  # all bytes stored, finish never ran
+    assert not (await tus.store.get(upload_id)).info.finished
     response = await tus.head(upload_id)
     assert header(response, "Upload-Offset") == "3"
-    assert (await tus.store.get_info(upload_id)).finished
+    assert (await tus.store.get(upload_id)).info.finished
 
 
 async def test_head_requires_tus_version(tus: Harness) -> None:
@@ -52,5 +54,8 @@ async def test_head_requires_tus_version(tus: Harness) -> None:
     assert response.body == b""
 
 
-async def _chunks(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+def _chunks(data: bytes) -> IteratedBody:
+    async def iterate() -> AsyncIterator[bytes]:
+        yield data
+
+    return IteratedBody(iterate())

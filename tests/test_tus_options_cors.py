@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tus_fakes import BASE, Harness, StaticBody, header, make_harness, make_request
 
 from tusd_py.config import Config
 from tusd_py.http.types import Headers, Response
+from tusd_py.stores.base import (
+    Store,
+    SupportsConcatenation,
+    SupportsExpiration,
+    UploadBody,
+    UploadExists,
+    UploadInfo,
+    UploadNotFound,
+)
 
 
 def all_headers(response: Response, name: str) -> list[str]:
@@ -42,20 +53,53 @@ async def test_options_shows_max_size(tmp_path: Path) -> None:
         await tus.store.close()
 
 
+class _CoreOnlyUpload:
+    """An upload of ``_CoreOnlyStore``: infos in a dict, no bytes."""
+
+    def __init__(self, store: _CoreOnlyStore, info: UploadInfo) -> None:
+        self._store = store
+        self._info = info
+
+    @property
+    def info(self) -> UploadInfo:
+        return self._info
+
+    async def write(self, offset: int, body: UploadBody) -> UploadInfo:
+        raise NotImplementedError
+
+    async def finish(self) -> UploadInfo:
+        self._info = self._store.uploads[self._info.id] = dataclasses.replace(self._info, finished=True)
+        return self._info
+
+    async def declare_length(self, length: int) -> UploadInfo:
+        self._info = self._store.uploads[self._info.id] = dataclasses.replace(self._info, length=length)
+        return self._info
+
+    async def terminate(self) -> None:
+        if self._store.uploads.pop(self._info.id, None) is None:
+            raise UploadNotFound(self._info.id)
+
+    def read(self, start: int, stop: int) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
+
 class _CoreOnlyStore:
-    """A store with no optional capability: only core + creation may be offered."""
+    """A store with no optional capability: only the core ``Store`` protocol."""
 
-    async def create(self, info: object) -> object:
-        raise NotImplementedError
+    def __init__(self) -> None:
+        self.uploads: dict[str, UploadInfo] = {}
 
-    async def get_info(self, upload_id: str) -> object:
-        raise NotImplementedError
+    async def create(self, info: UploadInfo) -> _CoreOnlyUpload:
+        if info.id in self.uploads:
+            raise UploadExists(info.id)
+        info = self.uploads[info.id] = dataclasses.replace(info, offset=0)
+        return _CoreOnlyUpload(self, info)
 
-    async def write(self, info: object, chunks: object) -> int:
-        raise NotImplementedError
-
-    async def finish(self, info: object) -> object:
-        raise NotImplementedError
+    async def get(self, upload_id: str) -> _CoreOnlyUpload:
+        try:
+            return _CoreOnlyUpload(self, self.uploads[upload_id])
+        except KeyError:
+            raise UploadNotFound(upload_id) from None
 
     async def close(self) -> None:
         return None
@@ -65,17 +109,30 @@ async def test_extensions_follow_store_capabilities() -> None:
     from tusd_py.lockers.memory import MemoryLocker
     from tusd_py.tus.handler import TusHandler
 
-    handler = TusHandler(_CoreOnlyStore(), MemoryLocker(1.0), Config())  # type: ignore[arg-type]
+    store = _CoreOnlyStore()
+    assert isinstance(store, Store)
+    assert not isinstance(store, SupportsConcatenation | SupportsExpiration)
+    handler = TusHandler(store, MemoryLocker(1.0), Config())
     response = await handler(make_request("OPTIONS", BASE))
-    # checksum is verified by the handler, so every store offers it.
-    assert header(response, "Tus-Extension") == "creation,creation-with-upload,checksum"
+    # Every store offers creation-defer-length and termination (on its upload
+    # handles); checksum is verified by the handler, so every store offers it.
+    assert header(response, "Tus-Extension") == (
+        "creation,creation-with-upload,creation-defer-length,termination,checksum"
+    )
     response = await handler(make_request("POST", BASE, {"Upload-Concat": "partial", "Upload-Length": "1"}))
     assert response.status == 501
+    assert store.uploads == {}
+    # DELETE is routed to the store (not 405): unknown upload 404, a known one is gone.
     response = await handler(make_request("DELETE", BASE + "a" * 32))
-    assert response.status == 405
-    assert header(response, "Allow") == "HEAD, PATCH, OPTIONS"
+    assert response.status == 404
+    assert header(response, "Allow") is None
     response = await handler(make_request("POST", BASE, {"Upload-Defer-Length": "1"}))
-    assert response.status == 400
+    assert response.status == 201
+    upload_id = (header(response, "Location") or "").rsplit("/", 1)[-1]
+    assert store.uploads[upload_id].length is None
+    response = await handler(make_request("DELETE", BASE + upload_id))
+    assert response.status == 204
+    assert store.uploads == {}
 
 
 async def test_cors_preflight(tus: Harness) -> None:

@@ -28,7 +28,7 @@ async def test_patch_appends_and_answers_new_offset(tus: Harness) -> None:
     assert response.status == 204
     assert header(response, "Upload-Offset") == "10"
     assert tus.data(upload_id) == b"0123456789"
-    assert (await tus.store.get_info(upload_id)).finished
+    assert (await tus.store.get(upload_id)).info.finished
 
 
 async def test_large_patch_in_small_chunks(tus: Harness) -> None:
@@ -94,7 +94,7 @@ async def test_chunked_body_past_length_is_cut_at_length(tus: Harness) -> None:
     assert response.status == 413
     assert tus.data(upload_id) == b"0123"
     assert await tus.offset(upload_id) == 4
-    assert (await tus.store.get_info(upload_id)).finished
+    assert (await tus.store.get(upload_id)).info.finished
 
 
 async def test_patch_with_empty_body_on_complete_upload(tus: Harness) -> None:
@@ -116,14 +116,14 @@ async def test_interrupted_patch_keeps_bytes_and_resumes(tus: Harness, error: Ex
     assert response.status == 204  # the client may be gone; answering must not crash
     assert header(response, "Upload-Offset") == str(half)
     assert await tus.offset(upload_id) == half
-    assert not (await tus.store.get_info(upload_id)).finished
+    assert not (await tus.store.get(upload_id)).info.finished
 
     rest = data[half:]
     response = await tus.patch(upload_id, half, StaticBody([rest[i : i + 65536] for i in range(0, len(rest), 65536)]))
     assert response.status == 204
     assert header(response, "Upload-Offset") == str(len(data))
     assert sha256(tus.data(upload_id)) == sha256(data)
-    assert (await tus.store.get_info(upload_id)).finished
+    assert (await tus.store.get(upload_id)).info.finished
 
 
 async def test_interrupted_before_first_byte(tus: Harness) -> None:
@@ -262,7 +262,7 @@ async def test_deferred_length_declared_on_patch(tus: Harness) -> None:
     response = await tus.patch(upload_id, 0, StaticBody([b"hello "]))
     assert response.status == 204
     assert header(response, "Upload-Offset") == "6"
-    assert not (await tus.store.get_info(upload_id)).finished
+    assert not (await tus.store.get(upload_id)).info.finished
 
     response = await tus.patch(upload_id, 6, StaticBody([b"world"]), **{"Upload-Length": "11"})
     assert response.status == 204
@@ -271,7 +271,7 @@ async def test_deferred_length_declared_on_patch(tus: Harness) -> None:
     assert header(head, "Upload-Length") == "11"
     assert header(head, "Upload-Defer-Length") is None
     assert tus.data(upload_id) == b"hello world"
-    assert (await tus.store.get_info(upload_id)).finished
+    assert (await tus.store.get(upload_id)).info.finished
 
 
 async def test_declared_length_rules(tus: Harness) -> None:

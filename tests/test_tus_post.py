@@ -47,7 +47,7 @@ async def test_creation_with_upload_stores_body_and_answers_offset(tus: Harness)
     assert header(response, "Upload-Offset") == str(len(data))
     upload_id = (header(response, "Location") or "").rsplit("/", 1)[-1]
     assert tus.data(upload_id) == data
-    info = await tus.store.get_info(upload_id)
+    info = (await tus.store.get(upload_id)).info
     assert info.finished
 
 
@@ -63,7 +63,7 @@ async def test_creation_with_partial_upload(tus: Harness) -> None:
     assert response.status == 201
     assert header(response, "Upload-Offset") == "3"
     upload_id = (header(response, "Location") or "").rsplit("/", 1)[-1]
-    assert not (await tus.store.get_info(upload_id)).finished
+    assert not (await tus.store.get(upload_id)).info.finished
 
 
 async def test_creation_with_upload_too_long_body_is_refused_before_reading(tus: Harness) -> None:
@@ -85,7 +85,7 @@ async def test_body_without_offset_content_type_is_ignored(tus: Harness) -> None
 
 async def test_zero_length_upload_is_finished_at_creation(tus: Harness) -> None:
     upload_id = await tus.create(0)
-    assert (await tus.store.get_info(upload_id)).finished
+    assert (await tus.store.get(upload_id)).info.finished
     response = await tus(make_request("GET", BASE + upload_id))
     assert response.status == 200
     assert header(response, "Content-Length") == "0"
@@ -146,7 +146,7 @@ async def test_malformed_metadata_is_400(tus: Harness, metadata: str) -> None:
 
 async def test_empty_metadata_value_and_bare_key_are_accepted(tus: Harness) -> None:
     upload_id = await tus.create(1, "flag, name YQ==")
-    info = await tus.store.get_info(upload_id)
+    info = (await tus.store.get(upload_id)).info
     assert info.metadata == {"flag": "", "name": "YQ=="}
 
 
