@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from tus_fakes import BASE, HOST, Harness, QueueBody, StaticBody, header, make_request
 
+from tusd_py.cli import tus_options
 from tusd_py.config import Config
 from tusd_py.http.types import Request, Response
 from tusd_py.lockers.memory import MemoryLocker
@@ -63,7 +64,8 @@ async def tus(tmp_path: Path, counter: Counter) -> AsyncIterator[Harness]:
     config = Config()
     store = FileStore(str(tmp_path / "data"))
     locker = MemoryLocker(acquire_timeout=5.0)
-    harness = Harness(TusHandler(store, locker, config, metrics=counter), store, locker, config, tmp_path / "data")
+    handler = TusHandler(store, locker, tus_options(config), metrics=counter)
+    harness = Harness(handler, store, locker, config, tmp_path / "data")
     yield harness
     await harness.close()
 

@@ -22,6 +22,7 @@ from test_s3_support import (
 )
 from tus_fakes import BASE, HOST, StaticBody, body_bytes, header, make_request
 
+from tusd_py.cli import tus_options
 from tusd_py.config import Config, Size
 from tusd_py.expiry import Sweeper
 from tusd_py.lockers.memory import MemoryLocker
@@ -53,7 +54,7 @@ class Tus:
         config.expiration.lifetime = lifetime
         config.checksum.max_buffered_size = Size(max_buffered)
         self.locker = MemoryLocker(acquire_timeout=5.0)
-        self.handler = TusHandler(store, self.locker, config, clock=self.clock)
+        self.handler = TusHandler(store, self.locker, tus_options(config), clock=self.clock)
 
     async def create(self, length: int, **extra: str) -> str:
         response = await self.handler(make_request("POST", BASE, {"Upload-Length": str(length), **extra}))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from tus_fakes import BASE, Harness, StaticBody, files_in, header, make_request
 
+from tusd_py.cli import tus_options
 from tusd_py.config import Config
 from tusd_py.lockers.base import HeldLock, LockUnavailable, ReleaseRequest
 from tusd_py.lockers.memory import MemoryLocker
@@ -57,7 +58,7 @@ class RecordingStore(FileStore):
 @pytest.mark.parametrize("method", ["HEAD", "PATCH", "DELETE", "GET", "POST"])
 async def test_bad_paths_are_404_and_never_reach_the_store(tmp_path: Path, target: str, method: str) -> None:
     store = RecordingStore(str(tmp_path))
-    handler = TusHandler(store, MemoryLocker(1.0), Config())
+    handler = TusHandler(store, MemoryLocker(1.0), tus_options(Config()))
     try:
         response = await handler(
             make_request(
@@ -127,7 +128,7 @@ class BrokenStore(FileStore):
 
 async def test_store_unavailable_is_503(tmp_path: Path) -> None:
     store = BrokenStore(str(tmp_path), StoreUnavailable("s3 down: secret-key-should-not-leak"))
-    handler = TusHandler(store, MemoryLocker(1.0), Config())
+    handler = TusHandler(store, MemoryLocker(1.0), tus_options(Config()))
     try:
         response = await handler(make_request("DELETE", BASE + "a" * 32))
         assert response.status == 503
@@ -138,7 +139,7 @@ async def test_store_unavailable_is_503(tmp_path: Path) -> None:
 
 async def test_unexpected_error_is_500_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = BrokenStore(str(tmp_path), ZeroDivisionError("boom"))
-    handler = TusHandler(store, MemoryLocker(1.0), Config())
+    handler = TusHandler(store, MemoryLocker(1.0), tus_options(Config()))
     try:
         with caplog.at_level(logging.ERROR, logger="tusd_py.tus"):
             response = await handler(make_request("HEAD", BASE + "a" * 32))
@@ -171,7 +172,7 @@ class UnavailableLocker:
 
 async def test_lock_unavailable_is_503_and_nothing_is_written(tmp_path: Path) -> None:
     store = FileStore(str(tmp_path))
-    handler = TusHandler(store, UnavailableLocker(), Config())
+    handler = TusHandler(store, UnavailableLocker(), tus_options(Config()))
     try:
         body = StaticBody([b"abc"])
         headers = {"Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
@@ -193,7 +194,7 @@ async def test_store_size_limit_is_413(tmp_path: Path) -> None:
     from tusd_py.stores.base import UploadTooLarge
 
     store = BrokenStore(str(tmp_path), UploadTooLarge("deferred-length ceiling"))
-    handler = TusHandler(store, MemoryLocker(1.0), Config())
+    handler = TusHandler(store, MemoryLocker(1.0), tus_options(Config()))
     try:
         headers = {"Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
         response = await handler(make_request("PATCH", BASE + "a" * 32, headers, StaticBody([b"a"])))

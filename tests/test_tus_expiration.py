@@ -14,6 +14,7 @@ import pytest
 from tus_fakes import BASE, QueueBody, StaticBody, header, make_request
 
 from tusd_py import cli
+from tusd_py.cli import tus_options
 from tusd_py.config import Config
 from tusd_py.expiry import Sweeper
 from tusd_py.lockers.memory import MemoryLocker
@@ -42,7 +43,7 @@ class Setup:
         self.directory = directory
         self.store = FileStore(str(directory))
         self.locker = MemoryLocker(acquire_timeout=5.0)
-        self.handler = TusHandler(self.store, self.locker, self.config, clock=self.clock)
+        self.handler = TusHandler(self.store, self.locker, tus_options(self.config), clock=self.clock)
         self.sweeper = Sweeper(self.store, self.locker, orphan_grace=GRACE, clock=self.clock)
 
     async def create(self, length: int) -> tuple[str, str | None]:

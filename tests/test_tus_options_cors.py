@@ -106,13 +106,14 @@ class _CoreOnlyStore:
 
 
 async def test_extensions_follow_store_capabilities() -> None:
+    from tusd_py.cli import tus_options
     from tusd_py.lockers.memory import MemoryLocker
     from tusd_py.tus.handler import TusHandler
 
     store = _CoreOnlyStore()
     assert isinstance(store, Store)
     assert not isinstance(store, SupportsConcatenation | SupportsExpiration)
-    handler = TusHandler(store, MemoryLocker(1.0), Config())
+    handler = TusHandler(store, MemoryLocker(1.0), tus_options(Config()))
     response = await handler(make_request("OPTIONS", BASE))
     # Every store offers creation-defer-length and termination (on its upload
     # handles); checksum is verified by the handler, so every store offers it.

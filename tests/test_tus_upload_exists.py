@@ -11,6 +11,7 @@ from helpers import make_bucket
 from test_s3_support import fast_moto, open_store, s3_config  # noqa: F401  (fast_moto: fixture)
 from tus_fakes import BASE, HOST, StaticBody, body_bytes, header, make_request
 
+from tusd_py.cli import tus_options
 from tusd_py.config import Config
 from tusd_py.hooks import HookEvent, Hooks, PreCreateAnswer
 from tusd_py.lockers.memory import MemoryLocker
@@ -51,7 +52,7 @@ async def handler(store: Store, chosen: ChosenId) -> AsyncIterator[TusHandler]:
     hooks = Hooks(config.hooks)
     hooks.on("pre-create", chosen)
     locker = MemoryLocker(acquire_timeout=5.0)
-    yield TusHandler(store, locker, config, hooks=hooks)
+    yield TusHandler(store, locker, tus_options(config), hooks=hooks)
     await locker.close()
     await hooks.close()
 

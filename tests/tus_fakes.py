@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tusd_py.cli import tus_options
 from tusd_py.config import Config
 from tusd_py.http.types import Headers, Request, Response
 from tusd_py.lockers.memory import MemoryLocker
@@ -204,7 +205,7 @@ def make_harness(directory: Path, config: Config | None = None, acquire_timeout:
     config = config or Config()
     store = FileStore(str(directory))
     locker = MemoryLocker(acquire_timeout=acquire_timeout)
-    return Harness(TusHandler(store, locker, config), store, locker, config, directory)
+    return Harness(TusHandler(store, locker, tus_options(config)), store, locker, config, directory)
 
 
 def files_in(directory: Path | str) -> list[str]:

@@ -40,7 +40,9 @@ from tusd_py.metrics import Metrics
 from tusd_py.sd_notify import notify_ready, notify_stopping
 from tusd_py.stores.base import Store, StoreError, SupportsExpiration
 from tusd_py.stores.file import FileStore
+from tusd_py.tus.cors import Cors
 from tusd_py.tus.handler import TusHandler
+from tusd_py.tus.options import TusOptions
 
 log = logging.getLogger("tusd_py")
 
@@ -125,6 +127,20 @@ def with_metrics_endpoint(handler: Handler, path: str, render: Callable[[], tupl
     return application
 
 
+def tus_options(config: Config) -> TusOptions:
+    """The tus handler's frozen settings, from the configuration."""
+    server = config.server
+    return TusOptions(
+        base_path=server.base_path if server.base_path.endswith("/") else server.base_path + "/",
+        behind_proxy=server.behind_proxy,
+        max_size=int(server.max_size),
+        lifetime=config.expiration.lifetime,
+        checksum_max_buffered_size=int(config.checksum.max_buffered_size),
+        checksum_spool_dir=config.checksum.spool_dir,
+        cors=Cors(config.cors),
+    )
+
+
 def http_limits(config: Config) -> HTTPLimits:
     server = config.server
     return HTTPLimits(
@@ -179,7 +195,7 @@ async def serving(
         locker = build_locker(config, metrics)
         try:
             await start_locker(locker)
-            handler = TusHandler(store, locker, config, hooks=the_hooks, metrics=metrics)
+            handler = TusHandler(store, locker, tus_options(config), hooks=the_hooks, metrics=metrics)
             application: Handler = handler
             if config.metrics.enabled:
                 application = with_metrics_endpoint(handler, config.metrics.path, metrics.render)

@@ -44,7 +44,6 @@ import re
 import time
 from collections.abc import Callable
 
-from tusd_py.config import Config
 from tusd_py.hooks import Hooks
 from tusd_py.http.types import Headers, Request, Response
 from tusd_py.lockers.base import HeldLock, Locker, no_release_request
@@ -60,7 +59,6 @@ from tusd_py.stores.base import (
 from tusd_py.tus.body import EndReason, GuardedBody
 from tusd_py.tus.checksum import ALGORITHM_NAMES, Checksum, ChecksumSpool, parse_upload_checksum
 from tusd_py.tus.concat import Concat, concat_header, create_final, parse_upload_concat
-from tusd_py.tus.cors import Cors
 from tusd_py.tus.download import download_headers
 from tusd_py.tus.errors import (
     ERR_CHECKSUM_BODY_TOO_LARGE,
@@ -100,6 +98,7 @@ from tusd_py.tus.headers import (
 )
 from tusd_py.tus.ietf import IetfHandler, is_ietf_request
 from tusd_py.tus.metadata import format_metadata, parse_metadata
+from tusd_py.tus.options import TusOptions
 from tusd_py.tus.urls import Route, origin_of, route, upload_url
 
 log = logging.getLogger("tusd_py.tus")
@@ -119,33 +118,29 @@ class TusHandler:
         self,
         store: Store,
         locker: Locker,
-        config: Config,
+        options: TusOptions,
         *,
         hooks: Hooks | None = None,
         metrics: UploadObserver | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``hooks`` receive the upload events (pre-create may reject or shape a
+        """``options`` are the settings (``cli.tus_options`` builds them from the
+        configuration); ``hooks`` receive the upload events (pre-create may reject or shape a
         creation); ``metrics`` counts uploads created, finished and terminated;
         ``clock`` (Unix time) decides expiry."""
         self._store = store
         self._clock = clock
         self._locker = locker
-        server = config.server
-        self._base_path = server.base_path if server.base_path.endswith("/") else server.base_path + "/"
-        self._behind_proxy = server.behind_proxy
+        self._base_path = options.base_path
+        self._behind_proxy = options.behind_proxy
         self.events = UploadEvents(hooks, metrics, behind_proxy=self._behind_proxy)
         """Hook events and upload counters (see ``tus.events`` for when each fires)."""
-        self._max_size = int(server.max_size)
-        self._cors = Cors(config.cors)
+        self._max_size = options.max_size
+        self._cors = options.cors
         self._concatenator = store if isinstance(store, SupportsConcatenation) else None
-        self._checksum_limit = int(config.checksum.max_buffered_size)
-        self._checksum_directory = config.checksum.spool_dir
-        self._lifetime = (
-            config.expiration.lifetime
-            if config.expiration.lifetime > 0 and isinstance(store, SupportsExpiration)
-            else 0.0
-        )
+        self._checksum_limit = options.checksum_max_buffered_size
+        self._checksum_directory = options.checksum_spool_dir
+        self._lifetime = options.lifetime if isinstance(store, SupportsExpiration) else 0.0
         # Every store offers creation-defer-length and termination (``stores.base``).
         extensions = ["creation", "creation-with-upload", "creation-defer-length", "termination"]
         if self._concatenator is not None:
