@@ -16,16 +16,60 @@ import logging
 from collections.abc import Callable
 
 from tusd_py.http.limits import HTTPLimits
-from tusd_py.http.protocol import HTTPProtocol, ServerContext
+from tusd_py.http.protocol import HTTPProtocol
 from tusd_py.http.types import Handler, ServerObserver
 
-__all__ = ["HTTPLimits", "HTTPServer"]
+__all__ = ["HTTPLimits", "HTTPServer", "ServerContext"]
 
 log = logging.getLogger("tusd_py.http")
 
 # After ``stop`` aborted the remaining connections, how long their cancelled handlers
 # get to unwind before ``stop`` returns anyway.
 _CANCEL_GRACE_SECONDS = 1.0
+
+
+class ServerContext:
+    """State the server shares with its connections."""
+
+    __slots__ = ("handler", "limits", "observer", "connections", "stopping", "flow_observer", "_empty")
+
+    def __init__(self, handler: Handler, limits: HTTPLimits, observer: ServerObserver | None = None) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.observer = observer
+        """Told about connections, finished requests and body bytes (metrics)."""
+        self.connections: set[HTTPProtocol] = set()
+        self.stopping = False
+        """Set by ``HTTPServer.stop``: connections close after their current response."""
+        self.flow_observer: Callable[[HTTPProtocol, bool], None] | None = None
+        """Called with (connection, paused) whenever a connection pauses or resumes
+        reading; an introspection hook for tests and metrics."""
+        self._empty: asyncio.Event | None = None
+
+    def add(self, connection: HTTPProtocol) -> None:
+        """Count ``connection`` as open."""
+        self.connections.add(connection)
+        if self.observer is not None:
+            self.observer.connection_opened()
+
+    def discard(self, connection: HTTPProtocol) -> None:
+        """``connection`` is gone (idempotent)."""
+        if connection not in self.connections:
+            return
+        self.connections.remove(connection)
+        if self.observer is not None:
+            self.observer.connection_closed()
+        if not self.connections and self._empty is not None:
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        """Return once no connection is open (or still running a handler)."""
+        if not self.connections:
+            return
+        if self._empty is None:
+            self._empty = asyncio.Event()
+        self._empty.clear()
+        await self._empty.wait()
 
 
 class HTTPServer:

@@ -31,11 +31,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from tusd_py.stores.base import (
-    FileSpliceSource,
+    FileTarget,
     StoreError,
     StoreUnavailable,
     UploadExists,
     UploadInfo,
+    UploadBody,
     UploadNotFound,
     is_valid_upload_id,
 )
@@ -228,12 +229,14 @@ class FileStore:
     async def _write_to(self, entry: _OpenFile, info: UploadInfo, chunks: AsyncIterable[bytes]) -> int:
         fd = entry.fd
         room = None if info.length is None else info.length - info.offset
-        # getattr, not isinstance(): a runtime-checkable Protocol check walks the
-        # protocol's members on every call (measurable per PATCH).
-        if getattr(chunks, "can_splice", False):
-            # splice_to returns only once its bytes are in the file.
-            return await self._write_spliced(fd, info.offset, room, cast(FileSpliceSource, chunks))
-        writer = _OrderedWriter(self._pool, fd, info.offset)
+        position = info.offset
+        if hasattr(chunks, "copy_into"):
+            # copy_into returns only once its bytes are in the file.
+            position, copied = await self._write_spliced(fd, position, room, cast(UploadBody, chunks))
+            if copied:
+                return position
+            room = None if room is None else room - (position - info.offset)
+        writer = _OrderedWriter(self._pool, fd, position)
         try:
             try:
                 async for chunk in chunks:
@@ -254,23 +257,26 @@ class FileStore:
                 entry.in_flight = writer.in_flight
         return writer.position
 
-    async def _write_spliced(self, fd: int, offset: int, room: int | None, body: FileSpliceSource) -> int:
-        """``write`` for a body that moves itself into the file (``splice_to``, no
-        bytes objects on the event loop). ``splice_to`` returns only once what it
+    async def _write_spliced(self, fd: int, offset: int, room: int | None, body: UploadBody) -> tuple[int, bool]:
+        """``write`` for a body that moves itself into the file (``copy_into``, no
+        bytes objects on the event loop); the new position, and False when the body
+        cannot be copied (iterate the rest). ``copy_into`` returns only once what it
         moved is in the file, so the offset counts only written bytes."""
         position = offset
         while room is None or room > 0:
             step = SPLICE_STEP_SIZE if room is None else min(room, SPLICE_STEP_SIZE)
             try:
-                moved = await body.splice_to(fd, position, step, executor=self._pool)
+                moved = await body.copy_into(FileTarget(fd, position, self._pool), step)
             except OSError as error:
                 raise StoreUnavailable(f"cannot write upload data: {error}") from error
+            if moved is None:
+                return position, False
             if not moved:
                 break
             position += moved
             if room is not None:
                 room -= moved
-        return position
+        return position, True
 
     async def finish(self, info: UploadInfo) -> UploadInfo:
         """Mark the upload finished in its info document (idempotent)."""
