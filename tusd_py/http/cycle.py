@@ -39,7 +39,7 @@ class CycleHost(Protocol):
         ...
 
     async def send_informational(self, cycle: RequestCycle, status: int, headers: list[tuple[str, str]]) -> None:
-        """Send a 1xx response before ``cycle``'s final one."""
+        """Send a 1xx response (``status`` checked) before ``cycle``'s final one."""
         ...
 
     def response_sent(self, cycle: RequestCycle) -> None:
@@ -113,6 +113,10 @@ class RequestCycle:
 
     async def send_informational(self, status: int, headers: list[tuple[str, str]]) -> None:
         """``Request.send_informational`` of this cycle's request."""
+        if not 100 <= status < 200 or status == 101:
+            raise ValueError(f"not an informational status: {status}")
+        if self.response_started:
+            raise RuntimeError("the final response was already sent")
         await self._host.send_informational(self, status, headers)
 
     async def run(self, context: ServerContext, writer: ResponseWriter, client: str) -> None:

@@ -9,8 +9,8 @@ the application straight from the read buffer saves h11's three copies and its
 per-event overhead -- the difference between ~2 GB/s and the wire speed of loopback.
 Such a body is read ``BODY_READ_SIZE`` (1 MiB) at a time into a buffer shared by the
 thread's connections, never past its last byte, so what follows it still goes to
-h11 in 64 KiB reads (or is spliced into a file by ``SpliceControl``). After such a
-request a fresh h11 connection parses what follows.
+h11 in 64 KiB reads (or is spliced into a file by ``SpliceControl``); see
+``BodyIntake``. After such a request a fresh h11 connection parses what follows.
 
 Flow control (``ReadingGate``). Unread body bytes pause the transport above
 ``body_high_water`` and resume it below ``body_low_water``; pipelined bytes that
@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, cast
 
 import h11
 
@@ -37,9 +36,10 @@ from tusd_py.http.access_log import log_rejected, new_request_id, request_id_fro
 from tusd_py.http.body import RequestBody
 from tusd_py.http.cycle import RequestCycle
 from tusd_py.http.flow import ReadingGate
-from tusd_py.http.limits import KiB, MiB
+from tusd_py.http.intake import BODY_READ_SIZE, READ_SIZE, BodyIntake
 from tusd_py.http.response import ResponseWriter
 from tusd_py.http.splice_control import SpliceControl, splice_socket
+from tusd_py.http.timer import ConnectionTimer
 from tusd_py.http.types import ClientDisconnected, Headers, Request
 
 if TYPE_CHECKING:
@@ -49,51 +49,19 @@ __all__ = ["BODY_READ_SIZE", "READ_SIZE", "HTTPProtocol"]
 
 log = logging.getLogger("tusd_py.http")
 
-READ_SIZE: Final = 64 * KiB
-"""Bytes per socket read, and so the most h11 is ever fed at once (see module doc)."""
-
-BODY_READ_SIZE: Final = 1 * MiB
-"""Bytes per socket read of a body framed here (never fed to h11). Every read costs a
-round of Python (copy out, queue, wake the reader, the store's bookkeeping); 1 MiB
-reads make that 16x rarer than 64 KiB ones (measured on the ingest benchmark: the
-event loop's CPU per GiB down by about a sixth, ~0.7 -> ~0.58 s/GiB)."""
-
-
-class _BodyReadBuffer(threading.local):
-    """One ``BODY_READ_SIZE`` buffer per thread (so per event loop), shared by all its
-    connections: ``buffer_updated`` copies a framed body's bytes out before it returns,
-    and a transport calls ``get_buffer`` and ``buffer_updated`` back to back, so no
-    connection holds the buffer between reads. Memory stays 1 MiB, not 1 MiB per
-    upload. Allocated on first use."""
-
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(BODY_READ_SIZE))
-
-
-_body_read_buffer = _BodyReadBuffer()
-
-# Idle timer kinds (one timer per connection; see the module docstring).
-_HEADER = "header"
-_KEEPALIVE = "keepalive"
-_DRAIN = "drain"
-_LINGER = "linger"
 
 
 class HTTPProtocol(asyncio.BufferedProtocol):
     """An HTTP/1.1 server connection (see the module docstring).
 
-    To its request cycles it is a ``CycleHost``; to its ``SpliceControl`` a
-    ``SpliceSource``."""
+    To its request cycles it is a ``CycleHost``; to its ``BodyIntake`` an
+    ``IntakeHost``."""
 
     def __init__(self, context: ServerContext) -> None:
         self._context = context
         self._limits = context.limits
         self._loop = asyncio.get_running_loop()
         self._conn = self._new_h11()
-        self._buffer = bytearray(READ_SIZE)
-        self._view = memoryview(self._buffer)
-        self._read_view = self._view
-        """What the last ``get_buffer`` returned."""
         self._transport: asyncio.Transport | None = None
         self._client: tuple[str, int] | None = None
         self._client_text = "-"
@@ -104,20 +72,14 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         self._cycle: RequestCycle | None = None
         self._task: asyncio.Task[None] | None = None
         self._processing = False
-        self._raw_remaining = 0
-        """Body bytes still expected for a body framed here (Content-Length)."""
-        self._pending = b""
-        """Bytes after a body framed here, kept for the next request."""
         self._idle_bytes = 0
         """Bytes of a next request head received while no request is in flight."""
-        self._reading = ReadingGate(self._on_reading_changed)
+        self._reading = ReadingGate(lambda paused: context.reading_changed(self, paused))
         self._splice: SpliceControl | None = None
         """Set when body bytes may be spliced from this connection's socket."""
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_kind = ""
+        self._timer = ConnectionTimer(self._loop, self._on_timer)
         observer = context.observer
-        # Bound once: called per body chunk, so no attribute lookups on the hot path.
-        self._count_received = observer.bytes_received if observer else None
+        self._intake = BodyIntake(self, self._reading, self._limits, observer.bytes_received if observer else None)
         self._writer = ResponseWriter(self._loop, observer.bytes_sent if observer else None)
 
     def _new_h11(self) -> h11.Connection:
@@ -137,6 +99,11 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         return cycle.body.buffered if cycle is not None else 0
 
     @property
+    def closing(self) -> bool:
+        """Whether the connection is closing: nothing more is processed."""
+        return self._closing
+
+    @property
     def idle(self) -> bool:
         """No request is in flight on this connection (its handler may still be
         finishing up, but the response is complete)."""
@@ -152,34 +119,17 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._client = (str(peer[0]), int(peer[1]))
             self._client_text = f"{peer[0]}:{peer[1]}"
-        context = self._context
-        if context.stopping or len(context.connections) >= self._limits.max_connections:
-            # Closing at accept is the cheapest answer under overload; a client that
-            # retries later gets through.
+        if not self._context.admit(self, self._client_text):
             self._mark_closing()
-            log.warning(
-                "connection refused: %d connections open",
-                len(context.connections),
-                extra={"client": self._client_text},
-            )
             self._transport.abort()
             return
-        context.add(self)
         sock_fd = splice_socket(self._loop, self._transport)
         if sock_fd is not None:
-            self._splice = SpliceControl(self._loop, sock_fd, self._reading, self)
-        self._set_timer(_HEADER, self._limits.header_timeout)
+            self._splice = SpliceControl(self._loop, sock_fd, self._reading, self._intake)
+        self._timer.set(ConnectionTimer.HEADER, self._limits.header_timeout)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        remaining = self._raw_remaining
-        if remaining > READ_SIZE:
-            # Inside a body framed here: read large, but never past its end, so the
-            # bytes of a pipelined next request still go through the 64 KiB buffer.
-            view = _body_read_buffer.view
-            self._read_view = view if remaining >= BODY_READ_SIZE else view[:remaining]
-        else:
-            self._read_view = self._view
-        return self._read_view
+        return self._intake.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._closing:
@@ -193,12 +143,12 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             return
         cycle = self._cycle
         if cycle is not None and cycle.framed_here:
-            self._on_framed_bytes(cycle, self._read_view[:nbytes])
+            self._intake.on_framed_bytes(cycle, self._intake.read(nbytes))
             return
         if cycle is None:
             self._idle_bytes += nbytes
         # h11 copies the bytes into its own buffer, so the view can be passed as is.
-        self._conn.receive_data(cast(bytes, self._view[:nbytes]))
+        self._conn.receive_data(cast(bytes, self._intake.read(nbytes)))
         self._process_events()
 
     def eof_received(self) -> bool:
@@ -216,7 +166,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._mark_closing()
         self._closed = True
-        self._cancel_timer()
+        self._timer.cancel()
         if self._splice is not None:
             self._splice.abort()
         cycle = self._cycle
@@ -279,12 +229,12 @@ class HTTPProtocol(asyncio.BufferedProtocol):
                 if kind is h11.Data:
                     data = cast(h11.Data, event).data
                     if data and cycle is not None:
-                        self._deliver(cycle, data)
+                        self._intake.deliver(cycle, data)
                 elif kind is h11.Request:
                     self._on_request(cast(h11.Request, event))
                 elif kind is h11.EndOfMessage:
                     if cycle is not None:
-                        self._on_body_complete(cycle)
+                        self.body_complete(cycle)
                 else:  # ConnectionClosed: unreachable, EOF is never fed to h11
                     break
         finally:
@@ -293,24 +243,12 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             self._arm_idle_timer()
 
     def _on_request(self, event: h11.Request) -> None:
-        self._cancel_timer()
+        self._timer.cancel()
         self._idle_bytes = 0
-        content_length: int | None = None
-        chunked = False
-        items: list[tuple[str, str]] = []
-        for raw_name, raw_value in event.headers:
-            name = raw_name.decode("latin-1")
-            value = raw_value.decode("latin-1")
-            items.append((name, value))
-            if name == "content-length":
-                content_length = int(value)  # validated by h11
-            elif name == "transfer-encoding":
-                chunked = True
-        headers = Headers(items)
+        headers, length = _decode_head(event)
         method = event.method.decode("ascii")
         target = event.target.decode("latin-1")
         cycle = RequestCycle(self, self._conn, method, target, self._conn.they_are_waiting_for_100_continue)
-        length = None if chunked else (content_length or 0)
         # Only a body framed here can be spliced: h11 holds none of its bytes.
         splice = self._splice if length else None
         body = RequestBody(cycle, self._loop, length, self._limits.body_timeout, splice)
@@ -330,8 +268,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         self._task = task
         task.add_done_callback(self._on_task_done)
         if length:
-            cycle.framed_here = True
-            self._raw_remaining = length
+            self._intake.frame(cycle, length)
             # A framed body is not read from the socket before the application first
             # asks for it: a store that copies the body into a file then gets all of
             # it from the kernel instead of its first MiB through the read buffer
@@ -343,47 +280,19 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             # h11's buffer (this h11 connection parses nothing more).
             trailing = self._conn.trailing_data[0]
             if trailing:
-                self._on_framed_bytes(cycle, trailing)
+                self._intake.on_framed_bytes(cycle, trailing)
 
-    def _on_framed_bytes(self, cycle: RequestCycle, data: bytes | memoryview) -> None:
-        """Bytes that arrived while the current request's body is framed here."""
-        size = len(data)
-        take = min(size, self._raw_remaining)
-        if take:
-            self._raw_remaining -= take
-            if cycle.draining:
-                self._count_drained(cycle, take)
-            else:
-                # The one copy on this path: the read buffer is reused for the next read.
-                self._deliver(cycle, bytes(data[:take]))
-        if take < size:
-            # The next request(s), pipelined: keep them and read no more for now.
-            self._pending += bytes(data[take:])
-            self._reading.hold(ReadingGate.PIPELINE)
-        if take and not self._raw_remaining and not self._closing:
-            self._on_body_complete(cycle)
+    # -- IntakeHost --------------------------------------------------------------------
 
-    def _deliver(self, cycle: RequestCycle, chunk: bytes) -> None:
-        size = len(chunk)
-        if cycle.draining:
-            self._count_drained(cycle, size)
-            return
-        cycle.bytes_in += size
-        if self._count_received is not None:
-            self._count_received(size)
-        if cycle.body.feed(chunk) > self._limits.body_high_water:
-            self._reading.hold(ReadingGate.BACKPRESSURE)
-
-    def _count_drained(self, cycle: RequestCycle, size: int) -> None:
-        cycle.bytes_in += size
-        cycle.drained += size
-        if cycle.drained > self._limits.drain_limit:
-            self._close(linger=True)
-
-    def _on_body_complete(self, cycle: RequestCycle) -> None:
+    def body_complete(self, cycle: RequestCycle) -> None:
+        """The last byte of ``cycle``'s body arrived."""
         cycle.body.finish()
         if cycle.draining:
             self._finish_cycle()
+
+    def drain_exceeded(self) -> None:
+        """A discarded body ran past ``drain_limit``."""
+        self._close(linger=True)
 
     def _on_protocol_error(self, error: h11.RemoteProtocolError) -> None:
         cycle = self._cycle
@@ -397,11 +306,6 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         self._reading.hold(ReadingGate.STOPPED)
         if cycle.response_done:
             self._close(linger=True)
-
-    def _on_reading_changed(self, paused: bool) -> None:
-        observer = self._context.flow_observer
-        if observer is not None:
-            observer(self, paused)
 
     # -- CycleHost: what the request cycles ask ------------------------------------------
 
@@ -428,9 +332,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
 
     async def send_informational(self, cycle: RequestCycle, status: int, headers: list[tuple[str, str]]) -> None:
         """Send a 1xx response for ``cycle`` before its final response."""
-        if not 100 <= status < 200 or status == 101:
-            raise ValueError(f"not an informational status: {status}")
-        if cycle is not self._cycle or cycle.response_started:
+        if cycle is not self._cycle:
             raise RuntimeError("the final response was already sent")
         if self._closing:
             return  # nobody to tell
@@ -438,38 +340,6 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         if status == 100:
             cycle.continue_sent = True
         await self._writer.drain()
-
-    # -- SpliceSource: the body framing as the splice control sees it ----------------------
-
-    def splice_budget(self) -> int:
-        """Bytes of the framed body in flight still in the socket (0: none may be
-        spliced now)."""
-        cycle = self._cycle
-        if cycle is None or not cycle.framed_here or cycle.draining or self._closing:
-            return 0
-        return self._raw_remaining
-
-    def body_spliced(self, count: int, eof: bool, file_failed: bool) -> None:
-        """Account for ``count`` body bytes spliced from the socket into a file."""
-        cycle = self._cycle
-        assert cycle is not None  # a request ends only once its body stops splicing
-        if count:
-            self._raw_remaining -= count
-            cycle.bytes_in += count
-            cycle.body.spliced(count)
-            if self._count_received is not None:
-                self._count_received(count)
-        if eof and self._raw_remaining:
-            cycle.close_after = True
-            cycle.body.fail(ClientDisconnected, "the client closed the connection before the end of the body")
-        elif file_failed and self._raw_remaining:
-            # Bytes were taken from the socket but not stored: nobody can tell the
-            # client which, so the connection ends after the response.
-            cycle.close_after = True
-        if count and not self._raw_remaining and not self._closing:
-            self._on_body_complete(cycle)
-
-    # -- the request cycle -----------------------------------------------------------
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         if task is self._task:
@@ -493,17 +363,17 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         cycle.draining = True
         cycle.body.discard()
         self._reading.release(ReadingGate.BACKPRESSURE | ReadingGate.FIRST_READ)
-        self._set_timer(_DRAIN, self._limits.drain_timeout)
+        self._timer.set(ConnectionTimer.DRAIN, self._limits.drain_timeout)
 
     def _finish_cycle(self) -> None:
         """Both request and response are complete: get ready for the next request."""
         cycle = self._cycle
         assert cycle is not None
         self._cycle = None
-        self._cancel_timer()
+        self._timer.cancel()
+        pending = self._intake.end()
         if cycle.framed_here:
             self._conn = self._new_h11()
-            pending, self._pending = self._pending, b""
             self._idle_bytes = len(pending)
             if pending:
                 self._conn.receive_data(pending)
@@ -531,7 +401,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         if self._closing:
             return
         self._mark_closing()
-        self._cancel_timer()
+        self._timer.cancel()
         transport = self._transport
         if transport is None or transport.is_closing():
             return
@@ -546,7 +416,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             transport.abort()
             return
         self._reading.resume_for_linger()
-        self._set_timer(_LINGER, self._limits.drain_timeout)
+        self._timer.set(ConnectionTimer.LINGER, self._limits.drain_timeout)
 
     def _reject(self, status: int) -> None:
         """Answer a request that never became one (malformed, too large, too slow)
@@ -559,35 +429,38 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         log_rejected(status, bytes_out, request_id, self._client_text)
 
     def _arm_idle_timer(self) -> None:
+        kind = self._timer.kind
         if self._idle_bytes:
             # A request head has begun: its deadline does not move as more arrives.
-            if self._timer_kind != _HEADER:
-                self._set_timer(_HEADER, self._limits.header_timeout)
-        elif self._timer_kind != _KEEPALIVE and self._timer_kind != _HEADER:
-            self._set_timer(_KEEPALIVE, self._limits.keepalive_timeout)
+            if kind != ConnectionTimer.HEADER:
+                self._timer.set(ConnectionTimer.HEADER, self._limits.header_timeout)
+        elif kind != ConnectionTimer.KEEPALIVE and kind != ConnectionTimer.HEADER:
+            self._timer.set(ConnectionTimer.KEEPALIVE, self._limits.keepalive_timeout)
 
-    def _set_timer(self, kind: str, delay: float) -> None:
-        self._cancel_timer()
-        self._timer_kind = kind
-        self._timer = self._loop.call_later(delay, self._on_timer)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_kind = ""
-
-    def _on_timer(self) -> None:
-        kind = self._timer_kind
-        self._timer = None
-        self._timer_kind = ""
-        if kind == _LINGER:
+    def _on_timer(self, kind: str) -> None:
+        if kind == ConnectionTimer.LINGER:
             if self._transport is not None:
                 self._transport.close()
             return
         if self._closing:
             return
-        if kind == _HEADER and self._cycle is None:
+        if kind == ConnectionTimer.HEADER and self._cycle is None:
             self._reject(408)
         else:  # keep-alive expired, or the body being drained did not end in time
             self._close()
+
+
+def _decode_head(event: h11.Request) -> tuple[Headers, int | None]:
+    """The request's headers, and its body length (None: chunked)."""
+    content_length: int | None = None
+    chunked = False
+    items: list[tuple[str, str]] = []
+    for raw_name, raw_value in event.headers:
+        name = raw_name.decode("latin-1")
+        value = raw_value.decode("latin-1")
+        items.append((name, value))
+        if name == "content-length":
+            content_length = int(value)  # validated by h11
+        elif name == "transfer-encoding":
+            chunked = True
+    return Headers(items), None if chunked else (content_length or 0)

@@ -46,11 +46,23 @@ class ServerContext:
         reading; an introspection hook for tests and metrics."""
         self._empty: asyncio.Event | None = None
 
-    def add(self, connection: HTTPProtocol) -> None:
-        """Count ``connection`` as open."""
+    def admit(self, connection: HTTPProtocol, client: str) -> bool:
+        """Count ``connection`` (from ``client``, "host:port") as open; or, while the
+        server stops or ``max_connections`` are open, refuse it (False)."""
+        if self.stopping or len(self.connections) >= self.limits.max_connections:
+            # Closing at accept is the cheapest answer under overload; a client that
+            # retries later gets through.
+            log.warning("connection refused: %d connections open", len(self.connections), extra={"client": client})
+            return False
         self.connections.add(connection)
         if self.observer is not None:
             self.observer.connection_opened()
+        return True
+
+    def reading_changed(self, connection: HTTPProtocol, paused: bool) -> None:
+        """``connection`` paused or resumed reading (tells ``flow_observer``)."""
+        if self.flow_observer is not None:
+            self.flow_observer(connection, paused)
 
     def discard(self, connection: HTTPProtocol) -> None:
         """``connection`` is gone (idempotent)."""
