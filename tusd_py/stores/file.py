@@ -34,9 +34,9 @@ from tusd_py.stores.base import (
     FileTarget,
     StoreError,
     StoreUnavailable,
+    UploadBody,
     UploadExists,
     UploadInfo,
-    UploadBody,
     UploadNotFound,
     is_valid_upload_id,
 )
