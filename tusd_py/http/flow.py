@@ -67,7 +67,7 @@ class ReadingGate:
 
     def resume_for_linger(self) -> None:
         """Read again whatever is held: a closing connection reads and drops what the
-        client still sends (see ``HTTPProtocol._close``)."""
+        client still sends (a lingering close, see ``protocol.py``)."""
         if self._paused and self._transport is not None:
             self._paused = False
             self._transport.resume_reading()

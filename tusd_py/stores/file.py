@@ -67,7 +67,7 @@ MAX_BATCH_CHUNKS = _iov_max()
 """Chunks per write: one ``pwritev`` takes at most ``IOV_MAX`` buffers, and a body
 of tiny chunks (chunked encoding) must not hold a million small objects per batch."""
 SPLICE_STEP_SIZE = 16 * 1024 * 1024
-"""Bytes per ``splice_to`` call when the body can be spliced into the file: each call
+"""Bytes per ``copy_into`` call when the body can be copied into the file: each call
 is one hop to a pool thread; between calls the progress (``yielded``) is updated."""
 READ_CHUNK_SIZE = 256 * 1024
 """Bytes per chunk of a download."""

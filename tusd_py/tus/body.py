@@ -1,6 +1,6 @@
 """The PATCH body as a store sees it: bounded, and stoppable from outside.
 
-A store's ``write`` iterates a ``GuardedBody``. It ends cleanly (the store then
+A store's ``write`` reads a ``GuardedBody`` (iterating or copying it). It ends cleanly (the store then
 stores what it has) when:
 
 - the upload's length (or the server's max size) is reached: no byte beyond it is
