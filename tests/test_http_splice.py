@@ -1,6 +1,6 @@
-"""Splicing request bodies straight into files (``SpliceableBody``), over real sockets.
+"""Splicing request bodies straight into files (``CopyableBody``), over real sockets.
 
-HTTP layer: a handler moves the body into a temp file with ``splice_to``; the file must
+HTTP layer: a handler moves the body into a temp file with ``copy_into``; the file must
 hold exactly the bytes sent, the next pipelined request must still be answered, and
 disconnects and timeouts end the body with every arrived byte stored. End to end: the
 composed server on the file store, whose PATCH uses the splice path. A spy on the
@@ -27,11 +27,12 @@ from helpers import create, file_store_config, head_offset, patch_head, upload_i
 
 from tests.rawhttp import RawConnection, request
 from tusd_py.cli import Running, serving
-from tusd_py.http import protocol as http_protocol
 from tusd_py.http import splice as http_splice
+from tusd_py.http import splice_control as http_splice_control
 from tusd_py.http.body import RequestBody
 from tusd_py.http.server import HTTPLimits, HTTPServer
-from tusd_py.http.types import BodyTimeout, ClientDisconnected, Request, Response, SpliceableBody
+from tusd_py.http.types import BodyTimeout, ClientDisconnected, CopyableBody, Request, Response
+from tusd_py.stores.base import FileTarget
 
 MiB = 1024 * 1024
 WAIT = 10.0
@@ -62,7 +63,7 @@ class SpliceSpy:
 def spy(monkeypatch: pytest.MonkeyPatch) -> SpliceSpy:
     spy = SpliceSpy()
     monkeypatch.setattr(http_splice, "splice_socket_to_file", spy.wrap(http_splice.splice_socket_to_file))
-    monkeypatch.setattr(http_protocol, "SPLICE_MIN_WAITING", 1)
+    monkeypatch.setattr(http_splice_control, "SPLICE_MIN_WAITING", 1)
     return spy
 
 
@@ -91,7 +92,7 @@ class SplicingHandler:
         if request.method == "GET":
             return Response(200, [], b"next")
         body = request.body
-        assert isinstance(body, SpliceableBody) and body.can_splice
+        assert isinstance(body, CopyableBody)
         if self.before_splice is not None:
             await self.before_splice(request)
         self._count += 1
@@ -101,7 +102,8 @@ class SplicingHandler:
         error: BaseException | None = None
         try:
             while True:
-                moved = await body.splice_to(fd, total, 3 * MiB)
+                moved = await body.copy_into(FileTarget(fd, total), 3 * MiB)
+                assert moved is not None  # the body can be copied
                 if not moved:
                     break
                 total += moved
@@ -236,8 +238,8 @@ async def test_splice_unavailable_falls_back(monkeypatch: pytest.MonkeyPatch, sp
 
     async def handler(request: Request) -> Response:
         body = request.body
-        assert isinstance(body, SpliceableBody)
-        seen.append(body.can_splice)
+        assert isinstance(body, CopyableBody)
+        seen.append(await body.copy_into(FileTarget(-1, 0), MiB) is not None)
         data = b"".join([chunk async for chunk in body])
         return Response(200, [], sha(data).encode())
 
@@ -399,13 +401,13 @@ async def test_queued_bytes_and_the_socket_rest_go_in_one_worker_call(
     """Body bytes read with the head and the rest waiting in the socket are written
     by one worker call (queued bytes first), not two thread hand-offs."""
     calls: list[int] = []
-    real = http_protocol._splice_and_close
+    real = http_splice.write_then_splice
 
     def recording(*args: Any) -> http_splice.SpliceResult:
         calls.append(sum(len(chunk) for chunk in args[-1]))
         return real(*args)
 
-    monkeypatch.setattr(http_protocol, "_splice_and_close", recording)
+    monkeypatch.setattr(http_splice, "write_then_splice", recording)
     payload = os.urandom(150_000)
     gate = HeldHandler()
     handler = SplicingHandler(tmp_path, gate.before_splice)

@@ -51,6 +51,7 @@ async def test_mismatch_is_460_and_stores_nothing(tus: Harness) -> None:
     await tus.patch(upload_id, 0, StaticBody([b"abc"]))
     response = await tus.patch(upload_id, 3, StaticBody([b"defg"]), **{"Upload-Checksum": checksum("sha1", b"DEFG")})
     assert response.status == 460
+    assert response.reason == "Checksum Mismatch"
     assert header(response, "Upload-Offset") == "3"
     assert b"mismatch" in await body_bytes(response)
     assert await tus.offset(upload_id) == 3

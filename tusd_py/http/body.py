@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Awaitable
 from typing import Protocol, TypeVar
 
-from tusd_py.http.splice import SpliceResult, pwrite_chunks
-from tusd_py.http.types import BodyTimeout, ClientDisconnected, SpliceStop
+from tusd_py.http.splice import pwrite_chunks
+from tusd_py.http.splice_control import SpliceControl
+from tusd_py.http.types import BodyTimeout, ClientDisconnected, CopyStop, CopyTarget
 
 T = TypeVar("T")
 
@@ -27,7 +27,7 @@ _TIMER_SLACK = 0.005
 
 
 class BodyFlow(Protocol):
-    """What a body needs from its connection (implemented by the protocol)."""
+    """What a body tells its request (implemented by the connection's request cycle)."""
 
     def body_first_read(self) -> None:
         """The application asked for the body for the first time (send 100 Continue)."""
@@ -37,32 +37,6 @@ class BodyFlow(Protocol):
 
     def body_timed_out(self) -> None:
         """A read waited ``body_timeout`` seconds for data; the body has failed."""
-
-    def body_can_splice(self) -> bool:
-        """Whether the connection can splice this body (see ``splice_to``)."""
-
-    def body_splice_hold(self, hold: bool) -> None:
-        """Keep the transport from reading (True) while ``splice_to`` runs; False
-        lets it read again (from the next loop iteration on, so back-to-back
-        ``splice_to`` calls keep it paused)."""
-
-    def body_splice_ready(self) -> bool:
-        """Whether enough body bytes wait in the socket to splice them now."""
-
-    async def body_splice(
-        self,
-        fd: int,
-        offset: int,
-        max_bytes: int,
-        stop: SpliceStop | None,
-        executor: Executor | None,
-        first: Sequence[bytes | memoryview] = (),
-    ) -> SpliceResult:
-        """On a worker thread (reading is held): write ``first`` (body bytes already
-        read) at ``offset``, then move body bytes from the socket into ``fd`` right
-        after them, ``max_bytes`` in all. The connection counts the socket's bytes
-        and ends or fails the body as needed."""
-        ...
 
 
 class RequestBody:
@@ -74,6 +48,7 @@ class RequestBody:
 
     __slots__ = (
         "_flow",
+        "_splice",
         "_loop",
         "_chunks",
         "_buffered",
@@ -94,8 +69,12 @@ class RequestBody:
         loop: asyncio.AbstractEventLoop,
         length: int | None,
         timeout: float,
+        splice: SpliceControl | None = None,
     ) -> None:
+        """``splice``: the connection's, when this body may be copied into files
+        (its bytes are framed by the connection, not h11, and the socket allows it)."""
         self._flow = flow
+        self._splice = splice
         self._loop = loop
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -136,47 +115,35 @@ class RequestBody:
         self._flow.body_consumed(self._buffered)
         return chunk
 
-    @property
-    def can_splice(self) -> bool:
-        """Whether ``splice_to`` may be used (see ``types.SpliceableBody``)."""
-        return self._length is not None and self._flow.body_can_splice()
-
-    async def splice_to(
-        self,
-        fd: int,
-        offset: int,
-        max_bytes: int,
-        *,
-        stop: SpliceStop | None = None,
-        executor: Executor | None = None,
-    ) -> int:
-        """See ``types.SpliceableBody.splice_to``. Chunks already queued are written
+    async def copy_into(self, target: CopyTarget, max_bytes: int, stop: CopyStop | None = None) -> int | None:
+        """See ``types.CopyableBody.copy_into``. Chunks already queued are written
         first (``pwrite`` on a worker thread); then, while at least a read's worth of
         bytes waits in the socket, the connection splices them into the file; else
         this waits for the next chunk like a read does (body timeout included)."""
+        splice = self._splice
+        if splice is None:
+            return None
         if self._first_read:
             self._first_read = False
             self._flow.body_first_read()
         if max_bytes <= 0:
             return 0
-        flow = self._flow
         loop = self._loop
         if stop is None:
-            stop = SpliceStop()  # so that a cancellation can end a running splice
-        flow.body_splice_hold(True)
+            stop = CopyStop()  # so that a cancellation can end a running splice
+        splice.hold(True)
         try:
             while True:
                 if self._chunks:
-                    return await self._write_queued(fd, offset, max_bytes, stop, executor)
+                    return await self._write_queued(splice, target, max_bytes, stop)
                 if self._error is not None:
                     error_type, message = self._error
                     raise error_type(message)
                 if self._complete or stop.is_set():
                     return 0
-                if flow.body_splice_ready():
-                    result = await _finish_uncancelled(
-                        loop, flow.body_splice(fd, offset, max_bytes, stop, executor), stop
-                    )
+                count = min(max_bytes, splice.waiting())
+                if count:
+                    result = await _finish_uncancelled(loop, splice.move(target, count, stop), stop)
                     if result.file_error is not None:
                         raise result.file_error
                     if result.moved:
@@ -184,22 +151,20 @@ class RequestBody:
                     if self._error is not None or self._complete:
                         continue
                 # Wait for the next chunk on the event loop, reading normally.
-                flow.body_splice_hold(False)
+                splice.hold(False)
                 stop.on_set(self._wake)
                 try:
                     await self._wait()
                 finally:
                     stop.on_set(None)
-                    flow.body_splice_hold(True)
+                    splice.hold(True)
         finally:
-            flow.body_splice_hold(False)
+            splice.hold(False)
 
-    async def _write_queued(
-        self, fd: int, offset: int, max_bytes: int, stop: SpliceStop, executor: Executor | None
-    ) -> int:
-        """Write queued chunks (up to ``max_bytes``) at ``offset``, and when more of
-        the body waits in the socket, splice it right after them in the same worker
-        call (one thread hand-off per PATCH instead of two); the bytes written."""
+    async def _write_queued(self, splice: SpliceControl, target: CopyTarget, max_bytes: int, stop: CopyStop) -> int:
+        """Write queued chunks (up to ``max_bytes``) at ``target.offset``, and when
+        more of the body waits in the socket, splice it right after them in the same
+        worker call (one thread hand-off per PATCH instead of two); the bytes written."""
         chunks = self._chunks
         taken: list[bytes | memoryview] = []
         size = 0
@@ -215,25 +180,20 @@ class RequestBody:
         self._received += size
         self._flow.body_consumed(self._buffered)
         loop = self._loop
+        count = 0
         if size < max_bytes and not chunks and not self._complete:
-            # The connection splices the rest after them when enough of it waits
-            # (else it writes just these): one readiness check, one worker call.
-            result = await _finish_uncancelled(
-                loop, self._flow.body_splice(fd, offset, max_bytes, stop, executor, taken), stop
-            )
+            count = min(max_bytes - size, splice.waiting())  # one readiness check per call
+        if count:
+            result = await _finish_uncancelled(loop, splice.move(target, count, stop, taken), stop)
             if result.file_error is not None:
                 raise result.file_error
             return result.written_first + result.moved
         written, error = await _finish_uncancelled(
-            loop, loop.run_in_executor(executor, pwrite_chunks, fd, taken, offset), None
+            loop, loop.run_in_executor(target.executor, pwrite_chunks, target.fd, taken, target.offset), None
         )
         if error is not None:
             raise error
         return written
-
-    async def read_all(self) -> bytes:
-        """The whole remaining body in one bytes object (for small bodies only)."""
-        return b"".join([chunk async for chunk in self])
 
     @property
     def length(self) -> int | None:
@@ -328,7 +288,7 @@ class RequestBody:
 
 
 async def _finish_uncancelled(
-    loop: asyncio.AbstractEventLoop, awaitable: Awaitable[T], stop: SpliceStop | None
+    loop: asyncio.AbstractEventLoop, awaitable: Awaitable[T], stop: CopyStop | None
 ) -> T:
     """Await work on a worker thread to its end even if the task is cancelled
     meanwhile (asking it to stop early through ``stop``), then re-raise the

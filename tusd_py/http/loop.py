@@ -9,17 +9,12 @@ from __future__ import annotations
 import asyncio
 from asyncio.selector_events import BaseSelectorEventLoop
 
-__all__ = ["new_event_loop", "pause_reading_is_strict", "uvloop_available"]
+__all__ = ["new_event_loop", "pause_reading_is_strict"]
 
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
     uvloop = None  # type: ignore[assignment]
-
-
-def uvloop_available() -> bool:
-    """Whether ``new_event_loop`` returns a uvloop loop."""
-    return uvloop is not None
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -16,16 +16,72 @@ import logging
 from collections.abc import Callable
 
 from tusd_py.http.limits import HTTPLimits
-from tusd_py.http.protocol import HTTPProtocol, ServerContext
+from tusd_py.http.protocol import HTTPProtocol
 from tusd_py.http.types import Handler, ServerObserver
 
-__all__ = ["HTTPLimits", "HTTPServer"]
+__all__ = ["HTTPLimits", "HTTPServer", "ServerContext"]
 
 log = logging.getLogger("tusd_py.http")
 
 # After ``stop`` aborted the remaining connections, how long their cancelled handlers
 # get to unwind before ``stop`` returns anyway.
 _CANCEL_GRACE_SECONDS = 1.0
+
+
+class ServerContext:
+    """State the server shares with its connections."""
+
+    __slots__ = ("handler", "limits", "observer", "connections", "stopping", "flow_observer", "_empty")
+
+    def __init__(self, handler: Handler, limits: HTTPLimits, observer: ServerObserver | None = None) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.observer = observer
+        """Told about connections, finished requests and body bytes (metrics)."""
+        self.connections: set[HTTPProtocol] = set()
+        self.stopping = False
+        """Set by ``HTTPServer.stop``: connections close after their current response."""
+        self.flow_observer: Callable[[HTTPProtocol, bool], None] | None = None
+        """Called with (connection, paused) whenever a connection pauses or resumes
+        reading; an introspection hook for tests and metrics."""
+        self._empty: asyncio.Event | None = None
+
+    def admit(self, connection: HTTPProtocol, client: str) -> bool:
+        """Count ``connection`` (from ``client``, "host:port") as open; or, while the
+        server stops or ``max_connections`` are open, refuse it (False)."""
+        if self.stopping or len(self.connections) >= self.limits.max_connections:
+            # Closing at accept is the cheapest answer under overload; a client that
+            # retries later gets through.
+            log.warning("connection refused: %d connections open", len(self.connections), extra={"client": client})
+            return False
+        self.connections.add(connection)
+        if self.observer is not None:
+            self.observer.connection_opened()
+        return True
+
+    def reading_changed(self, connection: HTTPProtocol, paused: bool) -> None:
+        """``connection`` paused or resumed reading (tells ``flow_observer``)."""
+        if self.flow_observer is not None:
+            self.flow_observer(connection, paused)
+
+    def discard(self, connection: HTTPProtocol) -> None:
+        """``connection`` is gone (idempotent)."""
+        if connection not in self.connections:
+            return
+        self.connections.remove(connection)
+        if self.observer is not None:
+            self.observer.connection_closed()
+        if not self.connections and self._empty is not None:
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        """Return once no connection is open (or still running a handler)."""
+        if not self.connections:
+            return
+        if self._empty is None:
+            self._empty = asyncio.Event()
+        self._empty.clear()
+        await self._empty.wait()
 
 
 class HTTPServer:

@@ -4,7 +4,8 @@
 file's page cache with one copy, so a body costs one memory pass on the server
 instead of three (socket -> read buffer, read buffer -> bytes object, bytes object ->
 page cache). This module holds the part that runs on a worker thread; the
-connection (``protocol.py``) decides when to use it and keeps the books.
+connection's ``SpliceControl`` (``splice_control.py``) decides when to use it and
+keeps the books.
 
 The worker never blocks for long: it waits for socket data in ``poll`` slices of
 ``POLL_SLICE_SECONDS`` (checking its stop events in between) and hands back once no
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["SPLICE_SUPPORTED", "SpliceResult", "pwrite_chunks", "splice_socket_to_file"]
+__all__ = ["SPLICE_SUPPORTED", "SpliceResult", "pwrite_chunks", "splice_socket_to_file", "write_then_splice"]
 
 SPLICE_SUPPORTED: Final = hasattr(os, "splice") and hasattr(select, "poll")
 """Whether this platform has ``splice(2)`` (Linux, Python 3.10+)."""
@@ -59,12 +60,11 @@ class SpliceResult:
     ``file_error``)."""
     written_first: int = 0
     """Bytes already read from the socket, written before splicing (see
-    ``HTTPProtocol._splice_body``)."""
+    ``write_then_splice``)."""
     consumed: int = 0
     """Bytes taken from the socket."""
     eof: bool = False
     """The client closed its side (or the socket failed): no more body bytes."""
-    socket_error: OSError | None = None
     file_error: OSError | None = None
     """Writing the file failed; ``consumed - moved`` bytes were lost with the pipe."""
 
@@ -138,7 +138,6 @@ def splice_socket_to_file(
             except OSError as error:
                 if error.errno == errno.EINTR:  # pragma: no cover - retried by PEP 475
                     continue
-                result.socket_error = error
                 result.eof = True
                 break
             if taken == 0:
@@ -160,6 +159,31 @@ def splice_socket_to_file(
     finally:
         wake_bytes.restore()
     return result
+
+
+def write_then_splice(
+    sock_fd: int,
+    fd: int,
+    offset: int,
+    count: int,
+    stops: Sequence[threading.Event],
+    idle: float,
+    first: Sequence[bytes | memoryview],
+) -> SpliceResult:
+    """Write ``first`` (body bytes already read from the socket) at ``offset``, then
+    ``splice_socket_to_file`` up to ``count`` more right after them: one worker call
+    for both. Closes ``sock_fd`` (a duplicate made for this call) when done."""
+    try:
+        written = 0
+        if first:
+            written, error = pwrite_chunks(fd, first, offset)
+            if error is not None:
+                return SpliceResult(written_first=written, file_error=error)
+        result = splice_socket_to_file(sock_fd, fd, offset + written, count, stops, idle)
+        result.written_first = written
+        return result
+    finally:
+        os.close(sock_fd)
 
 
 class _WakeBytes:

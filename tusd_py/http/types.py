@@ -83,8 +83,23 @@ class Body(Protocol):
         ...
 
 
-class SpliceStop:
-    """Asks a running ``SpliceableBody.splice_to`` to return early (with what it has
+class CopyTarget(Protocol):
+    """Where ``CopyableBody.copy_into`` writes: file descriptor ``fd`` at byte
+    ``offset``; ``executor`` runs the blocking work (None: the loop's default). Any
+    object with these three attributes will do (a store's own target type, say)."""
+
+    @property
+    def fd(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def executor(self) -> Executor | None: ...
+
+
+class CopyStop:
+    """Asks a running ``CopyableBody.copy_into`` to return early (with what it has
     moved so far). ``set`` is called on the event loop thread; worker threads see it
     through ``event``."""
 
@@ -95,7 +110,7 @@ class SpliceStop:
         self._on_set: Callable[[], None] | None = None
 
     def set(self) -> None:
-        """Stop the splice (idempotent)."""
+        """Stop the copy (idempotent)."""
         self.event.set()
         if self._on_set is not None:
             self._on_set()
@@ -111,39 +126,30 @@ class SpliceStop:
 
 
 @runtime_checkable
-class SpliceableBody(Protocol):
+class CopyableBody(Protocol):
     """An optional capability of a ``Body``: write the body's bytes straight into a
     file, without handing them to the application as ``bytes`` first.
 
     Where the platform allows (Linux ``splice(2)`` on a plain TCP connection), the
     bytes go from the socket into the file inside the kernel, on a worker thread.
-    Iterating and splicing may be mixed; the body stays one ordered stream.
+    Iterating and copying may be mixed; the body stays one ordered stream.
     """
 
-    @property
-    def can_splice(self) -> bool:
-        """Whether ``splice_to`` may be used for this body (else iterate it)."""
-        ...
+    async def copy_into(self, target: CopyTarget, max_bytes: int, stop: CopyStop | None = None) -> int | None:
+        """Write up to ``max_bytes`` body bytes into ``target``, in order; return how
+        many landed in the file, or None when this body cannot be copied into a file
+        (the same answer on every call: iterate it instead).
 
-    async def splice_to(
-        self,
-        fd: int,
-        offset: int,
-        max_bytes: int,
-        *,
-        stop: SpliceStop | None = None,
-        executor: Executor | None = None,
-    ) -> int:
-        """Write up to ``max_bytes`` body bytes into file ``fd`` at ``offset``, in
-        order; return how many landed in the file.
+        Chunks already read from the socket are written first; then, while enough
+        bytes wait in the socket, they are spliced into the file; else this waits for
+        the next chunk like a read does (body timeout included).
 
         Returns 0 when the body is complete (or ``max_bytes`` is 0) or ``stop`` was
         set before a byte moved; a ``stop`` set meanwhile ends the call early with the
         bytes moved so far. Raises ``ClientDisconnected`` or ``BodyTimeout`` like
         iteration does, but only on a call that moved nothing (bytes that arrived
         before are returned first). Raises ``OSError`` when the file cannot be written
-        (bytes written before the error are in the file). ``executor`` runs the
-        blocking work (None: the loop's default executor). Not cancellable in the
+        (bytes written before the error are in the file). Not cancellable in the
         middle of a write: a cancelled call first finishes (promptly) what it moved.
         """
         ...
@@ -184,6 +190,9 @@ class Response:
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes | AsyncIterable[bytes] = b""
+    reason: str = ""
+    """The reason phrase of the status line (ASCII); empty: the standard phrase of
+    ``status`` (or none for a status HTTP does not define)."""
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -174,16 +174,13 @@ class FileUpload:
         if offset != info.offset:
             raise StoreError(f"upload {info.id}: write at {offset}, but {info.offset} bytes are stored")
         entry = await self._open_data_file()
-        room = None if info.length is None else info.length - offset
         position = offset
         try:
-            moved = await self._copy_into(entry.fd, offset, room, body)
-            if moved is not None:
-                position = moved
-            else:
-                writer = OrderedWriter(self._directory.pool, entry.fd, offset)
+            position, ended = await self._copy_into(entry.fd, offset, info.length, body)
+            if not ended:
+                writer = OrderedWriter(self._directory.pool, entry.fd, position)
                 try:
-                    await writer.write_all(body, room)
+                    await writer.write_all(body, None if info.length is None else info.length - position)
                 finally:
                     position = writer.position
                     if writer.in_flight is not None:
@@ -211,29 +208,25 @@ class FileUpload:
             raise UploadNotFound(upload_id) from error
         return open_files.add(upload_id, fd, opened)
 
-    async def _copy_into(self, fd: int, offset: int, room: int | None, body: UploadBody) -> int | None:
+    async def _copy_into(self, fd: int, offset: int, length: int | None, body: UploadBody) -> tuple[int, bool]:
         """Let ``body`` copy itself into the file (no bytes objects on the event
-        loop); the offset after the bytes copied, or None when the body cannot copy
-        (iterate it). ``copy_into`` returns only once what it moved is in the file,
-        so the offset counts only written bytes."""
+        loop) for as long as it can; the offset after the bytes copied, and whether
+        the body ended (else iterate the rest of it). ``copy_into`` returns only once
+        what it moved is in the file, so the offset counts only written bytes."""
         position = offset
         pool = self._directory.pool
-        while room is None or room > 0:
-            step = COPY_INTO_STEP_SIZE if room is None else min(room, COPY_INTO_STEP_SIZE)
+        while length is None or position < length:
+            step = COPY_INTO_STEP_SIZE if length is None else min(length - position, COPY_INTO_STEP_SIZE)
             try:
                 moved = await body.copy_into(FileTarget(fd, position, pool), step)
             except OSError as error:
                 raise StoreUnavailable(f"cannot write upload data: {error}") from error
             if moved is None:
-                if position == offset:
-                    return None
-                break  # pragma: no cover - a body that could copy keeps copying
+                return position, False
             if not moved:
                 break
             position += moved
-            if room is not None:
-                room -= moved
-        return position
+        return position, True
 
     async def finish(self) -> UploadInfo:
         """Mark the upload finished in its info document (idempotent)."""

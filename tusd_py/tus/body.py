@@ -1,6 +1,6 @@
 """The PATCH body as a store sees it: bounded, and stoppable from outside.
 
-A store's ``write`` iterates a ``GuardedBody``. It ends cleanly (the store then
+A store's ``write`` reads a ``GuardedBody`` (iterating or copying it). It ends cleanly (the store then
 stores what it has) when:
 
 - the upload's length (or the server's max size) is reached: no byte beyond it is
@@ -13,20 +13,20 @@ stores what it has) when:
   in flight behind a full receive window, and they are kept;
 - the client disconnected or stopped sending (``ClientDisconnected``/``BodyTimeout``).
 
-When the request body offers it (``SpliceableBody``), so does a guarded body:
-``splice_to`` writes the bytes straight into the store's file, under the same rules
-(a stop request stops a running splice instead of cancelling a read).
+A guarded body is a store's ``UploadBody``: when the request body offers it
+(``CopyableBody``), ``copy_into`` moves the bytes straight into the store's file.
+Both ways ask one stop policy (``_plan``) before each read or copy, so they end for
+the same reasons at the same moments (a stop request stops a running copy where it
+cancels a pending read).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator
-from concurrent.futures import Executor
-from typing import cast
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from tusd_py.http.types import Body, BodyTimeout, ClientDisconnected, SpliceableBody, SpliceStop
+from tusd_py.http.types import Body, BodyTimeout, ClientDisconnected, CopyStop, CopyTarget
 from tusd_py.stores.base import FileTarget
 
 # While stopping: bytes already sent by the client arrive back to back (loopback or
@@ -55,11 +55,16 @@ class EndReason(enum.Enum):
 
 
 class GuardedBody:
-    """An ``AsyncIterator[bytes]`` over ``body`` that yields at most ``limit`` bytes
-    (None: no limit) and can be stopped with ``stop``."""
+    """A store's ``UploadBody`` over the request ``body``: yields (or copies) at most
+    ``limit`` bytes (None: no limit) and can be stopped with ``stop``."""
 
     def __init__(self, body: Body, limit: int | None = None, stopped: bool = False) -> None:
         self._body = body
+        # getattr, not isinstance(): a runtime-checkable Protocol check walks the
+        # protocol's members (measurable per PATCH).
+        self._copy: Callable[[CopyTarget, int, CopyStop], Awaitable[int | None]] | None = getattr(
+            body, "copy_into", None
+        )
         self._chunks: AsyncIterator[bytes] | None = None
         self._remaining = limit
         self._stop_reason: EndReason | None = EndReason.RELEASED if stopped else None
@@ -67,18 +72,19 @@ class GuardedBody:
         self._cancelled_read = False
         self._drain_deadline: float | None = None
         self._lost: asyncio.Event | None = None
-        self._splice_stop: SpliceStop | None = None
+        self._copy_stop: CopyStop | None = None
         self.reason = EndReason.RUNNING
-        """Why iteration ended (``RUNNING`` while it has not)."""
+        """Why the body ended (``RUNNING`` while it has not)."""
         self.yielded = 0
-        """Bytes handed to the store so far."""
+        """Bytes handed to the store so far (yielded or copied)."""
 
     def set_limit(self, limit: int | None) -> None:
         """Yield at most ``limit`` more bytes (None: no limit); set before iterating."""
         self._remaining = limit
 
     def stop(self, reason: EndReason = EndReason.RELEASED) -> None:
-        """End the iteration as soon as possible, cancelling a pending body read.
+        """End the body as soon as possible, cancelling a pending body read or
+        stopping a running copy.
 
         Safe to call from any callback on the event loop, any number of times.
         """
@@ -88,11 +94,11 @@ class GuardedBody:
             # LOST wins over an earlier RELEASED: a locker that loses a lock also
             # calls the holder's release request, and a lost lock must not drain.
             self._stop_reason = reason
-        if self._splice_stop is not None:
-            self._splice_stop.set()
+        if self._copy_stop is not None:
+            self._copy_stop.set()
         reader = self._reader
         if reader is not None and not self._cancelled_read:
-            # The read is pending inside ``__anext__`` (the only place ``_reader`` is
+            # The read is pending inside ``_read`` (the only place ``_reader`` is
             # set), so this cancellation lands in the body read and nowhere else.
             self._cancelled_read = True
             reader.cancel()
@@ -103,66 +109,68 @@ class GuardedBody:
         same breath; the caller still calls ``stop`` to cancel a pending read."""
         self._lost = lost
 
+    def _plan(self) -> EndReason | float | None:
+        """The stop policy, asked before each read or copy: the reason to end now;
+        or, while stopping, how long the next read or copy may wait for bytes (the
+        drain: keep what is still arriving, end at the first pause or when the
+        budget is spent); or None: read until stopped (cancellable)."""
+        if self.reason is not EndReason.RUNNING:
+            return self.reason
+        if self._remaining == 0:
+            return EndReason.LIMIT
+        if self._lost is not None and self._lost.is_set():
+            self._stop_reason = EndReason.LOST
+        if self._stop_reason is None:
+            return None
+        if self._stop_reason is EndReason.LOST:
+            # Exclusivity is gone (another instance may get the lock once Consul's
+            # lock-delay has passed): stop at once instead of draining.
+            return EndReason.LOST
+        now = asyncio.get_running_loop().time()
+        if self._drain_deadline is None:
+            self._drain_deadline = now + _DRAIN_BUDGET
+        left = self._drain_deadline - now
+        if left <= 0:
+            return self._stop_reason
+        return min(_DRAIN_IDLE, left)
+
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
-    @property
-    def can_splice(self) -> bool:
-        """Whether ``splice_to`` may be used (the request body offers it)."""
-        # getattr, not isinstance(): a runtime-checkable Protocol check walks the
-        # protocol's members on every call (measurable per PATCH).
-        return bool(getattr(self._body, "can_splice", False))
+    async def __anext__(self) -> bytes:
+        plan = self._plan()
+        if isinstance(plan, EndReason):
+            raise self._end(plan)
+        if plan is None:
+            return await self._read(cancellable=True)
+        try:
+            async with asyncio.timeout(plan):
+                return await self._read(cancellable=False)
+        except TimeoutError:
+            raise self._end(self._stop_reason or EndReason.RELEASED) from None
 
     async def copy_into(self, target: FileTarget, max_bytes: int) -> int | None:
-        """See ``stores.base.UploadBody.copy_into``."""
-        if not self.can_splice:
+        """Move up to ``max_bytes`` body bytes into ``target`` (see
+        ``stores.base.UploadBody``); the bytes written. 0 once the body ended
+        (``reason`` says why); None when the request body cannot be copied into a
+        file (iterate instead). Same limits and stops as iterating: never past the
+        limit, a release request ends it after the drain, a lost lock at once.
+        Raises only ``OSError`` (the file)."""
+        copy = self._copy
+        if copy is None:
             return None
-        return await self.splice_to(target.fd, target.offset, max_bytes, executor=target.executor)
-
-    async def splice_to(
-        self,
-        fd: int,
-        offset: int,
-        max_bytes: int,
-        *,
-        stop: SpliceStop | None = None,
-        executor: Executor | None = None,
-    ) -> int:
-        """Write up to ``max_bytes`` body bytes into ``fd`` at ``offset`` (see
-        ``SpliceableBody``); the bytes written. 0 once the body ended (``reason``
-        says why), or when ``stop`` was set. Same limits and stops as iterating:
-        never past the limit, a release request ends it after the drain, a lost lock
-        at once. Raises only ``OSError`` (the file)."""
-        body = cast(SpliceableBody, self._body)  # callers check can_splice first
         while True:
-            if self.reason is not EndReason.RUNNING:
-                return 0
-            if self._remaining == 0:
-                self.reason = EndReason.LIMIT
-                return 0
-            if self._lost is not None and self._lost.is_set():
-                self._stop_reason = EndReason.LOST
-            if self._stop_reason is EndReason.LOST:
-                self.reason = EndReason.LOST
+            plan = self._plan()
+            if isinstance(plan, EndReason):
+                self.reason = plan
                 return 0
             if self._remaining is not None:
                 max_bytes = min(max_bytes, self._remaining)
-            draining = self._stop_reason is not None
-            own_stop = self._splice_stop = stop if stop is not None else SpliceStop()
-            timer: asyncio.TimerHandle | None = None
-            if draining:
-                # Stopping: keep what is still arriving, end at the first pause.
-                loop = asyncio.get_running_loop()
-                now = loop.time()
-                if self._drain_deadline is None:
-                    self._drain_deadline = now + _DRAIN_BUDGET
-                left = self._drain_deadline - now
-                if left <= 0:
-                    self.reason = self._stop_reason or EndReason.RELEASED
-                    return 0
-                timer = loop.call_later(min(_DRAIN_IDLE, left), own_stop.set)
+            stop = self._copy_stop = CopyStop()
+            # While stopping, the drain window ends the copy instead of a timeout.
+            timer = None if plan is None else asyncio.get_running_loop().call_later(plan, stop.set)
             try:
-                moved = await body.splice_to(fd, offset, max_bytes, stop=own_stop, executor=executor)
+                moved = await copy(target, max_bytes, stop)
             except ClientDisconnected:
                 self.reason = EndReason.DISCONNECTED
                 return 0
@@ -170,49 +178,24 @@ class GuardedBody:
                 self.reason = EndReason.TIMEOUT
                 return 0
             finally:
-                self._splice_stop = None
+                self._copy_stop = None
                 if timer is not None:
                     timer.cancel()
+            if moved is None:
+                return None
             if moved:
                 if self._remaining is not None:
                     self._remaining -= moved
                 self.yielded += moved
                 return moved
-            if not own_stop.is_set():
+            if not stop.is_set():
                 self.reason = EndReason.COMPLETE
                 return 0
-            if draining:
+            if plan is not None:
                 self.reason = self._stop_reason or EndReason.RELEASED
                 return 0
-            if self._stop_reason is None:
-                return 0  # the caller's ``stop``
-            # Stopped by ``stop()`` while nothing had moved: drain (or end, if lost).
-
-    async def __anext__(self) -> bytes:
-        if self.reason is not EndReason.RUNNING:
-            raise StopAsyncIteration
-        if self._remaining == 0:
-            raise self._end(EndReason.LIMIT)
-        if self._lost is not None and self._lost.is_set():
-            self._stop_reason = EndReason.LOST
-        if self._stop_reason is EndReason.LOST:
-            # Exclusivity is gone (another instance may get the lock once Consul's
-            # lock-delay has passed): stop at once instead of draining.
-            raise self._end(EndReason.LOST)
-        if self._stop_reason is not None:
-            # Stopping: keep what is still arriving, end at the first pause.
-            now = asyncio.get_running_loop().time()
-            if self._drain_deadline is None:
-                self._drain_deadline = now + _DRAIN_BUDGET
-            left = self._drain_deadline - now
-            if left <= 0:
-                raise self._end(self._stop_reason)
-            try:
-                async with asyncio.timeout(min(_DRAIN_IDLE, left)):
-                    return await self._read(cancellable=False)
-            except TimeoutError:
-                raise self._end(self._stop_reason) from None
-        return await self._read(cancellable=True)
+            # Stopped by ``stop()`` while nothing had moved: ask the policy again
+            # (drain what still arrives, or end at once if the lock was lost).
 
     async def _read(self, cancellable: bool) -> bytes:
         if self._chunks is None:

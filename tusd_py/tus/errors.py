@@ -26,6 +26,9 @@ class ErrorKind:
     code: str
     status: int
     message: str
+    reason: str = ""
+    """The status line's reason phrase when the status is not a standard HTTP one
+    (tus's 460); empty: the standard phrase."""
 
 
 # --- the table -----------------------------------------------------------------------
@@ -60,7 +63,10 @@ ERR_INVALID_CHECKSUM = ErrorKind(
     "ERR_INVALID_CHECKSUM", 400, "invalid Upload-Checksum header (expected '<algorithm> <base64 digest>')"
 )
 ERR_CHECKSUM_MISMATCH = ErrorKind(
-    "ERR_CHECKSUM_MISMATCH", 460, "checksum mismatch: nothing of this request was stored; resend it"
+    "ERR_CHECKSUM_MISMATCH",
+    460,
+    "checksum mismatch: nothing of this request was stored; resend it",
+    reason="Checksum Mismatch",
 )
 ERR_CHECKSUM_BODY_TOO_LARGE = ErrorKind(
     "ERR_CHECKSUM_BODY_TOO_LARGE",
@@ -171,4 +177,4 @@ def error_response(error: BaseException, method: str, request_id: str = "") -> R
     if method != "HEAD":
         body = (tus_error.message + "\n").encode("utf-8")
         headers.append(("Content-Type", "text/plain; charset=utf-8"))
-    return Response(kind.status, headers, body)
+    return Response(kind.status, headers, body, reason=kind.reason)

@@ -1,0 +1,168 @@
+"""One request/response exchange on a connection, and what it asks of the connection.
+
+The body reports to its own cycle (it is the body's ``BodyFlow``), and the cycle
+passes that on with itself as the key: a body or a ``send_informational`` kept past
+its cycle can then be told apart from the request now in flight, and cannot disturb
+the next request on the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import h11
+
+from tusd_py.http.access_log import log_exchange
+from tusd_py.http.body import RequestBody
+from tusd_py.http.response import ConnectionGone, ResponseWriter, text_response
+from tusd_py.http.types import Request, Response
+
+if TYPE_CHECKING:
+    from tusd_py.http.server import ServerContext
+
+__all__ = ["CycleHost", "RequestCycle"]
+
+log = logging.getLogger("tusd_py.http")
+
+
+class CycleHost(Protocol):
+    """What a request cycle needs from its connection."""
+
+    def body_first_read(self, cycle: RequestCycle) -> None:
+        """``cycle``'s application asked for the body for the first time."""
+        ...
+
+    def body_consumed(self, cycle: RequestCycle, buffered: int) -> None:
+        """``cycle``'s application took a chunk; ``buffered`` unread bytes remain."""
+        ...
+
+    async def send_informational(self, cycle: RequestCycle, status: int, headers: list[tuple[str, str]]) -> None:
+        """Send a 1xx response (``status`` checked) before ``cycle``'s final one."""
+        ...
+
+    def response_sent(self, cycle: RequestCycle) -> None:
+        """``cycle``'s response is written: go on with the connection."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the connection (its framing is broken)."""
+        ...
+
+
+class RequestCycle:
+    """One request/response exchange: what the connection knows about it (plain
+    fields, set by the connection and its response writer)."""
+
+    __slots__ = (
+        "_host",
+        "_conn",
+        "request",
+        "body",
+        "method",
+        "target",
+        "started",
+        "expect_continue",
+        "continue_sent",
+        "framed_here",
+        "response_started",
+        "response_done",
+        "close_after",
+        "draining",
+        "drained",
+        "bytes_in",
+        "bytes_out",
+        "status",
+    )
+
+    def __init__(self, host: CycleHost, conn: h11.Connection, method: str, target: str, expect_continue: bool) -> None:
+        """``conn``: the h11 connection that parsed the request and frames its response."""
+        self._host = host
+        self._conn = conn
+        self.method = method
+        self.target = target
+        self.started = time.perf_counter()
+        self.expect_continue = expect_continue
+        self.continue_sent = False
+        self.framed_here = False
+        """The body has a Content-Length and is framed by the connection, not h11."""
+        self.response_started = False
+        self.response_done = False
+        self.close_after = False
+        """The connection cannot be reused after this response."""
+        self.draining = False
+        """An early response went out: the rest of the body is read and dropped."""
+        self.drained = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.status = 0
+        self.request: Request
+        self.body: RequestBody
+
+    # -- BodyFlow ------------------------------------------------------------------
+
+    def body_first_read(self) -> None:
+        self._host.body_first_read(self)
+
+    def body_consumed(self, buffered: int) -> None:
+        self._host.body_consumed(self, buffered)
+
+    def body_timed_out(self) -> None:
+        self.close_after = True
+
+    async def send_informational(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """``Request.send_informational`` of this cycle's request."""
+        if not 100 <= status < 200 or status == 101:
+            raise ValueError(f"not an informational status: {status}")
+        if self.response_started:
+            raise RuntimeError("the final response was already sent")
+        await self._host.send_informational(self, status, headers)
+
+    async def run(self, context: ServerContext, writer: ResponseWriter, client: str) -> None:
+        """Call the application and write its response (a 500 when it fails), then
+        tell the host; log the exchange (``client``: "host:port") either way."""
+        try:
+            try:
+                response = await context.handler(self.request)
+                if not isinstance(response, Response):
+                    raise TypeError(f"the handler returned {type(response).__name__}, not Response")
+            except Exception:
+                log.exception(
+                    "request handler failed",
+                    extra={"request_id": self.request.request_id, "method": self.method},
+                )
+                if not self.body.complete:
+                    self.close_after = True  # how much of the body is still coming is unknown
+                response = text_response(500)
+            if self._must_close_after(context):
+                self.close_after = True
+            await writer.send_response(self._conn, self, response)
+        except ConnectionGone:
+            pass
+        except Exception:
+            # Failed while the response was being written (the application's body
+            # iterator raised, or its Content-Length was wrong): the framing is
+            # broken, so the only honest signal left is to drop the connection.
+            log.exception("sending the response failed", extra={"request_id": self.request.request_id})
+            self._host.abort()
+        else:
+            self._host.response_sent(self)
+        finally:
+            log_exchange(self, client)
+            if context.observer is not None:
+                context.observer.request_finished(self.method, self.status, time.perf_counter() - self.started)
+
+    def _must_close_after(self, context: ServerContext) -> bool:
+        """Whether the connection must close after this response (decided before
+        the head goes out, so it can say ``Connection: close``)."""
+        if self.close_after or context.stopping:
+            return True
+        body = self.body
+        if body.complete:
+            return False
+        if self.expect_continue and not self.continue_sent:
+            # The client may or may not send the body it announced: the connection
+            # is in an unknown state (Go's net/http decides the same).
+            return True
+        return body.length is not None and body.length - self.bytes_in > context.limits.drain_limit
