@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.rawhttp import request
 from tusd_py.cli import serving
 from tusd_py.config import MiB, load_config
-from tusd_py.stores.base import UploadInfo, new_upload_id
+from tusd_py.stores.base import IteratedBody, UploadInfo, new_upload_id
 from tusd_py.stores.s3 import S3Store
 
 SECRET_KEY = "s3-secret-access-key-value"
@@ -109,9 +109,9 @@ async def test_spool_slots_are_reported_taken_and_freed(moto_endpoint: str, tmp_
     recorder = SpoolRecorder()
     store = await S3Store.open(config.store.s3, observer=recorder)
     try:
-        info = await store.create(UploadInfo(id=new_upload_id(), length=12 * MiB))
+        opened = await store.create(UploadInfo(id=new_upload_id(), length=12 * MiB))
         # Two whole parts and 1 MiB more that stays a tail segment (a PutObject).
-        offset = await store.write(info, _chunks(os.urandom(11 * MiB), 256 * 1024))
+        offset = (await opened.write(0, IteratedBody(_chunks(os.urandom(11 * MiB), 256 * 1024)))).offset
     finally:
         await store.close()
     assert offset == 11 * MiB
