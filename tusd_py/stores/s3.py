@@ -29,11 +29,10 @@ Invariants (every module of the S3 store keeps them; they are stated only here):
 6. A write returns only once everything it counts is in S3; no local state is needed
    between requests, so any instance can serve the next request of an upload.
 
-A PATCH (``S3Upload.write``, carried out by ``s3_writer.PatchWriter``) cuts its body
-into part-sized pieces, spools each in a slot of a bounded ring and uploads completed
-parts concurrently while the body keeps arriving; what is left below the next part
-boundary when the body ends becomes one new tail segment. The S3 calls themselves are
-in ``s3_objects``, concatenation in ``s3_concat``, the expiry sweep in ``s3_sweep``.
+Here: ``S3Store`` (creating and opening uploads) and ``S3Upload`` (one opened
+upload). A PATCH is carried out by ``s3_writer``; the S3 calls are in ``s3_objects``,
+the offset rule in ``s3_parts``, concatenation in ``s3_concat``, the expiry sweep in
+``s3_sweep``.
 """
 
 from __future__ import annotations
