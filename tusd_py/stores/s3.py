@@ -243,6 +243,8 @@ class S3Upload:
 
     @property
     def info(self) -> UploadInfo:
+        """The snapshot after the last call (after a cancelled write: the offset
+        before it, whose bytes are all still stored)."""
         return self._info
 
     async def write(self, offset: int, body: UploadBody) -> UploadInfo:
