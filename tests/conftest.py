@@ -144,6 +144,17 @@ async def bucket(moto_endpoint: str) -> str:
     return await make_bucket(moto_endpoint)
 
 
+@pytest.fixture(scope="module")
+def fast_moto() -> Iterator[str]:
+    """A moto server whose minimum part size is 1 MiB (S3's is 5 MiB), so tests can
+    use 1 MiB parts and small files while EntityTooSmall is still enforced."""
+    process, endpoint = start_moto(part_min_size=1024 * 1024)
+    try:
+        yield endpoint
+    finally:
+        stop_process(process)
+
+
 @pytest.fixture
 async def tus(tmp_path: Path) -> AsyncIterator[Harness]:
     """The tus handler over a FileStore in ``tmp_path/data`` and a MemoryLocker."""

@@ -6,7 +6,7 @@ reach S3, raises right after call i, and fails every later call before it reache
 (the process is dead; calls already in flight finish, as they would on S3). Then a
 new instance (no shared memory) checks that:
 
-- get_info never loses an acknowledged byte, never reports more than was sent (no
+- get never loses an acknowledged byte, never reports more than was sent (no
   byte counted twice, none counted that is not stored),
 - resuming from the reported offset completes the upload, and the object's sha256
   matches (so no byte was skipped or doubled, and no EntityTooSmall happened),
@@ -25,7 +25,6 @@ from test_s3_support import (
     MiB,
     body,
     bucket_contents,
-    fast_moto,  # noqa: F401  (fixture)
     open_store,
     s3_config,
 )
@@ -65,37 +64,42 @@ async def _setup(endpoint: str, scenario: Scenario, data: bytes) -> tuple[str, s
     bucket = await make_bucket(endpoint)
     store = await open_store(s3_config(endpoint, bucket))
     try:
-        info = await store.create(UploadInfo(id=new_upload_id(), length=None if scenario.deferred else scenario.length))
+        created = await store.create(
+            UploadInfo(id=new_upload_id(), length=None if scenario.deferred else scenario.length)
+        )
         # Two PATCHes, so the tail has two segments when it does not start at 0.
         middle = scenario.acknowledged - 100 * KiB
         for end in (middle, scenario.acknowledged):
-            info = await store.get_info(info.id)
-            assert await store.write(info, body(data[info.offset:end], 64 * KiB)) == end
-        return bucket, info.id
+            opened = await store.get(created.info.id)
+            offset = opened.info.offset
+            assert (await opened.write(offset, body(data[offset:end], 64 * KiB))).offset == end
+        return bucket, created.info.id
     finally:
         await store.close()
 
 
 async def _crashing_request(store: S3Store, scenario: Scenario, upload_id: str, data: bytes) -> None:
-    info = await store.get_info(upload_id)
+    opened = await store.get(upload_id)
+    info = opened.info
     assert info.offset == scenario.acknowledged
-    await store.write(info, body(data[info.offset:scenario.sent_until], 64 * KiB))
+    await opened.write(info.offset, body(data[info.offset:scenario.sent_until], 64 * KiB))
     if scenario.finishes:
-        if info.length is None:
-            info = await store.declare_length(info, scenario.length)
-        await store.finish(info)
+        if opened.info.length is None:
+            await opened.declare_length(scenario.length)
+        await opened.finish()
 
 
 async def _resume(store: S3Store, upload_id: str, data: bytes, deferred: bool) -> UploadInfo:
     """What a client does next: HEAD, then send the rest from the reported offset."""
-    info = await store.get_info(upload_id)
+    opened = await store.get(upload_id)
+    info = opened.info
     if info.finished:
         return info
     if info.offset < len(data):
-        assert await store.write(info, body(data[info.offset:], 256 * KiB)) == len(data)
-    if info.length is None:
-        info = await store.declare_length(info, len(data))
-    return await store.finish(info)
+        assert (await opened.write(info.offset, body(data[info.offset:], 256 * KiB))).offset == len(data)
+    if opened.info.length is None:
+        await opened.declare_length(len(data))
+    return await opened.finish()
 
 
 async def _run(
@@ -122,13 +126,13 @@ async def _run(
 async def _check_after_crash(endpoint: str, scenario: Scenario, data: bytes, bucket: str, upload_id: str) -> None:
     store = await open_store(s3_config(endpoint, bucket))
     try:
-        info = await store.get_info(upload_id)
+        info = (await store.get(upload_id)).info
         if not info.finished:
             assert scenario.acknowledged <= info.offset <= scenario.sent_until, "lost or invented bytes"
         finished = await _resume(store, upload_id, data, scenario.deferred)
         assert finished.finished and finished.offset == len(data)
         assert sha256(await object_bytes(endpoint, bucket, upload_id)) == sha256(data)
-        await store.terminate(await store.get_info(upload_id))
+        await (await store.get(upload_id)).terminate()
         assert await bucket_contents(endpoint, bucket) == ([], [])
     finally:
         await store.close()
@@ -136,7 +140,7 @@ async def _check_after_crash(endpoint: str, scenario: Scenario, data: bytes, buc
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[scenario.name for scenario in SCENARIOS])
 async def test_a_crash_after_any_s3_call_loses_and_doubles_nothing(
-    fast_moto: str, scenario: Scenario  # noqa: F811
+    fast_moto: str, scenario: Scenario
 ) -> None:
     data = data_of(scenario.length, seed=len(scenario.name))
     seam, error, bucket, upload_id = await _run(fast_moto, scenario, data, crash_after=None)

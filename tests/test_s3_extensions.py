@@ -16,7 +16,6 @@ from test_s3_support import (
     CountingClient,
     SeamWrapper,
     bucket_contents,
-    fast_moto,  # noqa: F401  (fixture)
     open_store,
     s3_config,
 )
@@ -194,7 +193,7 @@ async def test_failed_concatenation_leaves_nothing(moto_endpoint: str, bucket: s
         await store.close()
 
 
-async def test_unknown_and_unfinished_partials_on_s3(fast_moto: str) -> None:  # noqa: F811
+async def test_unknown_and_unfinished_partials_on_s3(fast_moto: str) -> None:
     bucket = await make_bucket(fast_moto)
     store = await open_store(s3_config(fast_moto, bucket))
     tus = Tus(store)
@@ -215,7 +214,7 @@ def _checksum(algorithm: str, data: bytes) -> str:
     return f"{algorithm} {base64.b64encode(hashlib.new(algorithm, data).digest()).decode()}"
 
 
-async def test_checksum_on_s3(fast_moto: str) -> None:  # noqa: F811
+async def test_checksum_on_s3(fast_moto: str) -> None:
     bucket = await make_bucket(fast_moto)
     store = await open_store(s3_config(fast_moto, bucket))
     tus = Tus(store, max_buffered=3 * MiB)
@@ -227,7 +226,7 @@ async def test_checksum_on_s3(fast_moto: str) -> None:  # noqa: F811
         assert response.status == 460
         keys, _ = await bucket_contents(fast_moto, bucket)
         assert sorted(keys) == [f"{upload_id}.info"]
-        assert (await store.get_info(upload_id)).offset == 0
+        assert (await store.get(upload_id)).info.offset == 0
         # Too large for the bound: 413 before reading.
         response = await tus.patch(upload_id, 0, data + data, **{"Upload-Checksum": _checksum("md5", data + data)})
         assert response.status == 413
@@ -242,7 +241,7 @@ async def test_checksum_on_s3(fast_moto: str) -> None:  # noqa: F811
 # --- expiration --------------------------------------------------------------------------
 
 
-async def test_expired_upload_is_removed_from_s3(fast_moto: str) -> None:  # noqa: F811
+async def test_expired_upload_is_removed_from_s3(fast_moto: str) -> None:
     bucket = await make_bucket(fast_moto)
     store = await open_store(s3_config(fast_moto, bucket, prefix="up/"))
     assert isinstance(store, SupportsExpiration)
@@ -269,7 +268,7 @@ async def test_expired_upload_is_removed_from_s3(fast_moto: str) -> None:  # noq
         await store.close()
 
 
-async def test_orphans_on_s3(fast_moto: str) -> None:  # noqa: F811
+async def test_orphans_on_s3(fast_moto: str) -> None:
     bucket = await make_bucket(fast_moto)
     store = await open_store(s3_config(fast_moto, bucket, prefix="up/"))
     try:
@@ -288,7 +287,7 @@ async def test_orphans_on_s3(fast_moto: str) -> None:  # noqa: F811
         keys, multipart_uploads = await bucket_contents(fast_moto, bucket)
         assert sorted(keys) == ["up/finished-object", "up/live.info"]
         assert sorted(multipart_uploads) == ["elsewhere/x", "up/live"]
-        assert (await store.get_info(live.id)).offset == 0
+        assert (await store.get(live.info.id)).info.offset == 0
         listed = [info.id async for info in store.list_uploads()]
         assert listed == ["live"]
     finally:

@@ -105,7 +105,7 @@ def test_the_final_part_may_be_short_and_ends_at_the_length() -> None:
     length = 2 * PS + 5
     layout = resolve_layout(KEYS, PS, length, [part(1), part(2), part(3, 5)], [])
     assert layout.offset == length
-    # ... but get_info's limit hides it until the upload is finished
+    # ... but the limit of opening an upload hides it until the upload is finished
     hidden = resolve_layout(KEYS, PS, length, [part(1), part(2), part(3, 5)], [], limit=length - 1)
     assert hidden.offset == 2 * PS
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,19 +26,20 @@ from test_s3_support import (
     body,
     broken_body,
     bucket_contents,
-    fast_moto,  # noqa: F401  (fixture)
     open_store,
+    patch,
     s3_config,
     upload,
 )
 
 from tusd_py.config import S3StoreConfig, Size
 from tusd_py.stores.base import (
+    IteratedBody,
+    Store,
     StoreConfigError,
     StoreUnavailable,
-    SupportsDeferredLength,
-    SupportsDownload,
-    SupportsTermination,
+    SupportsConcatenation,
+    SupportsExpiration,
     UploadInfo,
     UploadNotFound,
     UploadTooLarge,
@@ -45,12 +47,13 @@ from tusd_py.stores.base import (
 )
 from tusd_py.stores.s3 import S3Store
 from tusd_py.stores.s3_client import S3Client, S3Error, S3TransientError, content_md5
+from tusd_py.stores.s3_spool import SpoolRing, SpoolSlot
 
 KiB = 1024
 
 
 @pytest.fixture
-async def bucket(fast_moto: str) -> str:  # noqa: F811
+async def bucket(fast_moto: str) -> str:
     return await make_bucket(fast_moto)
 
 
@@ -59,31 +62,34 @@ async def _store(endpoint: str, bucket: str, **overrides: Any) -> S3Store:
 
 
 async def _created(store: S3Store, length: int | None, **kwargs: Any) -> UploadInfo:
-    return await store.create(UploadInfo(id=new_upload_id(), length=length, **kwargs))
+    return (await store.create(UploadInfo(id=new_upload_id(), length=length, **kwargs))).info
 
 
 async def _assert_finished_object(endpoint: str, bucket: str, store: S3Store, info: UploadInfo, data: bytes) -> None:
     stored = await object_bytes(endpoint, bucket, info.id)
     assert sha256(stored) == sha256(data)
-    fresh = await store.get_info(info.id)
+    fresh = (await store.get(info.id)).info
     assert fresh.finished and fresh.offset == len(data) == fresh.length
     keys, multipart_uploads = await bucket_contents(endpoint, bucket)
     assert sorted(keys) == sorted([info.id, f"{info.id}.info"]), "tail segments left behind"
     assert multipart_uploads == []
 
 
-async def test_implements_the_store_capabilities(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_implements_the_store_capabilities(fast_moto: str, bucket: str) -> None:
     store = await _store(fast_moto, bucket)
     try:
-        assert isinstance(store, SupportsTermination)
-        assert isinstance(store, SupportsDeferredLength)
-        assert isinstance(store, SupportsDownload)
+        assert isinstance(store, Store)
+        assert isinstance(store, SupportsConcatenation)
+        assert isinstance(store, SupportsExpiration)
+        opened = await store.create(UploadInfo(id=new_upload_id(), length=1))
+        for member in ("write", "finish", "declare_length", "terminate", "read"):  # termination, deferred, download
+            assert callable(getattr(opened, member))
     finally:
         await store.close()
 
 
 @pytest.mark.parametrize("length", [0, 1, MiB - 1, MiB, MiB + 1, 3 * MiB + 12345])
-async def test_lengths_around_the_part_size(fast_moto: str, bucket: str, length: int) -> None:  # noqa: F811
+async def test_lengths_around_the_part_size(fast_moto: str, bucket: str, length: int) -> None:
     store = await _store(fast_moto, bucket)
     try:
         data = data_of(length)
@@ -95,7 +101,7 @@ async def test_lengths_around_the_part_size(fast_moto: str, bucket: str, length:
 
 
 @pytest.mark.parametrize("chunk_size", [KiB, 64 * KiB, MiB, 3 * MiB + 7])
-async def test_chunk_sizes(fast_moto: str, bucket: str, chunk_size: int) -> None:  # noqa: F811
+async def test_chunk_sizes(fast_moto: str, bucket: str, chunk_size: int) -> None:
     store = await _store(fast_moto, bucket)
     try:
         data = data_of(4 * MiB + 333, seed=chunk_size)
@@ -136,7 +142,7 @@ async def test_real_minimum_small_patches_and_lengths(moto_endpoint: str) -> Non
 
 
 async def _interrupted_then_resumed(
-    endpoint: str, bucket: str, data: bytes, first: int, make_body: Callable[[bytes, int], AsyncIterator[bytes]]
+    endpoint: str, bucket: str, data: bytes, first: int, make_body: Callable[[bytes, int], IteratedBody]
 ) -> None:
     """Send ``data[:first]`` in a PATCH that breaks off after those bytes; check they
     all count; resume on a second store instance; check the object."""
@@ -144,14 +150,14 @@ async def _interrupted_then_resumed(
     store_b = await _store(endpoint, bucket)
     try:
         info = await _created(store_a, len(data))
-        info = await store_a.get_info(info.id)
+        opened = await store_a.get(info.id)
         try:
-            offset = await store_a.write(info, make_body(data[:first], 100 * KiB))
+            offset = (await opened.write(opened.info.offset, make_body(data[:first], 100 * KiB))).offset
         except ClientGone:
-            offset = info.offset
+            offset = opened.info.offset
         assert offset == first
         # Another instance (no shared memory) serves the next request.
-        resumed = await store_b.get_info(info.id)
+        resumed = (await store_b.get(info.id)).info
         assert resumed.offset == first
         finished = await upload(store_b, resumed, data, patch_size=len(data))
         await _assert_finished_object(endpoint, bucket, store_b, finished, data)
@@ -167,12 +173,12 @@ async def _interrupted_then_resumed(
 )
 @pytest.mark.parametrize("make_body", [body, broken_body], ids=["ends-early", "client-gone"])
 async def test_interrupted_patch_keeps_every_byte(
-    fast_moto: str, bucket: str, first: int, make_body: Callable[[bytes, int], AsyncIterator[bytes]]  # noqa: F811
+    fast_moto: str, bucket: str, first: int, make_body: Callable[[bytes, int], IteratedBody]
 ) -> None:
     await _interrupted_then_resumed(fast_moto, bucket, data_of(3 * MiB + 99), first, make_body)
 
 
-async def test_interruptions_inside_the_tail_accumulate_segments(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_interruptions_inside_the_tail_accumulate_segments(fast_moto: str, bucket: str) -> None:
     """Several PATCHes interrupted inside the same part leave one segment each; the
     PATCH that crosses the boundary turns them into a part and deletes them."""
     data = data_of(2 * MiB + 10)
@@ -181,11 +187,11 @@ async def test_interruptions_inside_the_tail_accumulate_segments(fast_moto: str,
     try:
         info = await _created(store_a, len(data))
         for end, store in [(100 * KiB, store_a), (300 * KiB, store_b), (301 * KiB, store_a), (900 * KiB, store_b)]:
-            info = await store.get_info(info.id)
+            opened = await store.get(info.id)
             with pytest.raises(ClientGone):
-                await store.write(info, broken_body(data[info.offset:end], 7 * KiB))
-            assert info.offset == end
-        info = await store_a.get_info(info.id)
+                await opened.write(opened.info.offset, broken_body(data[opened.info.offset:end], 7 * KiB))
+            assert opened.info.offset == end
+        info = (await store_a.get(info.id)).info
         assert info.offset == 900 * KiB
         keys, _ = await bucket_contents(fast_moto, bucket)
         assert len([key for key in keys if ".tail/" in key]) == 4
@@ -196,65 +202,67 @@ async def test_interruptions_inside_the_tail_accumulate_segments(fast_moto: str,
         await store_b.close()
 
 
-async def test_deferred_length(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_deferred_length(fast_moto: str, bucket: str) -> None:
     store = await _store(fast_moto, bucket, deferred_length_ceiling=Size(64 * MiB))
     try:
         data = data_of(2 * MiB + 4321)
         info = await _created(store, None)
         assert info.storage["part_size"] == MiB
         for end in (700 * KiB, 2 * MiB + 100, len(data)):
-            info = await store.get_info(info.id)
+            opened = await store.get(info.id)
+            info = opened.info
             assert info.length is None
-            assert await store.write(info, body(data[info.offset:end], 64 * KiB)) == end
-        info = await store.get_info(info.id)
-        assert info.offset == len(data)  # all in parts + tail; no length yet
-        info = await store.declare_length(info, len(data))
-        info = await store.finish(info)
+            assert (await opened.write(info.offset, body(data[info.offset:end], 64 * KiB))).offset == end
+        opened = await store.get(info.id)
+        assert opened.info.offset == len(data)  # all in parts + tail; no length yet
+        await opened.declare_length(len(data))
+        info = await opened.finish()
         await _assert_finished_object(fast_moto, bucket, store, info, data)
     finally:
         await store.close()
 
 
-async def test_deferred_length_declared_first_then_sent(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_deferred_length_declared_first_then_sent(fast_moto: str, bucket: str) -> None:
     store = await _store(fast_moto, bucket)
     try:
         data = data_of(MiB + 5)
         info = await _created(store, None)
-        info = await store.declare_length(await store.get_info(info.id), len(data))
+        info = await (await store.get(info.id)).declare_length(len(data))
         info = await upload(store, info, data, patch_size=600 * KiB)
         await _assert_finished_object(fast_moto, bucket, store, info, data)
     finally:
         await store.close()
 
 
-async def test_deferred_length_zero(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_deferred_length_zero(fast_moto: str, bucket: str) -> None:
     store = await _store(fast_moto, bucket)
     try:
         info = await _created(store, None)
-        info = await store.declare_length(await store.get_info(info.id), 0)
-        info = await store.finish(info)
+        opened = await store.get(info.id)
+        await opened.declare_length(0)
+        info = await opened.finish()
         await _assert_finished_object(fast_moto, bucket, store, info, b"")
     finally:
         await store.close()
 
 
-async def test_deferred_length_ceiling_is_enforced(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_deferred_length_ceiling_is_enforced(fast_moto: str, bucket: str) -> None:
     store = await _store(fast_moto, bucket, deferred_length_ceiling=Size(2 * MiB))
     try:
         info = await _created(store, None)
         with pytest.raises(UploadTooLarge):
-            await store.declare_length(await store.get_info(info.id), 2 * MiB + 1)
-        info = await store.get_info(info.id)
+            await (await store.get(info.id)).declare_length(2 * MiB + 1)
+        opened = await store.get(info.id)
         data = data_of(3 * MiB)
         with pytest.raises(UploadTooLarge):
-            await store.write(info, body(data, 256 * KiB))
-        assert info.offset == 2 * MiB  # what fits was stored
-        assert (await store.get_info(info.id)).offset == 2 * MiB
+            await opened.write(0, body(data, 256 * KiB))
+        assert opened.info.offset == 2 * MiB  # what fits was stored
+        assert (await store.get(info.id)).info.offset == 2 * MiB
     finally:
         await store.close()
 
 
-async def test_part_size_grows_for_large_uploads(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_part_size_grows_for_large_uploads(fast_moto: str, bucket: str) -> None:
     store = await _store(fast_moto, bucket)
     try:
         info = await _created(store, 100_000 * MiB + 1)
@@ -262,56 +270,56 @@ async def test_part_size_grows_for_large_uploads(fast_moto: str, bucket: str) ->
         stored = json.loads(await object_bytes(fast_moto, bucket, f"{info.id}.info"))
         assert stored["storage"]["part_size"] == 11 * MiB
         assert stored["storage"]["multipart_upload_id"]
-        await store.terminate(info)
+        await (await store.get(info.id)).terminate()
     finally:
         await store.close()
 
 
 @pytest.mark.parametrize("stage", ["created", "tail", "parts-and-tail", "finished"])
-async def test_termination_leaves_nothing(fast_moto: str, bucket: str, stage: str) -> None:  # noqa: F811
+async def test_termination_leaves_nothing(fast_moto: str, bucket: str, stage: str) -> None:
     store = await _store(fast_moto, bucket)
     try:
         data = data_of(3 * MiB + 5)
         info = await _created(store, len(data))
         if stage == "tail":
-            await store.write(await store.get_info(info.id), body(data[:500 * KiB], 64 * KiB))
+            await patch(store, info.id, data[:500 * KiB])
         elif stage == "parts-and-tail":
-            await store.write(await store.get_info(info.id), body(data[:2 * MiB + 5], 64 * KiB))
+            await patch(store, info.id, data[:2 * MiB + 5])
         elif stage == "finished":
             await upload(store, info, data, patch_size=len(data))
-        info = await store.get_info(info.id)
-        await store.terminate(info)
+        await (await store.get(info.id)).terminate()
         assert await bucket_contents(fast_moto, bucket) == ([], [])
         with pytest.raises(UploadNotFound):
-            await store.get_info(info.id)
+            await store.get(info.id)
     finally:
         await store.close()
 
 
-async def test_read_streams_ranges_of_a_finished_upload(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_read_streams_ranges_of_a_finished_upload(fast_moto: str, bucket: str) -> None:
     store = await _store(fast_moto, bucket)
     try:
         data = data_of(MiB + 777)
         info = await upload(store, await _created(store, len(data)), data, patch_size=len(data))
+        opened = await store.get(info.id)
         for start, stop in [(0, len(data)), (5, 6), (MiB - 3, MiB + 500), (10, 10)]:
-            received = b"".join([chunk async for chunk in store.read(info, start, stop)])
+            received = b"".join([chunk async for chunk in opened.read(start, stop)])
             assert received == data[start:stop]
     finally:
         await store.close()
 
 
-async def test_get_info_of_unknown_or_invalid_ids(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_get_of_unknown_or_invalid_ids(fast_moto: str, bucket: str) -> None:
     store = await _store(fast_moto, bucket)
     try:
         with pytest.raises(UploadNotFound):
-            await store.get_info(new_upload_id())
+            await store.get(new_upload_id())
         with pytest.raises(UploadNotFound):
-            await store.get_info("../etc/passwd")
+            await store.get("../etc/passwd")
     finally:
         await store.close()
 
 
-async def test_metadata_filetype_becomes_the_content_type(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_metadata_filetype_becomes_the_content_type(fast_moto: str, bucket: str) -> None:
     store = await _store(fast_moto, bucket, prefix="uploads/")
     try:
         info = await _created(store, 3, metadata={"filetype": "dGV4dC9wbGFpbg=="})  # text/plain
@@ -325,9 +333,9 @@ async def test_metadata_filetype_becomes_the_content_type(fast_moto: str, bucket
         await store.close()
 
 
-async def test_crash_between_complete_and_info_rewrite_is_recognised(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_crash_between_complete_and_info_rewrite_is_recognised(fast_moto: str, bucket: str) -> None:
     """CompleteMultipartUpload succeeded, then the process died before ``.info`` said
-    finished: get_info sees the multipart upload gone and the object at full length."""
+    finished: get sees the multipart upload gone and the object at full length."""
 
     class DiesAfterComplete(SeamWrapper):
         async def _call(self, operation: str, call: Callable[[], Any], sent: int = 0) -> Any:
@@ -343,32 +351,32 @@ async def test_crash_between_complete_and_info_rewrite_is_recognised(fast_moto: 
     store = await _store(fast_moto, bucket)
     try:
         info = await _created(dying, len(data))
-        info = await dying.get_info(info.id)
-        assert await dying.write(info, body(data, 64 * KiB)) == len(data)
+        opened = await dying.get(info.id)
+        assert (await opened.write(0, body(data, 64 * KiB))).offset == len(data)
         with pytest.raises(RuntimeError):
-            await dying.finish(info)
-        fresh = await store.get_info(info.id)
+            await opened.finish()
+        reopened = await store.get(info.id)
+        fresh = reopened.info
         assert fresh.finished and fresh.offset == len(data)
         stored = json.loads(await object_bytes(fast_moto, bucket, f"{info.id}.info"))
         assert stored["finished"] is True  # repaired
         assert sha256(await object_bytes(fast_moto, bucket, info.id)) == sha256(data)
-        assert await store.finish(fresh) is fresh  # idempotent
+        assert await reopened.finish() is fresh  # idempotent
     finally:
         await dying.close()
         await store.close()
 
 
-async def test_all_bytes_stored_but_not_completed_reports_less_than_length(fast_moto: str, bucket: str) -> None:  # noqa: F811
-    """A crash after the last UploadPart but before CompleteMultipartUpload: get_info
-    does not report offset == length (no client would ever finish it); resending the
-    rest finishes it."""
+async def test_all_bytes_stored_but_not_completed_reports_less_than_length(fast_moto: str, bucket: str) -> None:
+    """A crash after the last UploadPart but before CompleteMultipartUpload: get does
+    not report offset == length (no client would ever finish it); resending the rest
+    finishes it."""
     data = data_of(2 * MiB + 50)
     store = await _store(fast_moto, bucket)
     try:
         info = await _created(store, len(data))
-        info = await store.get_info(info.id)
-        assert await store.write(info, body(data, 64 * KiB)) == len(data)  # finish never called
-        fresh = await store.get_info(info.id)
+        assert (await patch(store, info.id, data)).offset == len(data)  # finish never called
+        fresh = (await store.get(info.id)).info
         assert fresh.offset == 2 * MiB
         finished = await upload(store, fresh, data, patch_size=len(data))
         await _assert_finished_object(fast_moto, bucket, store, finished, data)
@@ -376,7 +384,7 @@ async def test_all_bytes_stored_but_not_completed_reports_less_than_length(fast_
         await store.close()
 
 
-async def test_open_checks_the_bucket_at_startup(fast_moto: str) -> None:  # noqa: F811
+async def test_open_checks_the_bucket_at_startup(fast_moto: str) -> None:
     with pytest.raises(StoreConfigError, match="does not exist"):
         await S3Store.open(s3_config(fast_moto, "no-such-bucket-here"))
     with pytest.raises(StoreConfigError, match="bucket is not set"):
@@ -392,7 +400,7 @@ async def test_open_with_an_unreachable_endpoint_fails_clearly() -> None:
         await S3Store.open(s3_config(f"http://127.0.0.1:{free_port()}", "bucket"))
 
 
-async def test_open_without_credentials_fails_clearly(fast_moto: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+async def test_open_without_credentials_fails_clearly(fast_moto: str, monkeypatch: pytest.MonkeyPatch) -> None:
     bucket = await make_bucket(fast_moto)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
@@ -437,7 +445,7 @@ class _FlakyEveryOtherCall(SeamWrapper):
         return await call()
 
 
-async def test_transient_errors_are_retried_on_every_call(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_transient_errors_are_retried_on_every_call(fast_moto: str, bucket: str) -> None:
     flaky: list[_FlakyEveryOtherCall] = []
 
     def wrap(inner: S3Client) -> S3Client:
@@ -449,10 +457,11 @@ async def test_transient_errors_are_retried_on_every_call(fast_moto: str, bucket
         data = data_of(3 * MiB + 1)
         info = await _created(store, len(data))
         info = await upload(store, info, data, patch_size=1536 * KiB)
-        received = b"".join([chunk async for chunk in store.read(info, 0, len(data))])
+        opened = await store.get(info.id)
+        received = b"".join([chunk async for chunk in opened.read(0, len(data))])
         assert received == data
         assert flaky[0].failures > 10
-        await store.terminate(info)
+        await opened.terminate()
     finally:
         await store.close()
 
@@ -463,30 +472,32 @@ class _PartFails(SeamWrapper):
     def __init__(self, inner: S3Client, part_number: int) -> None:
         super().__init__(inner)
         self.part_number = part_number
+        self.started: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
 
     async def upload_part(
         self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
     ) -> str:
+        self.started[part_number].set()
         if part_number == self.part_number:
-            await asyncio.sleep(0.05)  # let later parts get going
+            await self.started[part_number + 1].wait()  # let later parts get going
             raise S3TransientError("UploadPart", "InternalError", 500, "we encountered an internal error")
         return await super().upload_part(bucket, key, upload_id, part_number, body, content_md5)
 
 
 async def test_a_failed_part_is_kept_as_a_tail_segment_and_the_offset_stays_truthful(
-    fast_moto: str, bucket: str  # noqa: F811
+    fast_moto: str, bucket: str
 ) -> None:
     data = data_of(5 * MiB + 10)
     failing = await open_store(s3_config(fast_moto, bucket), wrap=lambda inner: _PartFails(inner, 2))
     store = await _store(fast_moto, bucket)
     try:
         info = await _created(failing, len(data))
-        info = await failing.get_info(info.id)
+        opened = await failing.get(info.id)
         with pytest.raises(StoreUnavailable, match="part 2"):
-            await failing.write(info, body(data[:4 * MiB + 5], 256 * KiB))
+            await opened.write(0, body(data[:4 * MiB + 5], 256 * KiB))
         # Part 1 is stored, part 2's bytes were saved as a tail segment; parts 3+ do not count.
-        assert info.offset == 2 * MiB
-        fresh = await store.get_info(info.id)
+        assert opened.info.offset == 2 * MiB
+        fresh = (await store.get(info.id)).info
         assert fresh.offset == 2 * MiB
         finished = await upload(store, fresh, data, patch_size=len(data))
         await _assert_finished_object(fast_moto, bucket, store, finished, data)
@@ -495,7 +506,7 @@ async def test_a_failed_part_is_kept_as_a_tail_segment_and_the_offset_stays_trut
         await store.close()
 
 
-async def test_part_uploads_are_bounded_by_the_global_semaphore(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_part_uploads_are_bounded_by_the_global_semaphore(fast_moto: str, bucket: str) -> None:
     counters: list[CountingClient] = []
 
     def wrap(inner: S3Client) -> S3Client:
@@ -532,10 +543,23 @@ class _GatedParts(SeamWrapper):
 
 
 @pytest.mark.parametrize("spool", ["file", "memory"])
-async def test_a_full_ring_stops_reading_the_body(fast_moto: str, bucket: str, spool: str) -> None:  # noqa: F811
+async def test_a_full_ring_stops_reading_the_body(
+    fast_moto: str, bucket: str, spool: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With parts stuck in upload, write() pulls at most max_buffered_parts parts'
     worth of body (plus one chunk): the backpressure that pauses the socket."""
     gated: list[_GatedParts] = []
+    # Set when the writer waits for a slot of a full ring, or (were nothing holding
+    # it back) when it has read the whole body.
+    reader_stopped = asyncio.Event()
+    acquire = SpoolRing.acquire
+
+    async def acquire_noting_a_full_ring(ring: SpoolRing) -> SpoolSlot:
+        if ring.full:
+            reader_stopped.set()
+        return await acquire(ring)
+
+    monkeypatch.setattr(SpoolRing, "acquire", acquire_noting_a_full_ring)
 
     def wrap(inner: S3Client) -> S3Client:
         gated.append(_GatedParts(inner))
@@ -546,7 +570,7 @@ async def test_a_full_ring_stops_reading_the_body(fast_moto: str, bucket: str, s
     try:
         data = data_of(6 * MiB)
         info = await _created(store, len(data))
-        info = await store.get_info(info.id)
+        opened = await store.get(info.id)
         pulled = 0
 
         async def counted_body() -> AsyncIterator[bytes]:
@@ -554,23 +578,20 @@ async def test_a_full_ring_stops_reading_the_body(fast_moto: str, bucket: str, s
             async for chunk in body(data, 64 * KiB):
                 pulled += len(chunk)
                 yield chunk
+            reader_stopped.set()
 
-        write = asyncio.create_task(store.write(info, counted_body()))
-        for _ in range(500):  # until the ring is full (two parts received)
-            if pulled >= 2 * MiB:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # time enough to read on, were nothing holding it back
+        write = asyncio.create_task(opened.write(0, IteratedBody(counted_body())))
+        await reader_stopped.wait()  # the ring is full (two parts received), or no backpressure
         assert 2 * MiB <= pulled <= 2 * MiB + 64 * KiB
         gated[0].gate.set()
-        assert await write == len(data)
-        await store.finish(info)
+        assert (await write).offset == len(data)
+        await opened.finish()
         assert sha256(await object_bytes(fast_moto, bucket, info.id)) == sha256(data)
     finally:
         await store.close()
 
 
-async def test_tail_cache_rejects_a_segment_rewritten_by_another_instance(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_tail_cache_rejects_a_segment_rewritten_by_another_instance(fast_moto: str, bucket: str) -> None:
     """A caches the segment it wrote at offset X; B later rewrites the segment at the
     same key with other bytes (a client that resent different data); A must notice
     the ETag change and read B's bytes."""
@@ -580,20 +601,20 @@ async def test_tail_cache_rejects_a_segment_rewritten_by_another_instance(fast_m
     store_b = await _store(fast_moto, bucket)
     try:
         info = await _created(store_a, len(data))
-        await store_a.write(await store_a.get_info(info.id), body(data[:100 * KiB], 64 * KiB))
+        await patch(store_a, info.id, data[:100 * KiB])
         # B: the segment at 0 exists; B writes a new one at 100 KiB, then we rewrite
         # the segment at 0 behind A's back through B's client.
-        await store_b.write(await store_b.get_info(info.id), body(data[100 * KiB:200 * KiB], 64 * KiB))
+        await patch(store_b, info.id, data[100 * KiB:200 * KiB])
         await store_b._client.put_object(bucket, f"{info.id}.tail/{0:016d}", other, content_md5(other))
         expected = other + data[100 * KiB:]
-        finished = await upload(store_a, await store_a.get_info(info.id), expected, patch_size=len(data))
+        finished = await upload(store_a, info, expected, patch_size=len(data))
         assert sha256(await object_bytes(fast_moto, bucket, finished.id)) == sha256(expected)
     finally:
         await store_a.close()
         await store_b.close()
 
 
-async def test_stale_segments_are_deleted_and_never_count(fast_moto: str, bucket: str) -> None:  # noqa: F811
+async def test_stale_segments_are_deleted_and_never_count(fast_moto: str, bucket: str) -> None:
     """A segment beyond a gap (left by a failed write) sits exactly where the next
     part will end; the next write deletes it before that part is stored, so its
     (here: wrong) bytes never count."""
@@ -601,16 +622,16 @@ async def test_stale_segments_are_deleted_and_never_count(fast_moto: str, bucket
     store = await _store(fast_moto, bucket)
     try:
         info = await _created(store, len(data))
-        await store.write(await store.get_info(info.id), body(data[:500 * KiB], 64 * KiB))
+        await patch(store, info.id, data[:500 * KiB])
         garbage = b"\xff" * (300 * KiB)
         stale_key = f"{info.id}.tail/{MiB:016d}"
         await store._client.put_object(bucket, stale_key, garbage, content_md5(garbage))
-        info = await store.get_info(info.id)
-        assert info.offset == 500 * KiB
-        assert await store.write(info, body(data[500 * KiB:MiB], 64 * KiB)) == MiB
+        opened = await store.get(info.id)
+        assert opened.info.offset == 500 * KiB
+        assert (await opened.write(500 * KiB, body(data[500 * KiB:MiB], 64 * KiB))).offset == MiB
         keys, _ = await bucket_contents(fast_moto, bucket)
         assert stale_key not in keys
-        assert (await store.get_info(info.id)).offset == MiB
+        assert (await store.get(info.id)).info.offset == MiB
         finished = await upload(store, info, data, patch_size=len(data))
         await _assert_finished_object(fast_moto, bucket, store, finished, data)
     finally:

@@ -1,19 +1,18 @@
 """Helpers for the S3 store tests (no tests here): client-seam wrappers that count
 calls and bytes or crash after a given call, bucket inspection against a moto server,
-and body generators (bucket set-up and test data: ``helpers``)."""
+request bodies and PATCH "requests" (bucket set-up and test data: ``helpers``; the
+``fast_moto`` fixture: ``conftest``)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-import pytest
 from aiobotocore.session import get_session
-from conftest import start_moto, stop_process
 
 from tusd_py.config import S3StoreConfig, Size
-from tusd_py.stores.base import UploadInfo
+from tusd_py.stores.base import IteratedBody, UploadInfo
 from tusd_py.stores.s3 import S3Store
 from tusd_py.stores.s3_client import (
     AioS3Client,
@@ -30,17 +29,6 @@ KiB = 1024
 MiB = 1024 * KiB
 
 FAST_RETRIES = RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.01)
-
-
-@pytest.fixture(scope="module")
-def fast_moto() -> Iterator[str]:
-    """A moto server whose minimum part size is 1 MiB (S3's is 5 MiB), so tests can
-    use 1 MiB parts and small files while EntityTooSmall is still enforced."""
-    process, endpoint = start_moto(part_min_size=MiB)
-    try:
-        yield endpoint
-    finally:
-        stop_process(process)
 
 
 async def bucket_contents(endpoint: str, bucket: str) -> tuple[list[str], list[str]]:
@@ -79,38 +67,54 @@ async def open_store(
     return S3Store(client, config, max_size=max_size)
 
 
-async def body(data: bytes, chunk_size: int) -> AsyncIterator[bytes]:
-    """``data`` as a request body of ``chunk_size`` chunks."""
+async def _chunks(data: bytes, chunk_size: int) -> AsyncIterator[bytes]:
     for start in range(0, len(data), chunk_size):
         yield data[start:start + chunk_size]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # a chunk per loop turn, as from a socket (not synchronisation)
+
+
+def body(data: bytes, chunk_size: int) -> IteratedBody:
+    """``data`` as a request body of ``chunk_size`` chunks."""
+    return IteratedBody(_chunks(data, chunk_size))
 
 
 class ClientGone(ConnectionResetError):
     """The body iterator's error when a test's client disconnects."""
 
 
-async def broken_body(data: bytes, chunk_size: int) -> AsyncIterator[bytes]:
-    """``data`` in chunks, then the client is gone (the iterator raises)."""
-    async for chunk in body(data, chunk_size):
+async def _broken_chunks(data: bytes, chunk_size: int) -> AsyncIterator[bytes]:
+    async for chunk in _chunks(data, chunk_size):
         yield chunk
     raise ClientGone("client went away")
+
+
+def broken_body(data: bytes, chunk_size: int) -> IteratedBody:
+    """``data`` in chunks, then the client is gone (the iterator raises)."""
+    return IteratedBody(_broken_chunks(data, chunk_size))
+
+
+async def patch(store: S3Store, upload_id: str, data: bytes, chunk_size: int = 64 * KiB) -> UploadInfo:
+    """One PATCH "request": open the upload and write ``data`` at its offset; the
+    new snapshot."""
+    opened = await store.get(upload_id)
+    return await opened.write(opened.info.offset, body(data, chunk_size))
 
 
 async def upload(
     store: S3Store, info: UploadInfo, data: bytes, patch_size: int, chunk_size: int = 64 * KiB
 ) -> UploadInfo:
-    """Send ``data[info.offset:]`` as PATCHes of ``patch_size`` bytes, each in its own
-    "request" (get_info, then write), then finish. Returns the finished info."""
+    """Send ``data[offset:]`` as PATCHes of ``patch_size`` bytes, each in its own
+    "request" (get, then write), then finish. Returns the finished info."""
     while True:
-        info = await store.get_info(info.id)
+        opened = await store.get(info.id)
+        info = opened.info
         if info.finished:
             return info
         piece = data[info.offset:info.offset + patch_size]
-        offset = await store.write(info, body(piece, chunk_size))
-        assert offset == info.offset
-        if info.length is not None and offset == info.length:
-            return await store.finish(info)
+        written = await opened.write(info.offset, body(piece, chunk_size))
+        assert written is opened.info
+        if written.length is not None and written.offset == written.length:
+            return await opened.finish()
 
 
 class SeamWrapper:

@@ -1,7 +1,7 @@
 """S3 traffic of small PATCHes: linear, not quadratic.
 
 64 MiB sent as 64 PATCHes of 1 MiB with 8 MiB parts (S3's real 5 MiB minimum), each
-PATCH a request of its own (get_info, then write), bytes counted at the client seam.
+PATCH a request of its own (get, then write), bytes counted at the client seam.
 
 Per 8 MiB part, without the tail cache: 7 tail segments PUT (7 MiB), read back once
 (7 MiB) and the part uploaded (8 MiB): 22/8 = 2.75x. With the cache the read-back
@@ -57,13 +57,13 @@ async def _measure(endpoint: str, tail_cache_size: int) -> tuple[float, float, _
     store = await open_store(config, wrap=wrap)
     try:
         data = data_of(FILE_SIZE)
-        info = await store.create(UploadInfo(id=new_upload_id(), length=FILE_SIZE))
+        upload_id = (await store.create(UploadInfo(id=new_upload_id(), length=FILE_SIZE))).info.id
         for start in range(0, FILE_SIZE, PATCH_SIZE):
-            info = await store.get_info(info.id)
-            assert info.offset == start
-            await store.write(info, body(data[start:start + PATCH_SIZE], 64 * 1024))
-        await store.finish(info)
-        assert sha256(await object_bytes(endpoint, bucket, info.id)) == sha256(data)
+            opened = await store.get(upload_id)
+            assert opened.info.offset == start
+            await opened.write(start, body(data[start:start + PATCH_SIZE], 64 * 1024))
+        await opened.finish()
+        assert sha256(await object_bytes(endpoint, bucket, upload_id)) == sha256(data)
     finally:
         await store.close()
     counter = counters[0]

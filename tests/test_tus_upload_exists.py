@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from helpers import make_bucket
-from test_s3_support import fast_moto, open_store, s3_config  # noqa: F401  (fast_moto: fixture)
+from test_s3_support import open_store, s3_config
 from tus_fakes import BASE, HOST, StaticBody, body_bytes, header, make_request
 
 from tusd_py.cli import tus_options

@@ -1,4 +1,5 @@
-"""Parts and tail segments of an S3 upload: sizes, keys, and the offset rule.
+"""Parts and tail segments of an S3 upload: sizes, keys, and the offset rule
+(invariant 2 in ``s3``'s module docstring), precisely.
 
 Everything here is pure (no I/O), so the rule that makes every crash point safe can
 be read, and tested, in one place:

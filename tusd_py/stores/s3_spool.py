@@ -229,6 +229,11 @@ class SpoolRing:
         self._on_change = on_change
         self._hasher = hasher
 
+    @property
+    def full(self) -> bool:
+        """Every slot is taken: ``acquire`` waits."""
+        return self._free.locked()
+
     async def acquire(self) -> SpoolSlot:
         """A new empty slot; waits while every slot is taken (backpressure)."""
         await self._free.acquire()

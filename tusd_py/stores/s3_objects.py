@@ -1,0 +1,420 @@
+"""The S3 objects behind the S3 store's uploads (the rules they follow are stated once,
+in ``s3``'s module docstring).
+
+``S3Objects`` is every S3 call the store makes on behalf of an upload: its ``.info``
+document, the listings that the offset is derived from (``load``), parts, tail
+segments (through the tail cache) and quiet cleanup. It owns what is shared by all
+uploads of one store: the client, the process-wide bound on UploadPart calls, the
+tail cache and the cache of multipart upload ids. ``S3Fields`` reads the store's
+persistent fields out of ``UploadInfo.storage``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from tusd_py.stores.base import (
+    StorageFields,
+    StoreError,
+    StoreUnavailable,
+    UploadExists,
+    UploadInfo,
+    UploadNotFound,
+    is_valid_upload_id,
+)
+from tusd_py.stores.s3_client import ObjectEntry, PartEntry, S3Client, S3Error, S3NotFound, content_md5
+from tusd_py.stores.s3_parts import Layout, Segment, TailCache, UploadKeys, resolve_layout
+from tusd_py.stores.s3_spool import Hasher, SpoolSlot
+
+log = logging.getLogger("tusd_py.stores.s3")
+
+T = TypeVar("T")
+
+DELETE_BATCH_SIZE = 1000
+"""S3's limit on keys per DeleteObjects request."""
+MULTIPART_ID_CACHE_SIZE = 10_000
+"""Upload id -> multipart upload id entries remembered (about 1 MB), so ``load`` can
+run ListParts in parallel with reading ``.info`` instead of after it."""
+MD5_IN_THREAD_SIZE = 1024 * 1024
+"""Bodies at least this large are hashed in a worker thread (hashlib releases the GIL),
+keeping the event loop free."""
+_CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Fields:
+    """The S3 store's persistent fields of one upload (``UploadInfo.storage``, under
+    these names in ``.info``)."""
+
+    multipart_upload_id: str | None
+    """None for an upload that needs none (length 0)."""
+    part_size: int
+    """Fixed at creation: every part but the last has exactly this size."""
+    max_length: int | None
+    """The largest length the upload may reach (None in a document written before
+    the field existed: the store's deferred-length ceiling applies)."""
+
+    @classmethod
+    def of(cls, storage: StorageFields) -> S3Fields:
+        """The fields in ``storage``; raises ``ValueError`` when they are unusable."""
+        multipart_id = storage.get("multipart_upload_id")
+        part_size = storage.get("part_size")
+        max_length = storage.get("max_length")
+        if part_size is None:
+            raise ValueError("no part_size in the S3 storage fields")
+        return cls(
+            multipart_upload_id=None if multipart_id is None else str(multipart_id),
+            part_size=int(part_size),
+            max_length=None if max_length is None else int(max_length),
+        )
+
+    def stored_in(self, info: UploadInfo) -> UploadInfo:
+        """``info`` with these fields in its ``storage`` (other fields kept)."""
+        fields = {"multipart_upload_id": self.multipart_upload_id, "part_size": self.part_size,
+                  "max_length": self.max_length}
+        return dataclasses.replace(info, storage={**info.storage, **fields})
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What ListParts and ListObjectsV2 (tail segments) returned for one upload."""
+
+    parts: list[PartEntry]
+    objects: list[ObjectEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """An upload as ``S3Objects.load`` found it."""
+
+    info: UploadInfo
+    """With the offset derived from the listings (a finished upload: the object's size)."""
+    fields: S3Fields
+    layout: Layout | None
+    """What counts of the stored bytes; None for a finished upload."""
+    listing: Listing | None
+    """The listings behind ``layout`` (None for a finished upload)."""
+
+
+@contextlib.contextmanager
+def store_errors(upload_id: str) -> Iterator[None]:
+    """Translate S3 errors at the store's boundary into the handler's store errors."""
+    try:
+        yield
+    except S3NotFound as error:
+        if error.code == "NoSuchBucket":
+            raise StoreUnavailable(f"S3 bucket is gone: {error}") from error
+        raise UploadNotFound(upload_id) from error
+    except S3Error as error:
+        raise StoreUnavailable(f"S3 request failed: {error}") from error
+
+
+def content_type(info: UploadInfo) -> str | None:
+    """The final object's Content-Type from the client's metadata, when it is sane."""
+    for key in ("filetype", "contentType", "content-type", "type"):
+        value = info.metadata_text(key) if key in info.metadata else None
+        if value and _CONTENT_TYPE.fullmatch(value):
+            return value
+    return None
+
+
+async def all_or_nothing(coroutines: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``coroutines`` concurrently; their results in order. When one fails, the
+    others are cancelled and awaited before the error is raised (plain
+    ``asyncio.gather`` would leave them running, unowned)."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    if not tasks:
+        return []
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.wait(tasks)
+    errors = [task.exception() for task in tasks if not task.cancelled()]  # every one retrieved
+    for error in errors:
+        if error is not None:
+            raise error
+    return [task.result() for task in tasks]
+
+
+def md5_hasher() -> Hasher:
+    return hashlib.md5(usedforsecurity=False)
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+async def _md5(body: bytes) -> str:
+    if len(body) >= MD5_IN_THREAD_SIZE:
+        return await asyncio.to_thread(content_md5, body)
+    return content_md5(body)
+
+
+async def _nothing() -> None:
+    return None
+
+
+class S3Objects:
+    """The S3 calls of one store's uploads, in bucket ``bucket`` under ``prefix``."""
+
+    def __init__(
+        self, client: S3Client, bucket: str, prefix: str, *, max_part_uploads: int, tail_cache_size: int
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        # One semaphore for the whole process: it bounds the UploadPart calls in
+        # flight, and with them the part bodies held in memory for sending.
+        self.part_uploads = asyncio.Semaphore(max_part_uploads)
+        self._tail_cache = TailCache(tail_cache_size)
+        self._multipart_ids: OrderedDict[str, str] = OrderedDict()
+
+    def keys(self, upload_id: str) -> UploadKeys:
+        return UploadKeys.of(self.prefix, upload_id)
+
+    # --- opening an upload -------------------------------------------------------------
+
+    async def load(self, upload_id: str) -> Loaded:
+        """Read ``.info``, list the parts and the tail segments (in parallel), and
+        derive the offset by the rule of ``s3_parts``.
+
+        ListParts needs the multipart upload id from ``.info``; when this instance has
+        seen the upload before it knows that id and runs all three calls at once,
+        otherwise ListParts follows the other two.
+
+        An unfinished upload never reports ``offset == length`` (see
+        ``resolve_layout``'s ``limit``); a finished one reports the final object's size.
+        """
+        if not is_valid_upload_id(upload_id):
+            raise UploadNotFound(upload_id)
+        keys = self.keys(upload_id)
+        known_multipart_id = self._multipart_ids.get(upload_id)
+        with store_errors(upload_id):
+            document, objects, parts = await asyncio.gather(
+                self.client.get_object(self.bucket, keys.info),
+                self.list_segments(keys),
+                self._list_parts(keys, known_multipart_id) if known_multipart_id else _nothing(),
+                return_exceptions=True,
+            )
+            if isinstance(document, S3NotFound):
+                raise UploadNotFound(upload_id)
+            if isinstance(document, BaseException):
+                raise document
+            if isinstance(objects, BaseException):
+                raise objects
+            info = self.parse_info(upload_id, document)
+            fields = S3Fields.of(info.storage)
+            if info.finished:
+                return await self._finished(keys, info, fields, objects)
+            multipart_id = fields.multipart_upload_id
+            try:
+                if multipart_id is None:
+                    listed_parts: list[PartEntry] = []
+                elif multipart_id != known_multipart_id:
+                    listed_parts = await self._list_parts(keys, multipart_id)
+                elif isinstance(parts, BaseException):
+                    raise parts
+                else:
+                    listed_parts = parts or []
+            except S3NotFound:
+                return await self._vanished_multipart_upload(keys, info, fields, objects)
+            if multipart_id is not None:
+                self.remember_multipart_id(upload_id, multipart_id)
+        limit = info.length - 1 if info.length else None
+        layout = resolve_layout(keys, fields.part_size, info.length, listed_parts, objects, limit=limit)
+        info = dataclasses.replace(info, offset=layout.offset)
+        return Loaded(info, fields, layout, Listing(listed_parts, objects))
+
+    async def _finished(
+        self, keys: UploadKeys, info: UploadInfo, fields: S3Fields, segments: list[ObjectEntry]
+    ) -> Loaded:
+        head = await self.client.head_object(self.bucket, keys.object)
+        if segments:  # left behind by a finish that crashed before its cleanup
+            await self.delete_quietly([entry.key for entry in segments])
+        return Loaded(dataclasses.replace(info, offset=head.size), fields, None, None)
+
+    async def _vanished_multipart_upload(
+        self, keys: UploadKeys, info: UploadInfo, fields: S3Fields, segments: list[ObjectEntry]
+    ) -> Loaded:
+        """The multipart upload no longer exists: either CompleteMultipartUpload
+        succeeded and the crash came before ``.info`` said so (the object is there at
+        full length: finish the bookkeeping), or it was aborted (a termination cut
+        short, or a bucket lifecycle rule): the upload cannot continue and is gone."""
+        try:
+            head: ObjectEntry | None = await self.client.head_object(self.bucket, keys.object)
+        except S3NotFound:
+            head = None
+        if head is not None and head.size == info.length:
+            info = dataclasses.replace(info, finished=True)
+            await self.put_info(keys, info)
+            return await self._finished(keys, info, fields, segments)
+        log.warning("upload %s: multipart upload is gone and no complete object exists; removing it", info.id)
+        await self.delete_quietly([entry.key for entry in segments] + [keys.info])
+        self.forget_multipart_id(info.id)
+        raise UploadNotFound(info.id)
+
+    def remember_multipart_id(self, upload_id: str, multipart_id: str) -> None:
+        self._multipart_ids[upload_id] = multipart_id
+        self._multipart_ids.move_to_end(upload_id)
+        while len(self._multipart_ids) > MULTIPART_ID_CACHE_SIZE:
+            self._multipart_ids.popitem(last=False)
+
+    def forget_multipart_id(self, upload_id: str) -> None:
+        self._multipart_ids.pop(upload_id, None)
+
+    # --- .info -------------------------------------------------------------------------
+
+    def parse_info(self, upload_id: str, document: bytes) -> UploadInfo:
+        """The ``.info`` document of ``upload_id``; raises ``StoreUnavailable`` when
+        it is unreadable or names another upload."""
+        try:
+            info = UploadInfo.from_json(json.loads(document))
+            S3Fields.of(info.storage)
+        except (ValueError, KeyError, TypeError) as error:
+            raise StoreUnavailable(f"upload {upload_id}: unreadable .info: {error}") from error
+        if info.id != upload_id:
+            raise StoreUnavailable(f"upload {upload_id}: .info names another upload ({info.id})")
+        return info
+
+    async def refuse_existing(self, keys: UploadKeys, upload_id: str) -> None:
+        """Raise ``UploadExists`` when ``.info`` exists: a pre-create hook chose the id
+        of an upload in use, whose multipart upload and ``.info`` must stay as they are.
+        (The caller holds the id's lock, so no other request creates it meanwhile.)"""
+        try:
+            await self.client.head_object(self.bucket, keys.info)
+        except S3NotFound:
+            return
+        raise UploadExists(upload_id)
+
+    async def put_info(self, keys: UploadKeys, info: UploadInfo) -> None:
+        body = json.dumps(info.to_json(), separators=(",", ":")).encode()
+        await self.client.put_object(self.bucket, keys.info, body, content_md5(body))
+
+    # --- listings ----------------------------------------------------------------------
+
+    async def _list_parts(self, keys: UploadKeys, multipart_id: str) -> list[PartEntry]:
+        parts: list[PartEntry] = []
+        marker: int | None = None
+        while True:
+            page = await self.client.list_parts(self.bucket, keys.object, multipart_id, marker)
+            parts.extend(page.parts)
+            if page.next_marker is None:
+                return parts
+            marker = page.next_marker
+
+    async def list_segments(self, keys: UploadKeys) -> list[ObjectEntry]:
+        objects: list[ObjectEntry] = []
+        token: str | None = None
+        while True:
+            page = await self.client.list_objects(self.bucket, keys.tail_prefix, token)
+            objects.extend(page.objects)
+            if page.next_token is None:
+                return objects
+            token = page.next_token
+
+    # --- parts and tail segments -------------------------------------------------------
+
+    async def read_segments(self, segments: Sequence[Segment]) -> list[bytes]:
+        """The bytes of ``segments``: from the tail cache when it holds exactly the
+        listed object (same key, size and ETag), else from S3, in parallel."""
+
+        async def one(segment: Segment) -> bytes:
+            cached = self._tail_cache.get(segment)
+            if cached is not None:
+                return cached
+            data = await self.client.get_object(self.bucket, segment.key)
+            if len(data) != segment.size:
+                raise StoreError(f"tail segment {segment.key} changed while in use ({len(data)} != {segment.size})")
+            return data
+
+        return await all_or_nothing([one(segment) for segment in segments])
+
+    async def put_segment(self, keys: UploadKeys, start: int, data: bytes) -> Segment:
+        key = keys.segment(start)
+        etag = await self.client.put_object(self.bucket, key, data, await _md5(data))
+        self._tail_cache.put(key, etag, data)
+        return Segment(key, start, len(data), etag)
+
+    async def upload_part(
+        self, keys: UploadKeys, multipart_id: str, number: int, data: list[bytes], slot: SpoolSlot | None = None
+    ) -> PartEntry:
+        """UploadPart of ``data`` followed by the bytes of ``slot``. The slot is read
+        (from its spool file) only inside the global semaphore, so the part bodies in
+        memory are bounded by ``max_concurrent_part_uploads``."""
+        async with self.part_uploads:
+            digest = None
+            if slot is not None:
+                whole_part = not data
+                data = data + await slot.read_chunks()
+                if whole_part:
+                    digest = slot.digest()  # hashed while it was spooled, if the slot did
+            body = data[0] if len(data) == 1 else b"".join(data)
+            checksum = _b64(digest) if digest is not None else await _md5(body)
+            etag = await self.client.upload_part(self.bucket, keys.object, multipart_id, number, body, checksum)
+            return PartEntry(number, len(body), etag)
+
+    # --- deleting ----------------------------------------------------------------------
+
+    async def delete_keys(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._tail_cache.discard(key)
+        for start in range(0, len(keys), DELETE_BATCH_SIZE):
+            await self.client.delete_objects(self.bucket, keys[start:start + DELETE_BATCH_SIZE])
+
+    async def delete_quietly(self, keys: Sequence[str]) -> None:
+        """Delete garbage (objects that no longer count); a failure is only logged:
+        the offset rule ignores them, and a later write or termination retries."""
+        try:
+            await self.delete_keys(keys)
+        except S3Error as error:
+            log.warning("could not delete %d leftover object(s): %s", len(keys), error)
+
+    async def delete_tail_quietly(self, keys: UploadKeys) -> None:
+        try:
+            segments = await self.list_segments(keys)
+        except S3Error as error:
+            log.warning("could not list tail segments of %s: %s", keys.object, error)
+            return
+        await self.delete_quietly([entry.key for entry in segments])
+
+    async def abort_quietly(self, keys: UploadKeys, multipart_id: str) -> None:
+        try:
+            await self.client.abort_multipart_upload(self.bucket, keys.object, multipart_id)
+        except S3Error as error:
+            log.warning("could not abort multipart upload of %s: %s", keys.object, error)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadPartSink:
+    """The ``s3_writer.PartSink`` of one upload: ``objects`` bound to its keys and
+    multipart upload id."""
+
+    objects: S3Objects
+    keys: UploadKeys
+    multipart_id: str
+
+    async def upload_part(self, number: int, data: list[bytes], slot: SpoolSlot | None) -> PartEntry:
+        return await self.objects.upload_part(self.keys, self.multipart_id, number, data, slot)
+
+    async def put_segment(self, start: int, data: bytes) -> Segment:
+        return await self.objects.put_segment(self.keys, start, data)
+
+    async def read_segments(self, segments: Sequence[Segment]) -> list[bytes]:
+        return await self.objects.read_segments(segments)
+
+    async def delete_quietly(self, keys: Sequence[str]) -> None:
+        await self.objects.delete_quietly(keys)

@@ -1,0 +1,107 @@
+"""The S3 store's part of the expiry sweep (``SupportsExpiration``): listing every
+upload under the prefix, and removing what no upload owns any more."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from tusd_py.stores.base import StoreUnavailable, UploadInfo, UploadNotFound, is_valid_upload_id
+from tusd_py.stores.s3_client import ObjectEntry, S3NotFound
+from tusd_py.stores.s3_objects import S3Objects, store_errors
+
+log = logging.getLogger("tusd_py.stores.s3")
+
+
+class S3Sweep:
+    """``list_uploads`` and ``remove_orphans`` over ``objects``' bucket and prefix."""
+
+    def __init__(self, objects: S3Objects) -> None:
+        self._objects = objects
+
+    async def list_uploads(self) -> AsyncIterator[UploadInfo]:
+        """Every upload's ``.info`` under the prefix (offsets not filled in; an
+        unreadable document is logged and skipped)."""
+        objects = self._objects
+        token: str | None = None
+        while True:
+            with store_errors(""):
+                page = await objects.client.list_objects(objects.bucket, objects.prefix, token)
+            for entry in page.objects:
+                upload_id = self._owner_of(entry.key, ".info")
+                if upload_id is None:
+                    continue
+                try:
+                    with store_errors(upload_id):
+                        document = await objects.client.get_object(objects.bucket, entry.key)
+                except UploadNotFound:
+                    continue  # terminated meanwhile
+                try:
+                    info = objects.parse_info(upload_id, document)
+                except StoreUnavailable as error:  # a corrupt document must not stop a sweep
+                    log.warning("skipping upload %s: %s", upload_id, error)
+                    continue
+                yield info
+            if page.next_token is None:
+                return
+            token = page.next_token
+
+    async def remove_orphans(self, created_before: float) -> int:
+        """Abort multipart uploads and delete tail segments under the prefix whose
+        upload has no ``.info`` and that were created before ``created_before``.
+        Objects without ``.info`` are left alone: a complete object may be a finished
+        upload whose ``.info`` its consumer removed on purpose."""
+        objects = self._objects
+        with store_errors(""):
+            listed: list[ObjectEntry] = []
+            token: str | None = None
+            while True:
+                page = await objects.client.list_objects(objects.bucket, objects.prefix, token)
+                listed.extend(page.objects)
+                if page.next_token is None:
+                    break
+                token = page.next_token
+            with_info = {owner for entry in listed if (owner := self._owner_of(entry.key, ".info")) is not None}
+            segments = [
+                entry.key
+                for entry in listed
+                if (owner := self._owner_of(entry.key, ".tail/", exact=False)) is not None
+                and owner not in with_info
+                and entry.last_modified is not None
+                and entry.last_modified < created_before
+            ]
+            removed = len(segments)
+            if segments:
+                await objects.delete_quietly(segments)
+            marker: tuple[str, str] | None = None
+            while True:
+                multipart_page = await objects.client.list_multipart_uploads(objects.bucket, objects.prefix, marker)
+                for upload in multipart_page.uploads:
+                    owner = self._owner_of(upload.key, "")
+                    if owner is None or owner in with_info or upload.initiated >= created_before:
+                        continue
+                    try:
+                        await objects.client.abort_multipart_upload(objects.bucket, upload.key, upload.upload_id)
+                    except S3NotFound:
+                        continue
+                    log.info("aborted orphan multipart upload of %s", upload.key)
+                    removed += 1
+                if multipart_page.next_marker is None:
+                    break
+                marker = multipart_page.next_marker
+        return removed
+
+    def _owner_of(self, key: str, suffix: str, exact: bool = True) -> str | None:
+        """The upload id of ``<prefix><id><suffix>`` (``exact``: nothing after the
+        suffix; else anything may follow it), or None for a foreign key."""
+        prefix = self._objects.prefix
+        if not key.startswith(prefix):
+            return None
+        rest = key[len(prefix):]
+        if suffix:
+            upload_id, found, after = rest.partition(suffix)
+            if not found or (exact and after):
+                return None
+        else:
+            upload_id = rest
+        return upload_id if is_valid_upload_id(upload_id) else None
