@@ -181,3 +181,12 @@ def captured_logs(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
     monkeypatch.setattr(sys, "stderr", buffer)
     setup_logging(LogConfig(level="debug", format="json"))
     return buffer
+
+
+# --- A call that blocks the event loop fails the test (tests/loop_watch.py) -----------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from loop_watch import register
+
+    register(config)
