@@ -29,7 +29,7 @@ from tusd_py.config import Config, ConfigError, load_config
 from tusd_py.expiry import Sweeper, SweepResult
 from tusd_py.hooks import HookCallable, Hooks
 from tusd_py.http.loop import new_event_loop
-from tusd_py.http.server import HTTPLimits, HTTPServer
+from tusd_py.http.server import HTTPServer
 from tusd_py.http.types import Handler, Request, Response
 from tusd_py.lockers.base import Locker, LockObserver, LockUnavailable
 from tusd_py.lockers.consul import ConsulLocker
@@ -125,18 +125,6 @@ def with_metrics_endpoint(handler: Handler, path: str, render: Callable[[], tupl
     return application
 
 
-def http_limits(config: Config) -> HTTPLimits:
-    server = config.server
-    return HTTPLimits(
-        max_header_size=server.max_header_size,
-        header_timeout=server.header_timeout,
-        keepalive_timeout=server.keepalive_timeout,
-        body_timeout=server.network_timeout,
-        max_connections=server.max_connections,
-        drain_limit=server.drain_limit,
-    )
-
-
 @dataclass
 class Running:
     """A started server: where it listens and its parts (for tests and embedders)."""
@@ -183,7 +171,7 @@ async def serving(
             application: Handler = handler
             if config.metrics.enabled:
                 application = with_metrics_endpoint(handler, config.metrics.path, metrics.render)
-            http = HTTPServer(application, http_limits(config), observer=metrics)
+            http = HTTPServer(application, config.server.http_limits(), observer=metrics)
             port = await http.start(config.server.host, config.server.port, reuse_port=reuse_port)
             sweeper = start_sweeper(config, store, locker)
             try:
