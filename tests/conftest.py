@@ -192,3 +192,35 @@ def captured_logs(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
     monkeypatch.setattr(sys, "stderr", buffer)
     setup_logging(LogConfig(level="debug", format="json"))
     return buffer
+
+
+# --- A call that blocks the event loop fails the test (tests/loop_watch.py) -----------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from loop_watch import register
+
+    register(config)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _botocore_data_read_once() -> Iterator[None]:
+    """Every new botocore session reads S3's service model and the endpoint data (JSON
+    files) from disk again, on the event loop: 0.1-0.2 s per S3 client on an idle
+    machine, past the loop-blocking threshold on a loaded one. A server opens its store
+    once; the tests open stores and clients by the hundred, so they share one loader
+    (the data files are read once per test process). The reads the code under test
+    does are otherwise unchanged."""
+    import botocore.session
+
+    create_loader = botocore.session.create_loader
+    loaders: dict[str | None, object] = {}
+
+    def shared_loader(search_path_string: str | None = None) -> object:
+        if search_path_string not in loaders:
+            loaders[search_path_string] = create_loader(search_path_string)
+        return loaders[search_path_string]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(botocore.session, "create_loader", shared_loader)
+        yield

@@ -8,10 +8,11 @@ import hashlib
 import random
 import urllib.request
 import uuid
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 from rawhttp import RawResponse, request
 from tusclient import client as tus_client
 
@@ -118,16 +119,28 @@ def sha256(data: bytes) -> str:
 # --- S3 (moto) -------------------------------------------------------------------------
 
 
+_sessions: list[AioSession] = []
+
+
+def s3_client(endpoint: str) -> AbstractAsyncContextManager[Any]:
+    """An S3 client of ``endpoint`` (``async with``). The helpers share one session:
+    a new one loads S3's service model from disk, on the event loop, for every client
+    (0.2 s, seconds on a loaded machine: the loop-blocking check would report it)."""
+    if not _sessions:
+        _sessions.append(get_session())
+    return _sessions[0].create_client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
 async def make_bucket(endpoint: str) -> str:
     """A fresh, empty bucket."""
     bucket = f"test-{uuid.uuid4().hex[:20]}"
-    async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1") as client:
+    async with s3_client(endpoint) as client:
         await client.create_bucket(Bucket=bucket)
     return bucket
 
 
 async def object_bytes(endpoint: str, bucket: str, key: str) -> bytes:
-    async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1") as client:
+    async with s3_client(endpoint) as client:
         response = await client.get_object(Bucket=bucket, Key=key)
         async with response["Body"] as body:
             return bytes(await body.read())

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiobotocore.session import get_session
-from helpers import create, data_of, head_offset, object_bytes, patch, patch_head, sha256, upload_id_of
+from helpers import create, data_of, head_offset, object_bytes, patch, patch_head, s3_client, sha256, upload_id_of
 
 from tests.rawhttp import RawConnection, RawResponse
 
@@ -204,7 +203,7 @@ async def running(
 async def bucket_state(endpoint: str, bucket: str) -> dict[str, Any]:
     """Every object (key -> size and ETag) and every uploaded part of every multipart
     upload: what a request must leave alone when it is refused."""
-    async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1") as client:
+    async with s3_client(endpoint) as client:
         listing = await client.list_objects_v2(Bucket=bucket)
         objects = {item["Key"]: (item["Size"], item["ETag"]) for item in listing.get("Contents", [])}
         uploads = (await client.list_multipart_uploads(Bucket=bucket)).get("Uploads", [])

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from tusd_py import cli
-from tusd_py.config import Config, ConfigError, MiB, all_keys, env_name, load_config, parse_size
+from tusd_py.config import Config, ConfigError, MiB, ServerConfig, all_keys, env_name, load_config, parse_size
+from tusd_py.http.limits import HTTPLimits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +52,38 @@ def test_shipped_config_toml_lists_every_key_with_its_default() -> None:
 
 def _normalized(config: Config) -> dict[str, object]:
     return {key: getattr(section, key.rsplit(".", 1)[-1]) for key, (section, _) in all_keys(config).items()}
+
+
+# The [server] keys that set an HTTP limit, by the limit's name in HTTPLimits.
+_HTTP_LIMIT_KEYS = {
+    "max_header_size": "max_header_size",
+    "header_timeout": "header_timeout",
+    "keepalive_timeout": "keepalive_timeout",
+    "body_timeout": "network_timeout",
+    "max_connections": "max_connections",
+    "drain_limit": "drain_limit",
+}
+
+
+def test_http_limits_defaults_agree_in_http_layer_config_and_config_toml() -> None:
+    defaults = HTTPLimits()
+    shipped = load_config(ROOT / "config.toml", environ={})
+    for limit, key in _HTTP_LIMIT_KEYS.items():
+        assert getattr(ServerConfig(), key) == getattr(defaults, limit), f"server.{key} vs HTTPLimits.{limit}"
+        assert getattr(shipped.server, key) == getattr(defaults, limit), f"config.toml server.{key}"
+    assert ServerConfig().http_limits() == defaults
+    assert shipped.server.http_limits() == defaults
+    # A limit that gets a [server] key of the same name must be in the table above.
+    shared = {f.name for f in dataclasses.fields(HTTPLimits)} & {f.name for f in dataclasses.fields(ServerConfig)}
+    assert shared == set(_HTTP_LIMIT_KEYS) - {"body_timeout"}
+
+
+def test_server_keys_set_the_http_limits(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[server]\nnetwork_timeout = 30\nkeepalive_timeout = 5\nmax_header_size = \"8KiB\"\n")
+    limits = load_config(path, environ={"TUSD_PY_SERVER_MAX_CONNECTIONS": "7"}).server.http_limits()
+    assert (limits.body_timeout, limits.keepalive_timeout, limits.max_header_size) == (30, 5, 8 * 1024)
+    assert limits.max_connections == 7
+    assert limits.drain_timeout == HTTPLimits().drain_timeout  # no key: the HTTP layer's default
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:

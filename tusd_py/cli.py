@@ -29,7 +29,7 @@ from tusd_py.config import Config, ConfigError, load_config
 from tusd_py.expiry import Sweeper, SweepResult
 from tusd_py.hooks import HookCallable, Hooks
 from tusd_py.http.loop import new_event_loop
-from tusd_py.http.server import HTTPLimits, HTTPServer
+from tusd_py.http.server import HTTPServer
 from tusd_py.http.types import Handler, Request, Response
 from tusd_py.lockers.base import Locker, LockObserver, LockUnavailable
 from tusd_py.lockers.consul import ConsulLocker
@@ -141,18 +141,6 @@ def tus_options(config: Config) -> TusOptions:
     )
 
 
-def http_limits(config: Config) -> HTTPLimits:
-    server = config.server
-    return HTTPLimits(
-        max_header_size=server.max_header_size,
-        header_timeout=server.header_timeout,
-        keepalive_timeout=server.keepalive_timeout,
-        body_timeout=server.network_timeout,
-        max_connections=server.max_connections,
-        drain_limit=server.drain_limit,
-    )
-
-
 @dataclass
 class Running:
     """A started server: where it listens and its parts (for tests and embedders)."""
@@ -179,6 +167,7 @@ async def serving(
     *,
     reuse_port: bool = False,
     hooks: Hooks | HookCallables | None = None,
+    port: int | None = None,
 ) -> AsyncIterator[Running]:
     """Run tusd-py inside the current event loop until the block exits; then shut down
     gracefully (running PATCHes store what they received, within shutdown_timeout).
@@ -186,6 +175,9 @@ async def serving(
     ``hooks``: Python callables by event (``{"post-finish": fn}``, see
     ``tusd_py.hooks``), added to the ``[hooks]`` webhook; or a ``Hooks`` object, which
     is then used as is (its owner closes it).
+
+    ``port``: listen there instead of ``server.port`` (a supervisor's workers get the
+    port it chose for ``server.port = 0``; the config is never changed).
     """
     metrics = Metrics()
     owned_hooks = not isinstance(hooks, Hooks)
@@ -199,11 +191,13 @@ async def serving(
             application: Handler = handler
             if config.metrics.enabled:
                 application = with_metrics_endpoint(handler, config.metrics.path, metrics.render)
-            http = HTTPServer(application, http_limits(config), observer=metrics)
-            port = await http.start(config.server.host, config.server.port, reuse_port=reuse_port)
+            http = HTTPServer(application, config.server.http_limits(), observer=metrics)
+            bound_port = await http.start(
+                config.server.host, config.server.port if port is None else port, reuse_port=reuse_port
+            )
             sweeper = start_sweeper(config, store, locker)
             try:
-                yield Running(config.server.host, port, handler, http, metrics, the_hooks)
+                yield Running(config.server.host, bound_port, handler, http, metrics, the_hooks)
             finally:
                 await stop_sweeper(sweeper)
                 await shutdown(http, handler, config.server.shutdown_timeout)
@@ -282,16 +276,20 @@ async def shutdown(http: HTTPServer, handler: TusHandler, grace_seconds: float) 
 
 
 async def _serve_until_signal(
-    config: Config, reuse_port: bool = False, on_ready: Callable[[], object] | None = None
+    config: Config,
+    reuse_port: bool = False,
+    on_ready: Callable[[], object] | None = None,
+    port: int | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT. ``on_ready`` is called once the server listens;
-    without it, systemd is notified (``Type=notify``) by this process."""
+    """Serve until SIGTERM/SIGINT (on ``port`` if given, else ``server.port``).
+    ``on_ready`` is called once the server listens; without it, systemd is notified
+    (``Type=notify``) by this process."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        async with serving(config, reuse_port=reuse_port) as running:
+        async with serving(config, reuse_port=reuse_port, port=port) as running:
             log.info(
                 "tusd-py %s listening on %s%s (store=%s, lock=%s)",
                 __version__, running.url, config.server.base_path, config.store.backend, config.lock.backend,
@@ -404,16 +402,18 @@ def tune_malloc() -> None:
     mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES)
 
 
-def _run_worker(config: Config, reuse_port: bool, on_ready: Callable[[], object] | None = None) -> int:
+def _run_worker(
+    config: Config, reuse_port: bool, on_ready: Callable[[], object] | None = None, port: int | None = None
+) -> int:
     tune_malloc()
     loop = new_event_loop()
     try:
-        return loop.run_until_complete(_serve_until_signal(config, reuse_port, on_ready))
+        return loop.run_until_complete(_serve_until_signal(config, reuse_port, on_ready, port))
     finally:
         loop.close()
 
 
-def _worker_main(config: Config, ready: multiprocessing.connection.Connection) -> None:
+def _worker_main(config: Config, port: int, ready: multiprocessing.connection.Connection) -> None:
     setup_logging(config.log)
 
     def report_ready() -> None:
@@ -421,7 +421,7 @@ def _worker_main(config: Config, ready: multiprocessing.connection.Connection) -
         ready.send(os.getpid())
         ready.close()
 
-    sys.exit(_run_worker(config, reuse_port=True, on_ready=report_ready))
+    sys.exit(_run_worker(config, reuse_port=True, on_ready=report_ready, port=port))
 
 
 def _wait_until_ready(workers: Sequence[multiprocessing.process.BaseProcess],
@@ -439,19 +439,25 @@ def _wait_until_ready(workers: Sequence[multiprocessing.process.BaseProcess],
     return True
 
 
+def worker_port(config: Config) -> int:
+    """The port every worker binds: ``server.port``, or for 0 a free one picked now
+    (each worker binds its own socket with SO_REUSEPORT, so they must agree first)."""
+    if config.server.port != 0:
+        return config.server.port
+    with socket.socket() as probe:
+        probe.bind((config.server.host, 0))
+        return int(probe.getsockname()[1])
+
+
 def _supervise_workers(config: Config) -> int:
     """Run ``server.workers`` processes that share the port with SO_REUSEPORT (the
     kernel spreads connections between them). SIGTERM/SIGINT are passed on; each
     worker shuts down gracefully. A worker that dies is reported, not restarted: the
     service manager (systemd) restarts the whole unit."""
-    if config.server.port == 0:
-        # Every worker must bind the same port: pick one now.
-        with socket.socket() as probe:
-            probe.bind((config.server.host, 0))
-            config.server.port = int(probe.getsockname()[1])
+    port = worker_port(config)
     context = multiprocessing.get_context("spawn")
     ready_reader, ready_writer = context.Pipe(duplex=False)
-    workers = [context.Process(target=_worker_main, args=(config, ready_writer), name=f"tusd-py-worker-{index}")
+    workers = [context.Process(target=_worker_main, args=(config, port, ready_writer), name=f"tusd-py-worker-{index}")
                for index in range(config.server.workers)]
 
     def forward(signum: int, _frame: object) -> None:
@@ -465,9 +471,9 @@ def _supervise_workers(config: Config) -> int:
     for worker in workers:
         worker.start()
     ready_writer.close()
-    log.info("started %d workers on port %d", len(workers), config.server.port)
+    log.info("started %d workers on port %d", len(workers), port)
     if _wait_until_ready(workers, ready_reader):
-        notify_ready(f"{len(workers)} workers listening on port {config.server.port}")
+        notify_ready(f"{len(workers)} workers listening on port {port}")
     ready_reader.close()
     status = 0
     for worker in workers:

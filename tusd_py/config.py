@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tusd_py.http.limits import HTTPLimits
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -65,8 +67,16 @@ def parse_size(value: object, key: str) -> Size:
     return Size(size)
 
 
+_HTTP_DEFAULTS = HTTPLimits()
+"""The HTTP layer owns the defaults of its limits and the reasons for them
+(``tusd_py.http.limits``); the ``[server]`` keys that set them start from these."""
+
+
 @dataclass
 class ServerConfig:
+    """``[server]``. The HTTP limits among these keys (timeouts, sizes, connections)
+    take their defaults from ``HTTPLimits``, which says why each is what it is."""
+
     host: str = "127.0.0.1"
     """Listen address. Loopback by default: put nginx in front, or set 0.0.0.0."""
     port: int = 1080
@@ -78,19 +88,19 @@ class ServerConfig:
     max_size: Size = Size(0)
     """Largest upload accepted (Tus-Max-Size). 0: no limit beyond the store's own
     (S3: 5 TiB per object)."""
-    network_timeout: float = 60.0
+    network_timeout: float = _HTTP_DEFAULTS.body_timeout
     """Seconds a request body may stall (no byte arriving) before the PATCH is ended
-    and what arrived is stored."""
-    header_timeout: float = 10.0
-    """Seconds a client has to send the request line and headers (slowloris guard)."""
-    keepalive_timeout: float = 75.0
-    """Seconds an idle keep-alive connection is kept open (above nginx's 60 s default
-    upstream keepalive_timeout, so the proxy closes first)."""
-    max_header_size: Size = Size(16 * KiB)
+    and what arrived is stored. The HTTP layer calls it ``body_timeout``; this key keeps
+    tusd's name (``-network-timeout``)."""
+    header_timeout: float = _HTTP_DEFAULTS.header_timeout
+    """Seconds a client has to send the request line and headers."""
+    keepalive_timeout: float = _HTTP_DEFAULTS.keepalive_timeout
+    """Seconds an idle keep-alive connection is kept open."""
+    max_header_size: Size = Size(_HTTP_DEFAULTS.max_header_size)
     """Largest request line + headers; larger gets 431."""
-    max_connections: int = 10000
+    max_connections: int = _HTTP_DEFAULTS.max_connections
     """Open connections above this are refused (closed at accept)."""
-    drain_limit: Size = Size(1 * MiB)
+    drain_limit: Size = Size(_HTTP_DEFAULTS.drain_limit)
     """After an early response, read and discard at most this much of the unread
     body to keep the connection alive; more than that and the connection is closed."""
     shutdown_timeout: float = 30.0
@@ -98,6 +108,19 @@ class ServerConfig:
     workers: int = 1
     """Worker processes sharing the port (SO_REUSEPORT). >1 needs a lock backend
     shared between processes (file or consul)."""
+
+    def http_limits(self) -> HTTPLimits:
+        """The limits the HTTP layer enforces, from these keys (``network_timeout`` is
+        its ``body_timeout``); the limits without a key keep their defaults."""
+        return dataclasses.replace(
+            _HTTP_DEFAULTS,
+            max_header_size=self.max_header_size,
+            header_timeout=self.header_timeout,
+            keepalive_timeout=self.keepalive_timeout,
+            body_timeout=self.network_timeout,
+            max_connections=self.max_connections,
+            drain_limit=self.drain_limit,
+        )
 
 
 @dataclass

@@ -58,24 +58,28 @@ import aiohttp
 
 from tusd_py import __version__
 from tusd_py.config import HOOK_EVENT_NAMES, HooksConfig
-from tusd_py.http.types import Request
 from tusd_py.stores.base import UploadInfo, is_valid_upload_id
+
+# The vocabulary the tus handler speaks with hooks lives with it (tusd_py.tus.events,
+# which must not import this module's HTTP client); re-exported here for embedders.
+from tusd_py.tus.events import POST_CREATE as POST_CREATE
+from tusd_py.tus.events import POST_FINISH as POST_FINISH
+from tusd_py.tus.events import POST_RECEIVE as POST_RECEIVE
+from tusd_py.tus.events import POST_TERMINATE as POST_TERMINATE
+from tusd_py.tus.events import PRE_CREATE as PRE_CREATE
+from tusd_py.tus.events import SECRET_HEADERS as SECRET_HEADERS
+from tusd_py.tus.events import HookError as HookError
+from tusd_py.tus.events import PreCreateResult as PreCreateResult
+from tusd_py.tus.events import Rejection as Rejection
+from tusd_py.tus.events import RequestContext as RequestContext
 
 if TYPE_CHECKING:  # only the type: the tus handler imports hooks, not prometheus
     from tusd_py.metrics import Metrics
 
 log = logging.getLogger("tusd_py.hooks")
 
-PRE_CREATE: Final = "pre-create"
-POST_CREATE: Final = "post-create"
-POST_RECEIVE: Final = "post-receive"
-POST_FINISH: Final = "post-finish"
-POST_TERMINATE: Final = "post-terminate"
 HOOK_EVENTS: Final = HOOK_EVENT_NAMES
 assert HOOK_EVENTS == (PRE_CREATE, POST_CREATE, POST_RECEIVE, POST_FINISH, POST_TERMINATE)
-
-# Request headers never forwarded to a hook receiver: credentials of the client.
-SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 SIGNATURE_HEADER: Final = "Tusd-Py-Signature"
 
@@ -95,62 +99,6 @@ MAX_TRACKED_PROGRESS: Final = 100_000
 _METADATA_KEY = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 # Statuses worth retrying: the receiver is overloaded or restarting.
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-
-class HookError(Exception):
-    """The pre-create hook could not be consulted or gave an invalid answer.
-
-    The handler answers ``status`` with a generic message (the details are logged, not
-    sent to the client): 503 when the receiver was unreachable, timed out or failed
-    after the retries (clients retry later), 500 when its answer was invalid.
-    """
-
-    def __init__(self, message: str, status: int = 500) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True, slots=True)
-class RequestContext:
-    """What a hook receiver is told about the HTTP request behind an event."""
-
-    method: str
-    uri: str
-    """The request target (path and query) as sent."""
-    remote_addr: str
-    """The client's address; behind a trusted proxy, the last X-Forwarded-For entry."""
-    headers: tuple[tuple[str, str], ...] = ()
-    """Lower-case names, in arrival order, without ``SECRET_HEADERS``."""
-    request_id: str = ""
-
-    @classmethod
-    def from_request(cls, request: Request, *, behind_proxy: bool = False) -> RequestContext:
-        """Build the context of an HTTP request. ``behind_proxy``: trust the
-        X-Forwarded-For header the proxy appended (``server.behind_proxy``)."""
-        remote_addr = request.client[0] if request.client else ""
-        if behind_proxy:
-            forwarded = ",".join(request.headers.get_all("x-forwarded-for"))
-            # The last entry is the one our proxy appended (the peer it saw); earlier
-            # ones come from the client and may be forged.
-            hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
-            if hops:
-                remote_addr = hops[-1]
-        headers = tuple((name, value) for name, value in request.headers if name not in SECRET_HEADERS)
-        return cls(request.method, request.target, remote_addr, headers, request.request_id)
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON form: headers as ``{name: [values]}`` (like Go's http.Header)."""
-        headers: dict[str, list[str]] = {}
-        for name, value in self.headers:
-            if name.lower() not in SECRET_HEADERS:
-                headers.setdefault(name.lower(), []).append(value)
-        return {
-            "method": self.method,
-            "uri": self.uri,
-            "remote_addr": self.remote_addr,
-            "request_id": self.request_id,
-            "headers": headers,
-        }
 
 
 def upload_to_json(info: UploadInfo) -> dict[str, Any]:
@@ -229,23 +177,6 @@ class PreCreateAnswer:
             upload_id=upload_id,
             metadata=metadata,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """A pre-create hook refused the upload: answer ``status`` with ``message``."""
-
-    status: int
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class PreCreateResult:
-    """Outcome of ``Hooks.pre_create``: the upload to create (possibly with another id
-    or metadata), or a rejection to answer instead."""
-
-    info: UploadInfo
-    rejection: Rejection | None = None
 
 
 def _apply_answer(info: UploadInfo, answer: PreCreateAnswer, source: str) -> PreCreateResult:

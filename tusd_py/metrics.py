@@ -21,9 +21,7 @@ reaches whichever worker accepted it. See README.md ("Several instances").
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -199,21 +197,6 @@ class Metrics:
         self._s3_duration.labels(operation).observe(seconds)
         if error:
             self._s3_errors.labels(operation).inc()
-
-    @contextmanager
-    def s3_timer(self, operation: str) -> Iterator[None]:
-        """Time the block as one S3 call; an exception leaving it counts as an error::
-
-            with metrics.s3_timer("UploadPart"):
-                await client.upload_part(...)
-        """
-        start = time.perf_counter()
-        try:
-            yield
-        except BaseException:
-            self.s3_call(operation, time.perf_counter() - start, error=True)
-            raise
-        self.s3_call(operation, time.perf_counter() - start, error=False)
 
     def spool_in_use(self, delta: int) -> None:
         """A spool slot was taken (+1) or freed (-1)."""

@@ -1,6 +1,8 @@
 """Bounds of the HTTP layer, each with its unit and the reason for its default.
 
 Re-exported as ``tusd_py.http.server.HTTPLimits`` (the name the composition root uses).
+These defaults are the only ones: the ``[server]`` config keys that set the limits
+(``tusd_py.config.ServerConfig``) start from them; ``config.toml`` shows them.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ class HTTPLimits:
     Exceeded -> ``408`` and close; protects against slowloris-style clients."""
 
     keepalive_timeout: float = 75.0
-    """Seconds an idle keep-alive connection is kept open between requests
-    (nginx's default, so a reverse proxy in front never reuses a closed connection)."""
+    """Seconds an idle keep-alive connection is kept open between requests. Longer than
+    nginx's default upstream ``keepalive_timeout`` (60 s), so a reverse proxy in front
+    closes an idle connection first and never sends a request on one we are closing."""
 
     body_timeout: float = 60.0
     """Seconds the application may wait for the next body byte before the body

@@ -136,10 +136,6 @@ class MemoryLocker:
         entry.holder = None
         del self._entries[upload_id]
 
-    def is_locked(self, upload_id: str) -> bool:
-        """True while someone holds or waits for ``upload_id`` (for tests and metrics)."""
-        return upload_id in self._entries
-
     async def close(self) -> None:
         """Mark every held lock lost and fail every waiter with ``LockUnavailable``."""
         self._closed = True

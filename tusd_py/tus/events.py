@@ -1,7 +1,9 @@
-"""What the tus handler tells the outside world about uploads: hook events
-(``tusd_py.hooks``) and upload counters (an ``UploadObserver``, e.g. the server's
-``Metrics``). Kept here so the handler calls one method per event and knows neither
-hook delivery nor a metrics library.
+"""What the tus handler tells the outside world about uploads: hook events (an
+``UploadHooks``, e.g. ``tusd_py.hooks.Hooks``) and upload counters (an
+``UploadObserver``, e.g. the server's ``Metrics``). Kept here so the handler calls one
+method per event and knows neither hook delivery (nor its HTTP client) nor a metrics
+library: the hooks' vocabulary (``RequestContext``, ``PreCreateResult``,
+``HookError``, the event names) is defined here and ``tusd_py.hooks`` implements it.
 
 When each event fires (all after the store call succeeded):
 
@@ -22,17 +24,130 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
 
-from tusd_py.hooks import POST_CREATE, POST_FINISH, POST_RECEIVE, POST_TERMINATE, HookError, Hooks, RequestContext
 from tusd_py.http.types import Request
 from tusd_py.stores.base import UploadInfo
 from tusd_py.tus.body import GuardedBody
 from tusd_py.tus.errors import ERR_HOOK_FAILED, ERR_HOOK_REJECTED, ERR_HOOK_UNAVAILABLE, ErrorKind, TusError
+from tusd_py.tus.urls import client_view
+
+PRE_CREATE: Final = "pre-create"
+POST_CREATE: Final = "post-create"
+POST_RECEIVE: Final = "post-receive"
+POST_FINISH: Final = "post-finish"
+POST_TERMINATE: Final = "post-terminate"
+
+# Request headers never forwarded to a hook receiver: credentials of the client.
+SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 # The progress timer never ticks faster than this, even with progress_interval = 0
 # ("as often as possible"): a zero-delay timer would spin the event loop.
 _MIN_PROGRESS_TICK_SECONDS = 0.05
+
+
+class HookError(Exception):
+    """The pre-create hook could not be consulted or gave an invalid answer.
+
+    The handler answers ``status`` with a generic message (the details are logged, not
+    sent to the client): 503 when the receiver was unreachable, timed out or failed
+    after the retries (clients retry later), 500 when its answer was invalid.
+    """
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What a hook receiver is told about the HTTP request behind an event."""
+
+    method: str
+    uri: str
+    """The request target (path and query) as sent."""
+    remote_addr: str
+    """The client's address; behind a trusted proxy, the last X-Forwarded-For entry."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """Lower-case names, in arrival order, without ``SECRET_HEADERS``."""
+    request_id: str = ""
+
+    @classmethod
+    def from_request(cls, request: Request, *, behind_proxy: bool = False) -> RequestContext:
+        """Build the context of an HTTP request. ``behind_proxy``: trust the
+        X-Forwarded-For header the proxy appended (``server.behind_proxy``; see
+        ``urls.client_view``)."""
+        remote_addr = client_view(request.headers, request.client, behind_proxy).remote_addr
+        headers = tuple((name, value) for name, value in request.headers if name not in SECRET_HEADERS)
+        return cls(request.method, request.target, remote_addr, headers, request.request_id)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form: headers as ``{name: [values]}`` (like Go's http.Header)."""
+        headers: dict[str, list[str]] = {}
+        for name, value in self.headers:
+            if name.lower() not in SECRET_HEADERS:
+                headers.setdefault(name.lower(), []).append(value)
+        return {
+            "method": self.method,
+            "uri": self.uri,
+            "remote_addr": self.remote_addr,
+            "request_id": self.request_id,
+            "headers": headers,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A pre-create hook refused the upload: answer ``status`` with ``message``."""
+
+    status: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreCreateResult:
+    """Outcome of ``UploadHooks.pre_create``: the upload to create (possibly with
+    another id or metadata), or a rejection to answer instead."""
+
+    info: UploadInfo
+    rejection: Rejection | None = None
+
+
+class UploadHooks(Protocol):
+    """What the tus handler needs from hooks (``tusd_py.hooks.Hooks`` is one). The
+    protocol layer depends on this, not on hook delivery (HTTP client, queues)."""
+
+    @property
+    def progress_interval(self) -> float:
+        """Minimum seconds between two post-receive events of one upload."""
+        ...
+
+    def wants(self, event: str) -> bool:
+        """True when something receives ``event`` (lets callers skip building it)."""
+        ...
+
+    async def pre_create(self, info: UploadInfo, request: RequestContext | None = None) -> PreCreateResult:
+        """Whether to create ``info`` and how (id, metadata); raises ``HookError`` when
+        that cannot be decided (the upload is then not created)."""
+        ...
+
+    def post_create(self, info: UploadInfo, request: RequestContext | None = None) -> None:
+        """The upload was created. Never blocks, never raises."""
+        ...
+
+    def post_receive(self, info: UploadInfo, *, final: bool = False, request: RequestContext | None = None) -> None:
+        """Bytes received so far (``info.offset``), throttled; ``final=True`` when the
+        PATCH ended, with the stored offset. Never blocks, never raises."""
+        ...
+
+    def post_finish(self, info: UploadInfo, request: RequestContext | None = None) -> None:
+        """The upload is complete. Never blocks, never raises."""
+        ...
+
+    def post_terminate(self, info: UploadInfo, request: RequestContext | None = None) -> None:
+        """The upload was deleted. Never blocks, never raises."""
+        ...
 
 
 class UploadObserver(Protocol):
@@ -54,7 +169,7 @@ class UploadObserver(Protocol):
 class UploadEvents:
     """Hook events and upload counters of one handler; both parts are optional."""
 
-    def __init__(self, hooks: Hooks | None, observer: UploadObserver | None, *, behind_proxy: bool) -> None:
+    def __init__(self, hooks: UploadHooks | None, observer: UploadObserver | None, *, behind_proxy: bool) -> None:
         self._hooks = hooks
         self._observer = observer
         self._behind_proxy = behind_proxy

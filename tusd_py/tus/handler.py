@@ -44,7 +44,6 @@ import re
 import time
 from collections.abc import Callable
 
-from tusd_py.hooks import Hooks
 from tusd_py.http.types import Headers, Request, Response
 from tusd_py.lockers.base import HeldLock, Locker, no_release_request
 from tusd_py.stores.base import (
@@ -85,7 +84,7 @@ from tusd_py.tus.errors import (
     TusError,
     error_response,
 )
-from tusd_py.tus.events import UploadEvents, UploadObserver
+from tusd_py.tus.events import UploadEvents, UploadHooks, UploadObserver
 from tusd_py.tus.headers import (
     TUS_VERSION,
     RangeNotSatisfiable,
@@ -120,7 +119,7 @@ class TusHandler:
         locker: Locker,
         options: TusOptions,
         *,
-        hooks: Hooks | None = None,
+        hooks: UploadHooks | None = None,
         metrics: UploadObserver | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:

@@ -1,4 +1,5 @@
-"""Routing of request targets and building of upload URLs.
+"""Routing of request targets, building of upload URLs, and the client's view (scheme,
+host, address) behind a proxy or not.
 
 An upload URL is ``<base_path><id>``. The id is taken from the raw target, never
 percent-decoded: it must match ``stores.base.is_valid_upload_id`` as sent, so
@@ -79,14 +80,31 @@ def _valid_scheme(scheme: str | None) -> str | None:
     return scheme if scheme in _SCHEMES else None
 
 
-def origin_of(headers: Headers, behind_proxy: bool) -> tuple[str, str] | None:
-    """``(scheme, host)`` the client used to reach us, or None without a usable Host.
+@dataclass(frozen=True, slots=True)
+class ClientView:
+    """How the client reached us, as far as the request's headers may be trusted."""
 
-    Forwarding headers are trusted only ``behind_proxy``: ``Forwarded`` first, then
-    ``X-Forwarded-Host`` / ``X-Forwarded-Proto``; invalid values are ignored.
+    scheme: str
+    """``"http"`` or ``"https"``."""
+    host: str | None
+    """Host (and port) the client addressed; None without a usable one."""
+    remote_addr: str
+    """The client's address: the peer, or behind a trusted proxy the last
+    X-Forwarded-For entry; ``""`` when unknown."""
+
+
+def client_view(headers: Headers, peer: tuple[str, int] | None, behind_proxy: bool) -> ClientView:
+    """The one place that decides what the client's scheme, host and address are.
+
+    Forwarding headers are trusted only ``behind_proxy`` (``server.behind_proxy``):
+    for scheme and host ``Forwarded`` first, then ``X-Forwarded-Host`` /
+    ``X-Forwarded-Proto``, invalid values ignored; for the address the last
+    ``X-Forwarded-For`` entry, the one our proxy appended (earlier ones come from the
+    client and may be forged). Otherwise: ``http``, the Host header and the peer.
     """
     scheme = "http"
     host = _valid_host(headers.get("host"))
+    remote_addr = peer[0] if peer else ""
     if behind_proxy:
         forwarded_proto, forwarded_host = _forwarded(headers.get("forwarded"))
         proxy_scheme = _valid_scheme(forwarded_proto) or _valid_scheme(
@@ -95,9 +113,20 @@ def origin_of(headers: Headers, behind_proxy: bool) -> tuple[str, str] | None:
         proxy_host = _valid_host(forwarded_host) or _valid_host(_first_list_item(headers.get("x-forwarded-host")))
         scheme = proxy_scheme or scheme
         host = proxy_host or host
-    if host is None:
+        forwarded_for = ",".join(headers.get_all("x-forwarded-for"))
+        hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+        if hops:
+            remote_addr = hops[-1]
+    return ClientView(scheme, host, remote_addr)
+
+
+def origin_of(headers: Headers, behind_proxy: bool) -> tuple[str, str] | None:
+    """``(scheme, host)`` the client used to reach us (see ``client_view``), or None
+    without a usable Host."""
+    view = client_view(headers, None, behind_proxy)
+    if view.host is None:
         return None
-    return scheme, host
+    return view.scheme, view.host
 
 
 def upload_url(scheme: str, host: str, base_path: str, upload_id: str) -> str:
