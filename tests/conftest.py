@@ -3,8 +3,8 @@
 - Async tests run on uvloop (the production loop); tests marked ``both_loops`` also run
   on plain asyncio (pytest-asyncio's loop-factory hook parametrizes them).
 - ``moto_endpoint``: a moto S3 server in its own process on a free loopback port,
-  reached over real HTTP, with S3's 5 MiB minimum part size (``test_s3_support``'s
-  ``fast_moto`` lowers it to 1 MiB); ``bucket``: a fresh bucket in it.
+  reached over real HTTP, with S3's 5 MiB minimum part size (``fast_moto``,
+  its own server, lowers it to 1 MiB); ``bucket``: a fresh bucket in it.
 - ``tus``: the tus handler over a file store, called directly (``tus_fakes``).
 - ``nginx_installed``: skips a test without nginx (fails it in CI).
 - ``captured_logs``: tusd-py's own JSON logging, into a buffer.
