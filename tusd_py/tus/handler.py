@@ -28,7 +28,7 @@ be able to complete it.
 
 Requests of the IETF resumable-upload draft (``Upload-Draft-Interop-Version`` and no
 ``Tus-Resumable``) are answered by ``ietf.IetfHandler`` with the same store, locker
-and body path (``write_body``); their responses carry no ``Tus-Resumable``.
+and upload rules (``core.UploadCore``); their responses carry no ``Tus-Resumable``.
 
 GET serves only complete uploads; an unfinished one answers 404
 (``ERR_UPLOAD_NOT_FINISHED``): a partial file served with 200 would look complete, and
@@ -37,7 +37,6 @@ only the file store could serve one at all.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import logging
 import re
@@ -45,30 +44,24 @@ import time
 from collections.abc import Callable
 
 from tusd_py.http.types import Headers, Request, Response
-from tusd_py.lockers.base import HeldLock, Locker, no_release_request
+from tusd_py.lockers.base import Locker, no_release_request
 from tusd_py.stores.base import (
-    IteratedBody,
     Store,
     SupportsConcatenation,
     SupportsExpiration,
-    Upload,
     UploadInfo,
     new_upload_id,
 )
-from tusd_py.tus.body import EndReason, GuardedBody
-from tusd_py.tus.checksum import ALGORITHM_NAMES, Checksum, ChecksumSpool, parse_upload_checksum
+from tusd_py.tus.body import GuardedBody
+from tusd_py.tus.checksum import ALGORITHM_NAMES, parse_upload_checksum
 from tusd_py.tus.concat import Concat, concat_header, create_final, parse_upload_concat
+from tusd_py.tus.core import UploadCore
 from tusd_py.tus.download import download_headers
 from tusd_py.tus.errors import (
-    ERR_CHECKSUM_BODY_TOO_LARGE,
-    ERR_CHECKSUM_MISMATCH,
     ERR_INVALID_CONCAT,
     ERR_INVALID_HOST,
     ERR_INVALID_METHOD_OVERRIDE,
-    ERR_LENGTH_ALREADY_SET,
     ERR_LENGTH_AND_DEFER,
-    ERR_LENGTH_BELOW_OFFSET,
-    ERR_LOCK_LOST,
     ERR_MAX_SIZE_EXCEEDED,
     ERR_METHOD_NOT_ALLOWED,
     ERR_MISMATCHED_OFFSET,
@@ -78,9 +71,7 @@ from tusd_py.tus.errors import (
     ERR_RANGE_NOT_SATISFIABLE,
     ERR_SHUTTING_DOWN,
     ERR_UNSUPPORTED_VERSION,
-    ERR_UPLOAD_EXPIRED,
     ERR_UPLOAD_NOT_FINISHED,
-    ERR_UPLOAD_SIZE_EXCEEDED,
     TusError,
     error_response,
 )
@@ -132,13 +123,9 @@ class TusHandler:
         self._locker = locker
         self._base_path = options.base_path
         self._behind_proxy = options.behind_proxy
-        self.events = UploadEvents(hooks, metrics, behind_proxy=self._behind_proxy)
-        """Hook events and upload counters (see ``tus.events`` for when each fires)."""
         self._max_size = options.max_size
         self._cors = options.cors
         self._concatenator = store if isinstance(store, SupportsConcatenation) else None
-        self._checksum_limit = options.checksum_max_buffered_size
-        self._checksum_directory = options.checksum_spool_dir
         self._lifetime = options.lifetime if isinstance(store, SupportsExpiration) else 0.0
         # Every store offers creation-defer-length and termination (``stores.base``).
         extensions = ["creation", "creation-with-upload", "creation-defer-length", "termination"]
@@ -150,10 +137,18 @@ class TusHandler:
             extensions.append("expiration")
         self.extensions: tuple[str, ...] = tuple(extensions)
         """The tus extensions offered (``Tus-Extension``), from the store's capabilities."""
-        self._bodies: set[GuardedBody] = set()
-        self._shutting_down = False
+        self._core = UploadCore(
+            store,
+            UploadEvents(hooks, metrics, behind_proxy=self._behind_proxy),
+            max_size=self._max_size,
+            checksum_max_buffered_size=options.checksum_max_buffered_size,
+            checksum_spool_dir=options.checksum_spool_dir,
+            clock=clock,
+        )
+        self.events = self._core.events
+        """Hook events and upload counters (see ``tus.events`` for when each fires)."""
         self._ietf = IetfHandler(
-            self,
+            self._core,
             store,
             locker,
             base_path=self._base_path,
@@ -191,17 +186,10 @@ class TusHandler:
             response.headers.extend(self._cors.response_headers(origin))
         return response
 
-    @property
-    def shutting_down(self) -> bool:
-        """True once ``release_all`` was called."""
-        return self._shutting_down
-
     def release_all(self) -> None:
         """Graceful shutdown: every running PATCH stops reading its body, stores what
         it received and answers; new uploads of bytes get 503."""
-        self._shutting_down = True
-        for body in list(self._bodies):
-            body.stop(EndReason.RELEASED)
+        self._core.release_all()
 
     # --- routing ------------------------------------------------------------------
 
@@ -276,7 +264,7 @@ class TusHandler:
         if origin is None:
             raise TusError(ERR_INVALID_HOST)
         with_upload = is_offset_octet_stream(headers.get("content-type"))
-        if with_upload and self._shutting_down:
+        if with_upload and self._core.shutting_down:
             raise TusError(ERR_SHUTTING_DOWN)
 
         info = UploadInfo(
@@ -297,14 +285,14 @@ class TusHandler:
             self.events.created(info, request)
             if body is not None:
                 try:
-                    info = await self.write_body(request, upload, body, held, checksum)
+                    info = await self._core.write_body(request, upload, body, held, checksum)
                 except TusError as error:
                     # The upload exists (e.g. 460 for its first bytes): say where, so
                     # the client can resume it.
                     error.headers.append(("Location", location))
                     raise
             elif info.is_complete:
-                info = await self.finish_if_complete(upload, request)
+                info = await self._core.finish_if_complete(upload, request)
 
         response_headers = [("Location", location)]
         if with_upload:
@@ -343,7 +331,7 @@ class TusHandler:
             request,
             info,
             check_length=self._check_max_size,
-            finish_if_complete=self.finish_if_complete,
+            finish_if_complete=self._core.finish_if_complete,
         )
         log.info("final upload created from %d partial uploads", len(concat.partial_ids),
                  extra={"upload_id": info.id, "request_id": request.request_id})
@@ -351,7 +339,7 @@ class TusHandler:
 
     async def _head(self, request: Request, upload_id: str) -> Response:
         async with self._locker.lock(upload_id, no_release_request):
-            info = await self.finish_if_complete(await self.load(upload_id), request)
+            info = await self._core.finish_if_complete(await self._core.load(upload_id), request)
         headers = [("Upload-Offset", str(info.offset)), ("Cache-Control", "no-store")]
         if info.length is None:
             headers.append(("Upload-Defer-Length", "1"))
@@ -371,12 +359,12 @@ class TusHandler:
         checksum = parse_upload_checksum(headers.get("upload-checksum"))
         if declared_length is not None:
             self._check_max_size(declared_length)
-        if self._shutting_down:
+        if self._core.shutting_down:
             raise TusError(ERR_SHUTTING_DOWN)
 
         body = GuardedBody(request.body)
         async with self._locker.lock(upload_id, body.stop) as held:
-            upload = await self.load(upload_id)
+            upload = await self._core.load(upload_id)
             info = upload.info
             if info.is_final:
                 raise TusError(ERR_MODIFY_FINAL)
@@ -385,9 +373,9 @@ class TusHandler:
                     ERR_MISMATCHED_OFFSET, f"upload is at {info.offset}", [("Upload-Offset", str(info.offset))]
                 )
             if declared_length is not None:
-                await self.declare_length(upload, declared_length)
-            await self.finish_if_complete(upload, request)
-            info = await self.write_body(request, upload, body, held, checksum)
+                await self._core.declare_length(upload, declared_length)
+            await self._core.finish_if_complete(upload, request)
+            info = await self._core.write_body(request, upload, body, held, checksum)
         return Response(204, [("Upload-Offset", str(info.offset)), *self._expires_header(info)])
 
     async def _delete(self, request: Request, upload_id: str) -> Response:
@@ -401,10 +389,10 @@ class TusHandler:
 
     async def _get(self, request: Request, upload_id: str) -> Response:
         async with self._locker.lock(upload_id, no_release_request):
-            upload = await self.load(upload_id)
+            upload = await self._core.load(upload_id)
             if not upload.info.is_complete:
                 raise TusError(ERR_UPLOAD_NOT_FINISHED)
-            info = await self.finish_if_complete(upload, request)
+            info = await self._core.finish_if_complete(upload, request)
         size = info.offset
         try:
             byte_range = parse_range(request.headers.get("range"), size)
@@ -427,118 +415,6 @@ class TusHandler:
     def _check_max_size(self, length: int) -> None:
         if self._max_size > 0 and length > self._max_size:
             raise TusError(ERR_MAX_SIZE_EXCEEDED, f"at most {self._max_size} bytes")
-
-    def now(self) -> float:
-        """The handler's clock (Unix time): upload expiry is measured with it."""
-        return self._clock()
-
-    async def load(self, upload_id: str) -> Upload:
-        """Open the upload; 410 once an unfinished upload's expiry time passed (it may
-        not have been swept yet). Also used by the IETF handler."""
-        upload = await self._store.get(upload_id)
-        if upload.info.is_expired(self._clock()):
-            raise TusError(ERR_UPLOAD_EXPIRED)
-        return upload
-
-    async def declare_length(self, upload: Upload, length: int) -> UploadInfo:
-        """Record the length of a deferred-length upload (also used by the IETF
-        draft handler, ``ietf.UploadCore``)."""
-        info = upload.info
-        if info.length is not None:
-            if length != info.length:
-                raise TusError(ERR_LENGTH_ALREADY_SET)
-            return info
-        if length < info.offset:
-            raise TusError(ERR_LENGTH_BELOW_OFFSET)
-        return await upload.declare_length(length)
-
-    async def finish_if_complete(self, upload: Upload, request: Request | None = None) -> UploadInfo:
-        """Finish the upload when its length is reached and it is not finished yet
-        (also used by the IETF draft handler). ``request`` is passed to the hooks."""
-        info = upload.info
-        if info.is_complete and not info.finished:
-            info = await upload.finish()
-            self.events.finished(info, request)
-        return info
-
-    async def write_body(
-        self, request: Request, upload: Upload, body: GuardedBody, held: HeldLock, checksum: Checksum | None = None
-    ) -> UploadInfo:
-        """Stream ``body`` into the upload at its offset; finish when complete.
-        The one body path of both protocols (the IETF draft handler calls it too).
-
-        Refuses (413, before a byte is read) a body whose declared Content-Length runs
-        past the length or the max size; otherwise bounds the body to it.
-
-        With a ``checksum`` the body is held until verified (``tus.checksum``): 413 for
-        a body above ``checksum.max_buffered_size``, 460 and nothing stored on a
-        mismatch, nothing stored when the body ends early.
-        """
-        info = upload.info
-        limit = info.length if info.length is not None else (self._max_size or None)
-        remaining = None if limit is None else limit - info.offset
-        declared = request.body.length
-        if remaining is not None and declared is not None and declared > remaining:
-            kind = ERR_UPLOAD_SIZE_EXCEEDED if info.length is not None else ERR_MAX_SIZE_EXCEEDED
-            raise TusError(kind, f"{declared} bytes sent, {remaining} accepted")
-        if checksum is not None and declared is not None and declared > self._checksum_limit:
-            raise TusError(ERR_CHECKSUM_BODY_TOO_LARGE, f"{declared} bytes sent, at most {self._checksum_limit}")
-        body.set_limit(remaining)
-        if held.lost.is_set():
-            raise TusError(ERR_LOCK_LOST)
-
-        body.stop_when_lost(held.lost)
-        lost_watch = asyncio.ensure_future(held.lost.wait())
-        lost_watch.add_done_callback(lambda task: None if task.cancelled() else body.stop(EndReason.LOST))
-        self._bodies.add(body)
-        if self._shutting_down:
-            body.stop(EndReason.RELEASED)
-        start = info.offset
-        try:
-            with self.events.receiving(info, body, request):
-                if checksum is None:
-                    info = await upload.write(start, body)
-                else:
-                    info = await self._write_verified(upload, body, held, checksum)
-        finally:
-            self._bodies.discard(body)
-            lost_watch.cancel()
-        offset = info.offset
-        self.events.received(info, request)
-
-        extra = {"upload_id": info.id, "request_id": request.request_id, "reason": body.reason.value}
-        # held.lost too: the locker calls the release request as it loses a lock, so
-        # the body may have ended as RELEASED before the LOST stop arrived.
-        if body.reason is EndReason.LOST or held.lost.is_set():
-            raise TusError(ERR_LOCK_LOST)
-        if body.reason in (EndReason.DISCONNECTED, EndReason.TIMEOUT, EndReason.RELEASED):
-            log.info("upload body ended early; stored %d bytes", offset - start, extra=extra)
-        info = await self.finish_if_complete(upload, request)
-        if info.is_complete:
-            log.info("upload finished", extra=extra)
-        if body.reason is EndReason.OVERFLOW:
-            kind = ERR_UPLOAD_SIZE_EXCEEDED if info.length is not None else ERR_MAX_SIZE_EXCEEDED
-            raise TusError(kind, f"stored up to offset {offset}")
-        return info
-
-    async def _write_verified(
-        self, upload: Upload, body: GuardedBody, held: HeldLock, checksum: Checksum
-    ) -> UploadInfo:
-        """Hold the body, compare its digest, and only then write it; the new snapshot."""
-        info = upload.info
-        async with ChecksumSpool(checksum, self._checksum_limit, self._checksum_directory) as spool:
-            await spool.receive(body)
-            if body.reason not in (EndReason.COMPLETE, EndReason.LIMIT):
-                # Cut short (or overflowing): the digest is of bytes that never
-                # arrived, so none of them can be verified, and none is stored.
-                log.info("body with Upload-Checksum ended early; %d bytes discarded", spool.size,
-                         extra={"upload_id": info.id})
-                return info
-            if not spool.matches():
-                raise TusError(ERR_CHECKSUM_MISMATCH, headers=[("Upload-Offset", str(info.offset))])
-            if held.lost.is_set():
-                raise TusError(ERR_LOCK_LOST)
-            return await upload.write(info.offset, IteratedBody(spool.chunks()))
 
     def _expires_header(self, info: UploadInfo) -> list[tuple[str, str]]:
         if not self._lifetime or info.expires_at is None or info.is_complete:

@@ -25,7 +25,7 @@ created with a deferred length, and a request that ends it with ``Upload-Complet
 stores its body first and only then declares the length as the final offset
 (``declare_length`` + ``finish``), so the final tail is never lost.
 
-The body, lock and release-request rules are the tus handler's own (``UploadCore``):
+The body, lock and release-request rules are shared with tus (``tus.core.UploadCore``):
 a HEAD, append or DELETE that arrives while an append is running asks it to stop,
 store what it received and answer, which is the draft's recommended concurrency
 handling (section "Concurrency").
@@ -38,7 +38,6 @@ import logging
 import re
 from dataclasses import dataclass
 from email.message import Message
-from typing import Protocol
 
 from tusd_py.http.types import Headers, Request, Response
 from tusd_py.lockers.base import HeldLock, Locker, no_release_request
@@ -49,6 +48,7 @@ from tusd_py.stores.base import (
     new_upload_id,
 )
 from tusd_py.tus.body import EndReason, GuardedBody
+from tusd_py.tus.core import UploadCore
 from tusd_py.tus.errors import (
     ERR_INVALID_HOST,
     ERR_MAX_SIZE_EXCEEDED,
@@ -59,7 +59,6 @@ from tusd_py.tus.errors import (
     ErrorKind,
     TusError,
 )
-from tusd_py.tus.events import UploadEvents
 from tusd_py.tus.headers import OFFSET_OCTET_STREAM, media_type
 from tusd_py.tus.ietf_problems import (
     COMPLETED_UPLOAD,
@@ -115,49 +114,6 @@ def is_ietf_request(headers: Headers) -> bool:
     """True for a request of the IETF draft rather than tus 1.0: it names a draft
     interop version and no tus version (a request naming both is tus)."""
     return INTEROP_HEADER.lower() in headers and "tus-resumable" not in headers
-
-
-# --- what the IETF code shares with the tus handler --------------------------------
-
-
-class UploadCore(Protocol):
-    """The tus handler's body/lock/finish rules, shared so that both protocols store
-    bytes, stop on release requests and finish uploads in exactly one way."""
-
-    @property
-    def shutting_down(self) -> bool:
-        """True once ``release_all`` was called: no new body may start."""
-        ...
-
-    @property
-    def events(self) -> UploadEvents:
-        """Hook events and upload counters: uploads created through the draft are
-        seen by hooks and metrics exactly like tus uploads."""
-        ...
-
-    async def write_body(self, request: Request, upload: Upload, body: GuardedBody, held: HeldLock) -> UploadInfo:
-        """Stream ``body`` into the upload at its offset (bounded by the length or the
-        max size, stoppable by release requests); finish the upload when complete.
-        Returns the new snapshot."""
-        ...
-
-    async def finish_if_complete(self, upload: Upload, request: Request | None = None) -> UploadInfo:
-        """Finish the upload when its length is reached and it is not finished yet
-        (firing the finished event with ``request``)."""
-        ...
-
-    async def declare_length(self, upload: Upload, length: int) -> UploadInfo:
-        """Record the length of a deferred-length upload."""
-        ...
-
-    def now(self) -> float:
-        """The clock (Unix time) upload expiry is measured with."""
-        ...
-
-    async def load(self, upload_id: str) -> Upload:
-        """Open the upload; 410 when it expired unfinished."""
-        ...
-
 
 
 # --- header parsing ------------------------------------------------------------------
