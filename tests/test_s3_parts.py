@@ -12,8 +12,6 @@ import pytest
 from tusd_py.stores.s3_client import (
     ObjectEntry,
     PartEntry,
-    RetryingS3Client,
-    RetryPolicy,
     S3Error,
     S3TransientError,
     content_md5,
@@ -29,6 +27,7 @@ from tusd_py.stores.s3_parts import (
     part_size_for,
     resolve_layout,
 )
+from tusd_py.stores.s3_retry import RetryingS3Client, RetryPolicy
 
 PS = 8 * MiB
 KEYS = UploadKeys.of("uploads/", "abc")

@@ -20,10 +20,9 @@ from tusd_py.stores.s3_client import (
     ObjectEntry,
     ObjectPage,
     PartPage,
-    RetryingS3Client,
-    RetryPolicy,
     S3Client,
 )
+from tusd_py.stores.s3_retry import RetryingS3Client, RetryPolicy
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -52,8 +52,6 @@ from tusd_py.stores.base import (
 )
 from tusd_py.stores.s3_client import (
     AioS3Client,
-    RetryingS3Client,
-    RetryPolicy,
     S3Client,
     S3Error,
     S3NotFound,
@@ -78,6 +76,7 @@ from tusd_py.stores.s3_parts import (
     part_size_for,
     resolve_layout,
 )
+from tusd_py.stores.s3_retry import RetryingS3Client, RetryPolicy
 from tusd_py.stores.s3_spool import SpoolRing
 from tusd_py.stores.s3_sweep import S3Sweep
 from tusd_py.stores.s3_writer import PatchWriter

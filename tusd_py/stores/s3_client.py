@@ -22,15 +22,14 @@ import base64
 import contextlib
 import hashlib
 import logging
-import random
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import aiohttp
 import aiohttp.payload
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.handlers import convert_body_to_file_like_object
@@ -282,6 +281,16 @@ def _send_bodies_as_bytes(client: Any) -> None:
         events.register(f"before-send.s3.{operation}", _bytes_body_before_send)
 
 
+def _load_botocore_data(session: AioSession) -> None:
+    loader = session.get_component("data_loader")
+    loader.load_service_model("s3", "service-2")
+    loader.load_service_model("s3", "endpoint-rule-set-1")
+    for name in ("_retry", "sdk-default-configuration", "partitions"):
+        loader.load_data(name)
+    session.get_component("endpoint_resolver")
+    session.get_scoped_config()
+
+
 class AioS3Client:
     """``S3Client`` over one aiobotocore S3 client (created by ``connect``)."""
 
@@ -306,6 +315,11 @@ class AioS3Client:
         ``endpoint_url`` selects an S3-compatible service and path-style addressing.
         """
         session = get_session()
+        # botocore reads its data files (the S3 model, endpoint rules, the AWS config
+        # files) the first time a session needs them: tens of milliseconds idle, over
+        # half a second on a loaded host. Read them on a worker thread; the session
+        # caches them, so what follows on the event loop reads nothing from disk.
+        await asyncio.to_thread(_load_botocore_data, session)
         credentials = await session.get_credentials()
         if credentials is None:
             raise S3Error(
@@ -463,128 +477,3 @@ class AioS3Client:
         if self._exit_stack is not None:
             await self._exit_stack.aclose()
             self._exit_stack = None
-
-
-# --- retries -----------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter (AWS's recommendation): attempt ``n``
-    (from 1) waits a uniformly random time in ``[0, min(max_delay, base_delay * 2**n))``."""
-
-    max_attempts: int = 5
-    """Attempts per call, the first included; 1 disables retries."""
-    base_delay: float = 0.1
-    max_delay: float = 5.0
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (from 1)."""
-        return random.uniform(0.0, min(self.max_delay, self.base_delay * 2**attempt))
-
-
-class RetryingS3Client:
-    """Wraps an ``S3Client`` and retries ``S3TransientError`` per ``RetryPolicy``.
-
-    Every call is safe to repeat: S3 writes are whole-object/whole-part replacements,
-    deletes are idempotent, and a repeated CompleteMultipartUpload after a lost
-    response fails with NoSuchUpload, which the store recognises.
-    """
-
-    def __init__(
-        self,
-        inner: S3Client,
-        policy: RetryPolicy | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self._inner = inner
-        self._policy = policy or RetryPolicy()
-        self._sleep = sleep
-
-    async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
-        attempt = 1
-        while True:
-            try:
-                return await call()
-            except S3TransientError as error:
-                if attempt >= self._policy.max_attempts:
-                    raise
-                delay = self._policy.delay(attempt)
-                log.warning("S3 call failed (%s); retry %d in %.2fs", error, attempt, delay)
-                attempt += 1
-                await self._sleep(delay)
-
-    async def head_bucket(self, bucket: str) -> None:
-        await self._retry(lambda: self._inner.head_bucket(bucket))
-
-    async def create_multipart_upload(self, bucket: str, key: str, content_type: str | None) -> str:
-        return await self._retry(lambda: self._inner.create_multipart_upload(bucket, key, content_type))
-
-    async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
-    ) -> str:
-        return await self._retry(
-            lambda: self._inner.upload_part(bucket, key, upload_id, part_number, body, content_md5)
-        )
-
-    async def upload_part_copy(
-        self, bucket: str, key: str, upload_id: str, part_number: int, source_key: str, start: int, stop: int
-    ) -> str:
-        return await self._retry(
-            lambda: self._inner.upload_part_copy(bucket, key, upload_id, part_number, source_key, start, stop)
-        )
-
-    async def list_parts(self, bucket: str, key: str, upload_id: str, marker: int | None) -> PartPage:
-        return await self._retry(lambda: self._inner.list_parts(bucket, key, upload_id, marker))
-
-    async def list_multipart_uploads(
-        self, bucket: str, prefix: str, marker: tuple[str, str] | None
-    ) -> MultipartPage:
-        return await self._retry(lambda: self._inner.list_multipart_uploads(bucket, prefix, marker))
-
-    async def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]]
-    ) -> None:
-        await self._retry(lambda: self._inner.complete_multipart_upload(bucket, key, upload_id, parts))
-
-    async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
-        await self._retry(lambda: self._inner.abort_multipart_upload(bucket, key, upload_id))
-
-    async def put_object(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
-        return await self._retry(lambda: self._inner.put_object(bucket, key, body, content_md5))
-
-    async def get_object(self, bucket: str, key: str) -> bytes:
-        return await self._retry(lambda: self._inner.get_object(bucket, key))
-
-    async def stream_object(self, bucket: str, key: str, start: int, stop: int) -> AsyncGenerator[bytes, None]:
-        # A broken stream resumes with a new ranged GET from the first byte not yet
-        # yielded; the attempt counter resets whenever bytes arrive.
-        position = start
-        attempt = 1
-        while position < stop:
-            try:
-                async with contextlib.aclosing(self._inner.stream_object(bucket, key, position, stop)) as stream:
-                    async for chunk in stream:
-                        position += len(chunk)
-                        attempt = 1
-                        yield chunk
-                if position < stop:
-                    raise S3TransientError("GetObject", "ShortRead", 0, f"stream ended at {position} before {stop}")
-            except S3TransientError as error:
-                if attempt >= self._policy.max_attempts:
-                    raise
-                delay = self._policy.delay(attempt)
-                log.warning("S3 GetObject stream failed at byte %d (%s); retry in %.2fs", position, error, delay)
-                attempt += 1
-                await self._sleep(delay)
-
-    async def head_object(self, bucket: str, key: str) -> ObjectEntry:
-        return await self._retry(lambda: self._inner.head_object(bucket, key))
-
-    async def list_objects(self, bucket: str, prefix: str, token: str | None) -> ObjectPage:
-        return await self._retry(lambda: self._inner.list_objects(bucket, prefix, token))
-
-    async def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
-        await self._retry(lambda: self._inner.delete_objects(bucket, keys))
-
-    async def close(self) -> None:
-        await self._inner.close()
