@@ -26,10 +26,17 @@ PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types#"
 
 
 @pytest.fixture(params=["file", "s3"])
-async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Running]:
+def s3_endpoint(request: pytest.FixtureRequest) -> str | None:
+    """The moto endpoint for the S3 run, None for the file store. A sync fixture: it
+    may start moto, which waits for the port, so it must not run on the event loop."""
+    return str(request.getfixturevalue("moto_endpoint")) if request.param == "s3" else None
+
+
+@pytest.fixture
+async def server(s3_endpoint: str | None, tmp_path: Path) -> AsyncIterator[Running]:
     overrides: dict[str, object] = {"server.max_size": MAX_SIZE}
-    if request.param == "s3":
-        endpoint = request.getfixturevalue("moto_endpoint")
+    if s3_endpoint is not None:
+        endpoint = s3_endpoint
         overrides.update(
             {
                 "store.backend": "s3",

@@ -31,12 +31,18 @@ class ChosenId:
 
 
 @pytest.fixture(params=["file", "s3"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "file":
+def s3_endpoint(request: pytest.FixtureRequest) -> str | None:
+    """The moto endpoint for the S3 run, None for the file store. A sync fixture: it
+    may start moto, which waits for the port, so it must not run on the event loop."""
+    return str(request.getfixturevalue("fast_moto")) if request.param == "s3" else None
+
+
+@pytest.fixture
+async def store(s3_endpoint: str | None, tmp_path: Path) -> AsyncIterator[Store]:
+    if s3_endpoint is None:
         the_store: Store = FileStore(str(tmp_path / "data"))
     else:
-        endpoint = request.getfixturevalue("fast_moto")
-        the_store = await open_store(s3_config(endpoint, await make_bucket(endpoint)))
+        the_store = await open_store(s3_config(s3_endpoint, await make_bucket(s3_endpoint)))
     yield the_store
     await the_store.close()
 
