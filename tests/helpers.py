@@ -107,9 +107,25 @@ def download(url: str, timeout: float = 60.0) -> bytes:
 # --- data ------------------------------------------------------------------------------
 
 
+_DATA_BLOCK = 1024 * 1024
+
+
 def data_of(size: int, seed: int = 1) -> bytes:
-    """Deterministic pseudo-random bytes."""
-    return random.Random(seed).randbytes(size)
+    """Deterministic pseudo-random bytes: one random MiB, rotated by a different
+    amount for every MiB of the result, so no two MiB are alike and a byte misplaced
+    by a part or a segment shows. ``randbytes`` alone costs 0.35 s for 64 MiB here:
+    on a test's event loop that is a blocking call; this is ~10x cheaper."""
+    block = random.Random(seed).randbytes(min(size, _DATA_BLOCK))
+    if size <= _DATA_BLOCK:
+        return block
+    view = memoryview(block)
+    data = bytearray(-(-size // _DATA_BLOCK) * _DATA_BLOCK)
+    for start in range(0, len(data), _DATA_BLOCK):
+        at = (start // _DATA_BLOCK * 104_729) % _DATA_BLOCK
+        data[start:start + _DATA_BLOCK - at] = view[at:]
+        data[start + _DATA_BLOCK - at:start + _DATA_BLOCK] = view[:at]
+    del data[size:]
+    return bytes(data)
 
 
 def sha256(data: bytes) -> str:

@@ -2,12 +2,18 @@
 
 STYLE.md asks for what aiohttp's conftest does: a blocking call on the event loop
 (file I/O, ``time.sleep``, a CPU-heavy loop) must fail the test run, not only slow
-production down. The tests' loops run in asyncio debug mode (``asyncio_debug = true``
-in pyproject.toml); this plugin sets every loop's ``slow_callback_duration`` to the
-threshold, and both asyncio and uvloop then log ``Executing <callback> took N
-seconds`` (on the ``asyncio`` logger) for every callback that ran longer, a task step
-included: the time between two ``await``s of a coroutine. Those reports are collected
-and fail the test phase (setup, call or teardown) they happened in, naming the callback.
+production down.
+
+How: every test loop (uvloop and plain asyncio) gets a heartbeat, a callback that
+notes the time and schedules itself again every ``threshold / 5`` seconds. A watchdog
+thread looks at the heartbeats as often: when a running loop has not beaten for longer
+than the threshold, one call is holding it, and the watchdog records the loop thread's
+stack at that moment (``sys._current_frames``), which names the blocking line itself.
+The reports fail the test phase (setup, call or teardown) they happened in.
+
+Not asyncio's debug mode (``slow_callback_duration``): on uvloop it is known to crash
+the interpreter (MagicStack/uvloop PR #756: a segfault when an async generator is
+finalized during frame teardown; seen here in the S3 tests, one run in three).
 
 The threshold is ``TUSD_TEST_LOOP_BLOCK_SECONDS`` (default 0.5 s: nothing in tusd-py
 should hold the loop for that long, and a loaded 2-core CI machine does not stretch a
@@ -22,9 +28,12 @@ Registered by ``tests/conftest.py``; ``python -m pytest -p loop_watch`` (with
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import re
+import sys
+import threading
+import time
+import traceback
+import weakref
 from collections.abc import Callable, Generator, Mapping
 
 import pytest
@@ -35,8 +44,8 @@ PLUGIN_NAME = "tusd-loop-watch"
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
-# The slow-callback report of asyncio (base_events) and of uvloop (same wording).
-_SLOW_CALLBACK = re.compile(r"Executing (?P<callback>.*) took (?P<seconds>[0-9.]+) seconds", re.DOTALL)
+_STACK_FRAMES = 8
+"""Innermost frames of the loop thread shown in a report."""
 
 
 def threshold_from_environment(environ: Mapping[str, str] = os.environ) -> float:
@@ -53,59 +62,114 @@ def threshold_from_environment(environ: Mapping[str, str] = os.environ) -> float
     return seconds
 
 
-class _SlowCallbackRecords(logging.Handler):
-    """Keeps the text of every slow-callback report logged by an event loop."""
+class _Heartbeat:
+    """One loop's heartbeat: ``beat`` runs on the loop, the rest on the watchdog."""
 
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.reports: list[str] = []
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        self._loop = weakref.ref(loop)
+        self._interval = interval
+        self.last = time.monotonic()
+        self.thread_id: int | None = None
+        self.running_since: float | None = None
+        """When the watchdog first saw the loop running (None: not running when it
+        last looked). A loop that was stopped has not beaten meanwhile, and that
+        is no block."""
+        self.reported = False
 
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if _SLOW_CALLBACK.fullmatch(message):
-            self.reports.append(message)
+    def beat(self) -> None:
+        loop = self._loop()
+        if loop is None or loop.is_closed():
+            return
+        self.last = time.monotonic()
+        self.thread_id = threading.get_ident()
+        self.reported = False
+        loop.call_later(self._interval, self.beat)
+
+    def gone(self) -> bool:
+        """Whether the loop was closed or collected (nothing more to watch)."""
+        loop = self._loop()
+        return loop is None or loop.is_closed()
+
+    def blocked_for(self, now: float) -> float:
+        """Seconds the loop has been running without beating (0: fine or stopped)."""
+        loop = self._loop()
+        if loop is None or loop.is_closed() or not loop.is_running():
+            self.running_since = None
+            return 0.0
+        if self.running_since is None:
+            self.running_since = now
+        return now - max(self.last, self.running_since)
 
 
 class LoopWatch:
-    """The plugin: configures the tests' loops and fails phases that blocked one."""
+    """The plugin: gives the tests' loops a heartbeat, watches them from a thread,
+    and fails the phases in which one was blocked."""
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
-        self._records = _SlowCallbackRecords()
+        self._interval = threshold / 5
+        self._beats: list[_Heartbeat] = []
+        self._reports: list[str] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="tusd-loop-watch", daemon=True)
 
     def start(self) -> None:
-        logging.getLogger("asyncio").addHandler(self._records)
+        self._thread.start()
 
     def stop(self) -> None:
-        logging.getLogger("asyncio").removeHandler(self._records)
+        self._stopped.set()
+        self._thread.join()
 
     def watched(self, factory: LoopFactory) -> LoopFactory:
-        """``factory`` whose loops report callbacks that run longer than the threshold."""
+        """``factory`` whose loops are watched."""
 
         def new_loop() -> asyncio.AbstractEventLoop:
             loop = factory()
-            loop.slow_callback_duration = self.threshold
+            heartbeat = _Heartbeat(loop, self._interval)
+            loop.call_soon(heartbeat.beat)
+            with self._lock:
+                self._beats.append(heartbeat)
             return loop
 
         return new_loop
 
+    def _watch(self) -> None:
+        while not self._stopped.wait(self._interval):
+            now = time.monotonic()
+            with self._lock:
+                beats = list(self._beats)
+            for heartbeat in beats:
+                blocked = heartbeat.blocked_for(now)
+                if blocked > self.threshold and not heartbeat.reported:
+                    heartbeat.reported = True
+                    self._report(blocked, heartbeat.thread_id)
+            with self._lock:
+                self._beats = [beat for beat in self._beats if not beat.gone()]
+
+    def _report(self, seconds: float, thread_id: int | None) -> None:
+        frame = sys._current_frames().get(thread_id) if thread_id is not None else None
+        stack = "".join(traceback.format_stack(frame, limit=_STACK_FRAMES)) if frame is not None else "  (no stack)\n"
+        with self._lock:
+            self._reports.append(f"the loop made no progress for {seconds:.2f} s; it was running:\n{stack}")
+
     def take_reports(self) -> list[str]:
-        """The slow-callback reports since the last call (and forget them)."""
-        reports, self._records.reports = self._records.reports, []
+        """The reports since the last call (and forget them)."""
+        with self._lock:
+            reports, self._reports = self._reports, []
         return reports
 
     def check(self, phase: str) -> None:
-        """Fail (``pytest.fail``) when a loop reported a slow callback since the last check."""
+        """Fail (``pytest.fail``) when a loop was blocked since the last check."""
         reports = self.take_reports()
         if not reports:
             return
-        listed = "\n".join(f"  {report}" for report in reports)
+        listed = "\n".join(reports)
         pytest.fail(
             f"the event loop was blocked for more than {self.threshold:g} s ({THRESHOLD_VARIABLE}) "
             f"during {phase}:\n{listed}\n"
-            "For a task, the blocking code ran just before the line it is shown 'running at' "
-            "(where that step ended). Move the blocking call off the loop (loop.run_in_executor, "
-            "asyncio.to_thread) or, on an overloaded machine, raise the threshold.",
+            "Move the blocking call off the loop (loop.run_in_executor, asyncio.to_thread) or, on an "
+            "overloaded machine, raise the threshold.",
             pytrace=False,
         )
 

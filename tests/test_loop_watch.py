@@ -1,10 +1,10 @@
-"""The blocking-call check of ``loop_watch``: the tests' loops are watched, a call that
-blocks one is reported by name, and a test run with such a call fails."""
+"""The blocking-call check of ``loop_watch``: a call that blocks a test loop is
+reported with the line it was blocked in, a stopped loop is not mistaken for a
+blocked one, and a test run with a blocking call fails."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -14,66 +14,97 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loop_watch import DEFAULT_THRESHOLD_SECONDS, PLUGIN_NAME, THRESHOLD_VARIABLE, LoopWatch, threshold_from_environment
+import uvloop
+from loop_watch import (
+    DEFAULT_THRESHOLD_SECONDS,
+    PLUGIN_NAME,
+    THRESHOLD_VARIABLE,
+    LoopFactory,
+    LoopWatch,
+    threshold_from_environment,
+)
 
 TESTS = Path(__file__).parent
 
 # How long the deliberate blocking calls below hold the loop, against the threshold
 # they set: far enough apart that the machine's load cannot blur them.
 _SHORT_THRESHOLD = 0.05
-_BLOCK_SECONDS = 0.2
+_BLOCK_SECONDS = 0.3
+
+LOOPS: dict[str, LoopFactory] = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture
-def watch(request: pytest.FixtureRequest) -> LoopWatch:
+def short_watch() -> Iterator[LoopWatch]:
+    """A watch of its own with a short threshold (the suite's stays untouched)."""
+    watch = LoopWatch(_SHORT_THRESHOLD)
+    watch.start()
+    yield watch
+    watch.stop()
+
+
+def _block_the_loop() -> None:
+    time.sleep(_BLOCK_SECONDS)
+
+
+async def _blocking_step() -> None:
+    _block_the_loop()
+    await asyncio.sleep(0)
+
+
+def _run(watch: LoopWatch, factory: LoopFactory, coroutine_function: object) -> None:
+    loop = watch.watched(factory)()
+    try:
+        loop.run_until_complete(coroutine_function())  # type: ignore[operator]
+    finally:
+        loop.close()
+
+
+def test_the_suite_watches_its_loops(request: pytest.FixtureRequest) -> None:
     plugin = request.config.pluginmanager.get_plugin(PLUGIN_NAME)
     if plugin is None:
         pytest.skip(f"the check is off ({THRESHOLD_VARIABLE}=0)")
     assert isinstance(plugin, LoopWatch)
-    return plugin
+    assert plugin.threshold == threshold_from_environment()
 
 
-@pytest.mark.both_loops
-async def test_the_tests_loops_report_slow_callbacks(watch: LoopWatch) -> None:
-    loop = asyncio.get_running_loop()
-    assert loop.get_debug()
-    assert loop.slow_callback_duration == watch.threshold
-
-
-@contextlib.contextmanager
-def short_threshold(watch: LoopWatch) -> Iterator[None]:
-    """The running loop reports callbacks above ``_SHORT_THRESHOLD`` inside the block."""
-    loop = asyncio.get_running_loop()
-    loop.slow_callback_duration = _SHORT_THRESHOLD
-    try:
-        yield
-    finally:
-        loop.slow_callback_duration = watch.threshold
-
-
-@pytest.mark.both_loops
-async def test_a_blocking_task_step_is_reported_by_name(watch: LoopWatch) -> None:
-    with short_threshold(watch):
-        time.sleep(_BLOCK_SECONDS)  # noqa: ASYNC251 - the blocking call under test
-        await asyncio.sleep(0)  # ends the task step: the loop reports it now
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_blocking_task_step_is_reported_with_its_line(short_watch: LoopWatch, loop_name: str) -> None:
+    _run(short_watch, LOOPS[loop_name], _blocking_step)
     with pytest.raises(pytest.fail.Exception) as failure:
-        watch.check("the test")
+        short_watch.check("the test")
     message = str(failure.value)
     assert "the event loop was blocked" in message
-    assert "test_a_blocking_task_step_is_reported_by_name" in message
-    watch.check("the test")  # reported once: the reports were taken
+    assert "in _block_the_loop" in message and "in _blocking_step" in message, message
+    short_watch.check("the test")  # reported once: the reports were taken
 
 
-@pytest.mark.both_loops
-async def test_a_blocking_callback_is_reported_by_name(watch: LoopWatch) -> None:
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
-    with short_threshold(watch):
-        loop.call_soon(time.sleep, _BLOCK_SECONDS)
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_blocking_callback_is_reported(short_watch: LoopWatch, loop_name: str) -> None:
+    async def schedule_blocking_callback() -> None:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        loop.call_soon(_block_the_loop)
         loop.call_soon(done.set)
         await done.wait()
-    reports = watch.take_reports()
-    assert any("<Handle sleep" in report for report in reports), reports
+
+    _run(short_watch, LOOPS[loop_name], schedule_blocking_callback)
+    reports = short_watch.take_reports()
+    assert len(reports) == 1 and "in _block_the_loop" in reports[0], reports
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_stopped_loop_is_not_blocked(short_watch: LoopWatch, loop_name: str) -> None:
+    """pytest-asyncio runs a test's loop only while a coroutine runs: the time between
+    (sync fixtures, pytest's own work) is no block, however long."""
+    loop = short_watch.watched(LOOPS[loop_name])()
+    try:
+        loop.run_until_complete(asyncio.sleep(_SHORT_THRESHOLD))
+        time.sleep(_BLOCK_SECONDS)  # the loop is not running
+        loop.run_until_complete(asyncio.sleep(_SHORT_THRESHOLD * 4))
+    finally:
+        loop.close()
+    assert short_watch.take_reports() == []
 
 
 def test_threshold_comes_from_the_environment() -> None:
@@ -115,7 +146,6 @@ def test_a_test_run_with_a_blocking_call_fails(tmp_path: Path) -> None:
         [pytest]
         asyncio_mode = auto
         asyncio_default_fixture_loop_scope = function
-        asyncio_debug = true
         filterwarnings = error
     """))
     env = dict(os.environ, PYTHONPATH=str(TESTS), **{THRESHOLD_VARIABLE: str(_SHORT_THRESHOLD)})
@@ -129,4 +159,4 @@ def test_a_test_run_with_a_blocking_call_fails(tmp_path: Path) -> None:
     assert f"the event loop was blocked for more than {_SHORT_THRESHOLD:g} s" in output
     assert "FAILED test_blocking.py::test_blocks_the_loop[uvloop]" in output
     assert "FAILED test_blocking.py::test_blocks_the_loop[asyncio]" in output
-    assert "coro=<test_blocks_the_loop()" in output
+    assert "in test_blocks_the_loop" in output

@@ -11,6 +11,8 @@ counted separately.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from helpers import data_of, make_bucket, object_bytes, sha256
 from test_s3_support import CountingClient, MiB, body, open_store, s3_config
@@ -56,7 +58,7 @@ async def _measure(endpoint: str, tail_cache_size: int) -> tuple[float, float, _
     config = s3_config(endpoint, bucket, part_size=Size(8 * MiB), tail_cache_size=Size(tail_cache_size))
     store = await open_store(config, wrap=wrap)
     try:
-        data = data_of(FILE_SIZE)
+        data = await asyncio.to_thread(data_of, FILE_SIZE)  # 64 MiB: not on the loop
         upload_id = (await store.create(UploadInfo(id=new_upload_id(), length=FILE_SIZE))).info.id
         for start in range(0, FILE_SIZE, PATCH_SIZE):
             opened = await store.get(upload_id)

@@ -50,7 +50,6 @@ __all__ = ["BODY_READ_SIZE", "READ_SIZE", "HTTPProtocol"]
 log = logging.getLogger("tusd_py.http")
 
 
-
 class HTTPProtocol(asyncio.BufferedProtocol):
     """An HTTP/1.1 server connection (see the module docstring).
 
