@@ -206,11 +206,10 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _botocore_data_read_once() -> Iterator[None]:
     """Every new botocore session reads S3's service model and the endpoint data (JSON
-    files) from disk again, on the event loop: 0.1-0.2 s per S3 client on an idle
-    machine, past the loop-blocking threshold on a loaded one. A server opens its store
-    once; the tests open stores and clients by the hundred, so they share one loader
-    (the data files are read once per test process). The reads the code under test
-    does are otherwise unchanged."""
+    files) from disk again: 0.1-0.2 s per S3 client on an idle machine. tusd-py's own
+    client reads them on a worker thread; the tests' helper clients would read them on
+    the loop, and the tests open stores and clients by the hundred, so they share one
+    loader (the data files are read once per test process)."""
     import botocore.session
 
     create_loader = botocore.session.create_loader
