@@ -195,10 +195,15 @@ class TusHandler:
 
     @staticmethod
     def _effective_method(request: Request) -> str:
-        # Honoured on POST only: clients behind proxies that block PATCH/DELETE send
-        # POST; letting a GET become DELETE would turn plain links into deletions.
+        # Honoured on every method, as the tus protocol says ("the actual method of
+        # the request MUST be ignored") and tusd 1.x did: clients behind proxies that
+        # block PATCH/DELETE send POST, some send GET. This grants nothing a client
+        # could not do with the real method: a browser cannot put this header on a
+        # plain link, form or image (only script can, and a cross-origin script needs
+        # a CORS preflight that ``cors.allow_origins`` decides), and every overridden
+        # request is checked exactly like a real one of that method.
         override = request.headers.get("x-http-method-override")
-        if override is None or request.method != "POST":
+        if override is None:
             return request.method
         if _METHOD_TOKEN.fullmatch(override.strip()) is None:
             raise TusError(ERR_INVALID_METHOD_OVERRIDE)
