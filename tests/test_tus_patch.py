@@ -334,7 +334,11 @@ async def test_method_override_is_honoured_on_any_method(tus: Harness) -> None:
         make_request(
             "PUT",
             BASE + upload_id,
-            {"X-HTTP-Method-Override": "patch", "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"},
+            {
+                "X-HTTP-Method-Override": "patch",
+                "Content-Type": "application/offset+octet-stream",
+                "Upload-Offset": "0",
+            },
             StaticBody([b"abc"]),
         )
     )
