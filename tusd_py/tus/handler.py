@@ -159,6 +159,7 @@ class TusHandler:
             behind_proxy=self._behind_proxy,
             max_size=self._max_size,
             lifetime=self._lifetime,
+            interim_responses=options.interim_responses,
         )
 
     # --- entry points -------------------------------------------------------------
