@@ -121,5 +121,4 @@ async def test_a_body_cut_off_by_the_client_is_logged_and_counted_as_aborted(
         ("/files/a", 0),
         ("/files/b", 204),
     ]
-    assert access_records[0].getMessage() == "PATCH /files/a -"
     assert access_records[0].bytes_in == 500  # type: ignore[attr-defined]
