@@ -41,10 +41,17 @@ async def server(tmp_path: Path) -> AsyncIterator[Running]:
 
 
 async def _run_client(server: Running, source: Path, **options: Any) -> dict[str, Any]:
+    return await run_client(f"{server.url}/files/", source, **options)
+
+
+async def run_client(endpoint: str, source: Path, *, timeout: float = 90, **options: Any) -> dict[str, Any]:
+    """Run ``tests/js/upload_client.js`` against ``endpoint`` (the upload collection's
+    URL); its JSON result (``url`` and the ``exchanges``). The client is killed and the
+    test fails after ``timeout`` seconds."""
     if not (JS_DIR / "node_modules" / "tus-js-client").is_dir():
         pytest.fail("tus-js-client is not installed: run `npm install --prefix tests/js`")
     assert NODE is not None
-    arguments = {"endpoint": f"{server.url}/files/", "file": str(source), **options}
+    arguments = {"endpoint": endpoint, "file": str(source), **options}
     process = await asyncio.create_subprocess_exec(
         NODE,
         str(JS_DIR / "upload_client.js"),
@@ -54,11 +61,11 @@ async def _run_client(server: Running, source: Path, **options: Any) -> dict[str
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 90)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
     except TimeoutError:
         process.kill()
         await process.wait()
-        raise
+        pytest.fail(f"tus-js-client did not finish within {timeout} s")
     assert process.returncode == 0, stderr.decode(errors="replace")
     result = json.loads(stdout)
     assert isinstance(result, dict)

@@ -515,3 +515,26 @@ async def test_aborted_creation_resumes_from_the_announced_location(server: Runn
     resumed = await _append(server.port, path, offset, data[offset:], complete=True)
     assert resumed.status == 200, resumed.final
     assert sha256(await _download(server.port, path)) == sha256(data)
+
+
+@pytest.mark.parametrize(
+    ("behind_proxy", "interim_responses", "announced"),
+    [
+        (False, "auto", True),
+        (True, "auto", False),  # a proxy may take a 104 for the final response
+        (True, "always", True),
+        (False, "never", False),
+    ],
+)
+async def test_server_interim_responses_decides_whether_a_104_is_sent(
+    tmp_path: Path, behind_proxy: bool, interim_responses: str, announced: bool
+) -> None:
+    config = file_store_config(
+        tmp_path, **{"server.behind_proxy": behind_proxy, "server.interim_responses": interim_responses}
+    )
+    async with serving(config) as running:
+        data = b"x" * 1000
+        exchange = await call(running.port, "POST", "/files/", {"Upload-Complete": "?1"}, data, version="6")
+        assert [interim.status for interim in exchange.interim] == ([104] if announced else [])
+        assert exchange.status == 201
+        assert await _download(running.port, _path(exchange.header("location"))) == data

@@ -138,6 +138,7 @@ def tus_options(config: Config) -> TusOptions:
         checksum_max_buffered_size=int(config.checksum.max_buffered_size),
         checksum_spool_dir=config.checksum.spool_dir,
         cors=Cors(config.cors),
+        interim_responses=server.sends_interim_responses(),
     )
 
 

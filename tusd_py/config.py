@@ -108,6 +108,19 @@ class ServerConfig:
     workers: int = 1
     """Worker processes sharing the port (SO_REUSEPORT). >1 needs a lock backend
     shared between processes (file or consul)."""
+    interim_responses: str = "auto"
+    """Whether the IETF draft's ``104 (Upload Resumption Supported)`` interim response
+    is sent: "auto" (only when behind_proxy is false), "always" or "never". Proxies
+    that do not understand it (nginx 1.22, Debian's) take the 104 for the final answer
+    and desynchronise the upstream connection: every following request on it stalls
+    until keepalive_timeout. Set "always" only behind a proxy that forwards 1xx
+    responses. ("100 Continue" is not affected: it answers a client's Expect.)"""
+
+    def sends_interim_responses(self) -> bool:
+        """Whether ``interim_responses`` lets the server send a 104."""
+        if self.interim_responses == "auto":
+            return not self.behind_proxy
+        return self.interim_responses == "always"
 
     def http_limits(self) -> HTTPLimits:
         """The limits the HTTP layer enforces, from these keys (``network_timeout`` is
@@ -455,6 +468,10 @@ def validate(config: Config) -> None:
             raise ConfigError(f"server.{name} must be positive")
     if server.max_connections < 1:
         raise ConfigError("server.max_connections must be at least 1")
+    if server.interim_responses not in {"auto", "always", "never"}:
+        raise ConfigError(
+            f"server.interim_responses must be \"auto\", \"always\" or \"never\", got {server.interim_responses!r}"
+        )
     if config.store.backend not in {"file", "s3"}:
         raise ConfigError(f"store.backend must be \"file\" or \"s3\", got {config.store.backend!r}")
     if config.store.backend == "s3" and not config.store.s3.bucket:

@@ -7,7 +7,9 @@
 //   connection of the request carrying that byte is cut mid-body; the upload is then
 //   resumed from its URL with a new Upload), uploadDataDuringCreation,
 //   uploadLengthDeferred.
-// Prints one JSON line: { url, exchanges: [{ phase, method, status, request, response }] }.
+// Prints one JSON line:
+//   { url, exchanges: [{ phase, method, status, request, response, milliseconds }] }
+// (milliseconds: from the request being sent to its response's head).
 // Any error exits with status 1 and the error on stderr.
 'use strict'
 
@@ -28,6 +30,7 @@ const RESPONSE_HEADERS = ['Location', 'Tus-Resumable', 'Upload-Complete', 'Uploa
 const config = JSON.parse(process.argv[2])
 const data = fs.readFileSync(config.file)
 const exchanges = []
+const sentAt = new WeakMap()
 
 function pick(source, names) {
   const picked = {}
@@ -48,6 +51,9 @@ function options(phase, extra) {
     // No automatic retries: every failure must reach the test.
     retryDelays: null,
     metadata: { filename: 'data.bin', filetype: 'application/octet-stream' },
+    onBeforeRequest(req) {
+      sentAt.set(req, performance.now())
+    },
     onAfterResponse(req, res) {
       exchanges.push({
         phase,
@@ -55,6 +61,7 @@ function options(phase, extra) {
         status: res.getStatus(),
         request: pick(req, REQUEST_HEADERS),
         response: pick(res, RESPONSE_HEADERS),
+        milliseconds: performance.now() - sentAt.get(req),
       })
     },
     ...extra,

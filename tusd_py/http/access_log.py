@@ -49,7 +49,7 @@ def log_exchange(cycle: RequestCycle, client: str) -> None:
     if not access_log.isEnabledFor(logging.INFO):
         return
     path = cycle.target.partition("?")[0]  # query strings may carry secrets
-    status = cycle.status
+    status = cycle.outcome
     access_log.info(
         "%s %s %s",
         cycle.method,

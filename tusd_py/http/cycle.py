@@ -17,7 +17,7 @@ import h11
 from tusd_py.http.access_log import log_exchange
 from tusd_py.http.body import RequestBody
 from tusd_py.http.response import ConnectionGone, ResponseWriter, text_response
-from tusd_py.http.types import Request, Response
+from tusd_py.http.types import ClientDisconnected, Request, Response
 
 if TYPE_CHECKING:
     from tusd_py.http.server import ServerContext
@@ -74,6 +74,7 @@ class RequestCycle:
         "bytes_in",
         "bytes_out",
         "status",
+        "aborted",
     )
 
     def __init__(self, host: CycleHost, conn: h11.Connection, method: str, target: str, expect_continue: bool) -> None:
@@ -97,6 +98,9 @@ class RequestCycle:
         self.bytes_in = 0
         self.bytes_out = 0
         self.status = 0
+        """The status of the response written (0: none)."""
+        self.aborted = False
+        """The client hung up before the end of the request body."""
         self.request: Request
         self.body: RequestBody
 
@@ -110,6 +114,21 @@ class RequestCycle:
 
     def body_timed_out(self) -> None:
         self.close_after = True
+
+    def client_hung_up(self, message: str) -> None:
+        """The client closed the connection before the end of the body: the body
+        fails with ``ClientDisconnected(message)``, the connection ends after the
+        response, and the exchange counts as aborted."""
+        self.close_after = True
+        self.aborted = True
+        self.body.fail(ClientDisconnected, message)
+
+    @property
+    def outcome(self) -> int:
+        """The status the access log and the observer record: 0 for an aborted
+        exchange (whatever the application answered, the client that hung up
+        mid-body is not reading it) or when no response went out."""
+        return 0 if self.aborted else self.status
 
     async def send_informational(self, status: int, headers: list[tuple[str, str]]) -> None:
         """``Request.send_informational`` of this cycle's request."""
@@ -151,7 +170,7 @@ class RequestCycle:
         finally:
             log_exchange(self, client)
             if context.observer is not None:
-                context.observer.request_finished(self.method, self.status, time.perf_counter() - self.started)
+                context.observer.request_finished(self.method, self.outcome, time.perf_counter() - self.started)
 
     def _must_close_after(self, context: ServerContext) -> bool:
         """Whether the connection must close after this response (decided before

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from tusd_py.http.flow import ReadingGate
 from tusd_py.http.limits import HTTPLimits, KiB, MiB
-from tusd_py.http.types import ClientDisconnected
 
 if TYPE_CHECKING:
     from tusd_py.http.cycle import RequestCycle
@@ -178,8 +177,7 @@ class BodyIntake:
             if self._count_received is not None:
                 self._count_received(count)
         if eof and self.remaining:
-            cycle.close_after = True
-            cycle.body.fail(ClientDisconnected, "the client closed the connection before the end of the body")
+            cycle.client_hung_up("the client closed the connection before the end of the body")
         elif file_failed and self.remaining:
             # Bytes were taken from the socket but not stored: nobody can tell the
             # client which, so the connection ends after the response.

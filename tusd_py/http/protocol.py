@@ -158,7 +158,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             return False
         cycle.close_after = True
         if not cycle.body.complete:
-            cycle.body.fail(ClientDisconnected, "the client closed the connection before the end of the body")
+            cycle.client_hung_up("the client closed the connection before the end of the body")
         # Keep the write side open: a half-closed client may still read the response.
         return True
 
@@ -170,7 +170,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             self._splice.abort()
         cycle = self._cycle
         if cycle is not None and not cycle.body.complete:
-            cycle.body.fail(ClientDisconnected, "the client disconnected before the end of the body")
+            cycle.client_hung_up("the client disconnected before the end of the body")
         self._writer.lost()
         if self._task is None:
             self._context.discard(self)
@@ -244,6 +244,12 @@ class HTTPProtocol(asyncio.BufferedProtocol):
     def _on_request(self, event: h11.Request) -> None:
         self._timer.cancel()
         self._idle_bytes = 0
+        if not event.http_version.startswith(b"1."):
+            # h11 parses any "HTTP/d.d" request line. A major version other than 1
+            # gets 505 (RFC 9110, 15.6.6); a higher minor one (1.2) is served as 1.1,
+            # as RFC 9110, 2.5 asks, and h11 frames it so.
+            self._reject(505)
+            return
         headers, length = _decode_head(event)
         method = event.method.decode("ascii")
         target = event.target.decode("latin-1")

@@ -130,8 +130,8 @@ class ResponseWriter:
             response = text_response(500)
             head = self._head(cycle, response)
         if self._closed:
+            # Nothing goes out: the exchange keeps status 0 in the log and metrics.
             await close_body(response.body)
-            cycle.status = response.status
             raise ConnectionGone
         cycle.response_started = True
         cycle.status = response.status

@@ -59,8 +59,11 @@ from tusd_py.tus.core import UploadCore
 from tusd_py.tus.download import download_headers
 from tusd_py.tus.errors import (
     ERR_INVALID_CONCAT,
+    ERR_INVALID_DEFER_LENGTH,
     ERR_INVALID_HOST,
+    ERR_INVALID_LENGTH,
     ERR_INVALID_METHOD_OVERRIDE,
+    ERR_INVALID_OFFSET,
     ERR_LENGTH_AND_DEFER,
     ERR_MAX_SIZE_EXCEEDED,
     ERR_METHOD_NOT_ALLOWED,
@@ -85,6 +88,7 @@ from tusd_py.tus.headers import (
     parse_upload_length,
     parse_upload_offset,
     require_offset_octet_stream,
+    single_value,
 )
 from tusd_py.tus.ietf import IetfHandler, is_ietf_request
 from tusd_py.tus.metadata import format_metadata, parse_metadata
@@ -155,6 +159,7 @@ class TusHandler:
             behind_proxy=self._behind_proxy,
             max_size=self._max_size,
             lifetime=self._lifetime,
+            interim_responses=options.interim_responses,
         )
 
     # --- entry points -------------------------------------------------------------
@@ -195,10 +200,15 @@ class TusHandler:
 
     @staticmethod
     def _effective_method(request: Request) -> str:
-        # Honoured on POST only: clients behind proxies that block PATCH/DELETE send
-        # POST; letting a GET become DELETE would turn plain links into deletions.
+        # Honoured on every method, as the tus protocol says ("the actual method of
+        # the request MUST be ignored") and tusd 1.x did: clients behind proxies that
+        # block PATCH/DELETE send POST, some send GET. This grants nothing a client
+        # could not do with the real method: a browser cannot put this header on a
+        # plain link, form or image (only script can, and a cross-origin script needs
+        # a CORS preflight that ``cors.allow_origins`` decides), and every overridden
+        # request is checked exactly like a real one of that method.
         override = request.headers.get("x-http-method-override")
-        if override is None or request.method != "POST":
+        if override is None:
             return request.method
         if _METHOD_TOKEN.fullmatch(override.strip()) is None:
             raise TusError(ERR_INVALID_METHOD_OVERRIDE)
@@ -250,14 +260,14 @@ class TusHandler:
         if concat is not None and concat.is_final:
             return await self._post_final(request, concat)
         checksum = parse_upload_checksum(headers.get("upload-checksum"))
-        defer = parse_defer_length(headers.get("upload-defer-length"))
+        defer = parse_defer_length(single_value(headers, "upload-defer-length", ERR_INVALID_DEFER_LENGTH))
         length: int | None
         if defer:
             if "upload-length" in headers:
                 raise TusError(ERR_LENGTH_AND_DEFER)
             length = None
         else:
-            length = parse_upload_length(headers.get("upload-length"))
+            length = parse_upload_length(single_value(headers, "upload-length", ERR_INVALID_LENGTH))
             self._check_max_size(length)
         metadata = parse_metadata(headers.get("upload-metadata"))
         origin = origin_of(headers, self._behind_proxy)
@@ -354,8 +364,9 @@ class TusHandler:
     async def _patch(self, request: Request, upload_id: str) -> Response:
         headers = request.headers
         require_offset_octet_stream(headers.get("content-type"))
-        offset = parse_upload_offset(headers.get("upload-offset"))
-        declared_length = None if "upload-length" not in headers else parse_upload_length(headers.get("upload-length"))
+        offset = parse_upload_offset(single_value(headers, "upload-offset", ERR_INVALID_OFFSET))
+        length_value = single_value(headers, "upload-length", ERR_INVALID_LENGTH)
+        declared_length = None if length_value is None else parse_upload_length(length_value)
         checksum = parse_upload_checksum(headers.get("upload-checksum"))
         if declared_length is not None:
             self._check_max_size(declared_length)

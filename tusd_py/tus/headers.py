@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from tusd_py.http.types import Headers
 from tusd_py.tus.errors import (
     ERR_INVALID_CONTENT_TYPE,
     ERR_INVALID_DEFER_LENGTH,
@@ -38,6 +39,21 @@ def parse_non_negative_int(value: str | None, kind: ErrorKind) -> int:
     if number > MAX_INTEGER:
         raise TusError(kind)
     return number
+
+
+def single_value(headers: Headers, name: str, kind: ErrorKind) -> str | None:
+    """The value of header ``name``, which may appear once; None when absent.
+
+    A repeat with the same value counts once (as h11 treats Content-Length); two
+    different values are ``TusError(kind)``: taking either would guess what the
+    client (or a proxy that added one) meant, and a wrong offset or length stores
+    bytes at the wrong place."""
+    values = headers.get_all(name)
+    if not values:
+        return None
+    if any(value != values[0] for value in values[1:]):
+        raise TusError(kind, f"{len(set(values))} different values")
+    return values[0]
 
 
 def parse_upload_offset(value: str | None) -> int:

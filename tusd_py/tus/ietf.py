@@ -15,7 +15,10 @@ All three use ``Upload-Complete: ?0/?1`` (only interop 3, draft -01, had
 ``Upload-Incomplete``) and the ``104 (Upload Resumption Supported)`` interim response.
 A request naming any other interop version is served with the interop-8 rules, but
 without 104 responses: the draft's "Draft Version Identification" appendix forbids a
-104 when the client's interop version does not match ours.
+104 when the client's interop version does not match ours. No 104 is sent either when
+``server.interim_responses`` says a proxy in front may not understand it (by default
+with ``server.behind_proxy``): the 104 only lets a client resume a creation that was
+cut off before its 201, and a client without it resumes by creating anew.
 
 Mapping onto the stores (``stores/base.py`` only): an upload resource is a store
 upload; "complete" is ``UploadInfo.is_complete`` (length known and reached: the store
@@ -211,6 +214,7 @@ class IetfHandler:
         behind_proxy: bool,
         max_size: int,
         lifetime: float,
+        interim_responses: bool,
     ) -> None:
         self._core = core
         self._store = store
@@ -221,6 +225,9 @@ class IetfHandler:
         self._lifetime = lifetime
         """Seconds an unfinished upload lives (0: forever, or the store cannot expire
         uploads); announced as ``max-age``."""
+        self._interim_responses = interim_responses
+        """Whether a 104 may be sent: a proxy in front that does not know 104 takes
+        it for the final response (``server.interim_responses``)."""
 
     async def __call__(self, request: Request, method: str) -> Response:
         """Answer one draft request (``method`` after any override). Never raises
@@ -229,7 +236,8 @@ class IetfHandler:
         try:
             draft = SUPPORTED_DRAFTS.get(_interop_version(request.headers))
             rules = draft or LATEST
-            return await self._dispatch(request, method, rules, announce=draft is not None)
+            announce = draft is not None and self._interim_responses
+            return await self._dispatch(request, method, rules, announce=announce)
         except Exception as error:
             # Section "Limits": a 413 caused by our limits should name them.
             extra = self._limit_headers(rules, None) if _is_too_large(error) else []

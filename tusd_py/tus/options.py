@@ -30,6 +30,8 @@ class TusOptions:
     """Where such bodies are held; empty: the system temp directory."""
     cors: Cors
     """Which browser origins may use the API."""
+    interim_responses: bool
+    """Send the IETF draft's 104 interim response (``server.interim_responses``)."""
 
     def __post_init__(self) -> None:
         if not self.base_path.endswith("/"):
