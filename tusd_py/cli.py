@@ -68,7 +68,9 @@ def build_locker(config: Config, observer: LockObserver | None = None, store: St
         if not isinstance(store, S3Store):
             raise ConfigError("lock.backend = \"s3\" needs store.backend = \"s3\"")
         s3 = config.store.s3
-        return S3Locker.from_config(store.client, lock.s3, s3.bucket, s3.prefix, lock.acquire_timeout, observer=observer)
+        return S3Locker.from_config(
+            store.client, lock.s3, s3.bucket, s3.prefix, lock.acquire_timeout, observer=observer
+        )
     if lock.backend == "consul":
         return ConsulLocker.from_config(lock.consul, lock.acquire_timeout, observer=observer)
     if lock.backend == "file":

@@ -535,7 +535,8 @@ def _validate_s3_lock(config: Config) -> None:
     s3 = config.lock.s3
     if config.store.backend != "s3":
         raise ConfigError(
-            "lock.backend = \"s3\" needs store.backend = \"s3\" (the file store is one host: use lock.backend = \"file\")"
+            "lock.backend = \"s3\" needs store.backend = \"s3\" "
+            "(the file store is one host: use lock.backend = \"file\")"
         )
     if s3.lease < 2:
         raise ConfigError("lock.s3.lease must be at least 2 seconds (S3's clock has whole seconds)")

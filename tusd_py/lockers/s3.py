@@ -205,6 +205,11 @@ class S3Locker:
         check_lock_name(upload_id)
         return observed(functools.partial(self._lock, upload_id), on_release_request, self._observer)
 
+    @property
+    def instance_id(self) -> str:
+        """This instance's name in the lock objects it writes (host:pid:random)."""
+        return self._instance
+
     def lock_key(self, upload_id: str) -> str:
         """The key of the lock object of ``upload_id``."""
         return self._prefix + upload_id
@@ -264,6 +269,9 @@ class S3Locker:
             wait = min(self._poll_interval, deadline - loop.time())
             if wait > 0:
                 await asyncio.sleep(wait)
+        # A request we wrote to the previous holder (or one that a taken-over holder
+        # never saw) would be left behind: delete it when releasing.
+        holding.request_seen = bool(asked) or bool(replace)
         holding.acquired = True
         self._holdings[holding.upload_id] = holding
         holding.keeper = loop.create_task(self._keep(holding), name=f"s3-lock-{holding.upload_id}")
@@ -384,7 +392,8 @@ class S3Locker:
                 # Before the lock: a request written after this is addressed to us and
                 # ignored by the next holder.
                 request_key = key + RELEASE_REQUEST_SUFFIX
-                await self._call("delete release request", key, self._client.delete_objects(self._bucket, [request_key]))
+                deleting = self._client.delete_objects(self._bucket, [request_key])
+                await self._call("delete release request", key, deleting)
             try:
                 await self._delete_lock(key, holding.etag)
             except S3PreconditionFailed:
