@@ -57,9 +57,20 @@ async def build_store(config: Config, metrics: Metrics | None = None) -> Store:
     return FileStore(config.store.file.directory)
 
 
-def build_locker(config: Config, observer: LockObserver | None = None) -> Locker:
-    """The configured locker; ``observer`` (the server's metrics) sees lock waits."""
+def build_locker(config: Config, observer: LockObserver | None = None, store: Store | None = None) -> Locker:
+    """The configured locker; ``observer`` (the server's metrics) sees lock waits.
+    ``store``: the S3 store whose client and bucket the S3 locker uses."""
     lock = config.lock
+    if lock.backend == "s3":
+        from tusd_py.lockers.s3 import S3Locker
+        from tusd_py.stores.s3 import S3Store
+
+        if not isinstance(store, S3Store):
+            raise ConfigError("lock.backend = \"s3\" needs store.backend = \"s3\"")
+        s3 = config.store.s3
+        return S3Locker.from_config(
+            store.client, lock.s3, s3.bucket, s3.prefix, lock.acquire_timeout, observer=observer
+        )
     if lock.backend == "consul":
         return ConsulLocker.from_config(lock.consul, lock.acquire_timeout, observer=observer)
     if lock.backend == "file":
@@ -185,7 +196,7 @@ async def serving(
     the_hooks = hooks if isinstance(hooks, Hooks) else build_hooks(config, metrics, hooks)
     store = await build_store(config, metrics)
     try:
-        locker = build_locker(config, metrics)
+        locker = build_locker(config, metrics, store)
         try:
             await start_locker(locker)
             handler = TusHandler(store, locker, tus_options(config), hooks=the_hooks, metrics=metrics)
@@ -239,7 +250,7 @@ async def cleanup(config: Config) -> SweepResult:
     try:
         if not isinstance(store, SupportsExpiration):
             raise StoreError(f"the {config.store.backend} store cannot expire uploads")
-        locker = build_locker(config)
+        locker = build_locker(config, store=store)
         try:
             await start_locker(locker)
             if config.lock.backend == "memory":

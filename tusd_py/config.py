@@ -210,14 +210,32 @@ class ConsulLockConfig:
 
 
 @dataclass
+class S3LockConfig:
+    prefix: str = ""
+    """Key prefix of the lock objects in the store's bucket. Empty:
+    "<store.s3.prefix>.locks/"."""
+    lease: float = 15.0
+    """Seconds a lock outlives its holder's last renewal, by S3's clock (renewed every
+    lease/3). A crashed instance's locks are taken over after this (+1 s)."""
+    poll_interval: float = 1.0
+    """Seconds between a holder's looks for release requests (one GET each) and a
+    waiter's looks at the lock. The main S3 request cost of holding a lock."""
+    request_timeout: float = 3.0
+    """Seconds one S3 lock call may take before S3 counts as unreachable (503). Must
+    be under lease/2, so that a renewal can be tried twice within a lease."""
+
+
+@dataclass
 class LockConfig:
     backend: str = "memory"
-    """"memory" (one process), "file" (workers on one host), "consul" (several hosts)."""
+    """"memory" (one process), "file" (workers on one host), "consul" or "s3" (several
+    hosts; "s3" needs store.backend = "s3")."""
     acquire_timeout: float = 20.0
     """Seconds a request waits for a held lock (after asking the holder to release)
     before it gets 423."""
     file: FileLockConfig = field(default_factory=FileLockConfig)
     consul: ConsulLockConfig = field(default_factory=ConsulLockConfig)
+    s3: S3LockConfig = field(default_factory=S3LockConfig)
 
 
 @dataclass
@@ -485,12 +503,16 @@ def validate(config: Config) -> None:
         raise ConfigError("store.s3.max_buffered_parts and max_concurrent_part_uploads must be at least 1")
     if s3.deferred_length_ceiling and s3.deferred_length_ceiling < s3.part_size:
         raise ConfigError("store.s3.deferred_length_ceiling must be 0 (automatic) or at least store.s3.part_size")
-    if config.lock.backend not in {"memory", "file", "consul"}:
-        raise ConfigError(f"lock.backend must be \"memory\", \"file\" or \"consul\", got {config.lock.backend!r}")
+    if config.lock.backend not in {"memory", "file", "consul", "s3"}:
+        raise ConfigError(
+            f"lock.backend must be \"memory\", \"file\", \"consul\" or \"s3\", got {config.lock.backend!r}"
+        )
+    if config.lock.backend == "s3":
+        _validate_s3_lock(config)
     if server.workers > 1 and config.lock.backend == "memory":
         raise ConfigError(
             "server.workers > 1 needs a lock shared between processes: "
-            "set lock.backend = \"file\" (one host) or \"consul\" (several hosts)"
+            "set lock.backend = \"file\" (one host), \"consul\" or \"s3\" (several hosts)"
         )
     if config.lock.acquire_timeout <= 0:
         raise ConfigError("lock.acquire_timeout must be positive")
@@ -524,6 +546,23 @@ def _validate_hooks(hooks: HooksConfig) -> None:
         raise ConfigError("hooks.retries, hooks.retry_backoff and hooks.progress_interval must not be negative")
     if hooks.max_pending < 1 or hooks.max_concurrent_deliveries < 1:
         raise ConfigError("hooks.max_pending and hooks.max_concurrent_deliveries must be at least 1")
+
+
+def _validate_s3_lock(config: Config) -> None:
+    s3 = config.lock.s3
+    if config.store.backend != "s3":
+        raise ConfigError(
+            "lock.backend = \"s3\" needs store.backend = \"s3\" "
+            "(the file store is one host: use lock.backend = \"file\")"
+        )
+    if s3.lease < 2:
+        raise ConfigError("lock.s3.lease must be at least 2 seconds (S3's clock has whole seconds)")
+    if not 0 < s3.request_timeout < s3.lease / 2:
+        raise ConfigError("lock.s3.request_timeout must be positive and under lock.s3.lease / 2")
+    if s3.poll_interval <= 0:
+        raise ConfigError("lock.s3.poll_interval must be positive")
+    if s3.prefix.startswith("/"):
+        raise ConfigError("lock.s3.prefix must not start with '/' (S3 keys have no leading slash)")
 
 
 def _validate_consul_lock(consul: ConsulLockConfig) -> None:

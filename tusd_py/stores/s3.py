@@ -28,6 +28,19 @@ Invariants (every module of the S3 store keeps them; they are stated only here):
    PATCH finishes the upload.
 6. A write returns only once everything it counts is in S3; no local state is needed
    between requests, so any instance can serve the next request of an upload.
+7. A stale writer (an instance that held the lock, stalled past its lease while
+   another took over, and then goes on writing) cannot make the upload's bytes
+   wrong; at worst it lowers the offset. Whatever it stores is bytes the client sent
+   at those offsets, which are the same bytes the new holder receives (a tus client
+   resumes with the same data). By 1, its part k covers exactly the new holder's part
+   k, so replacing it changes nothing (same bytes, same ETag, so a Complete built from
+   a listing stays valid). Its tail segments and segment deletions only add, shorten,
+   or remove runs of such bytes, and by 2 only a contiguous run counts: the offset
+   may drop (the client then gets 409, asks HEAD and resends), and no byte at a
+   counted offset differs from the client's. After a Complete, its UploadPart finds
+   no multipart upload and its segments are leftovers a finished upload ignores.
+   Hence the lockers' ``held.lost`` (which stops the PATCH) is an optimisation here,
+   not what keeps the upload intact.
 
 Here: ``S3Store`` (creating and opening uploads) and ``S3Upload`` (one opened
 upload). A PATCH is carried out by ``s3_writer``; the S3 calls are in ``s3_objects``,
@@ -157,6 +170,12 @@ class S3Store:
             await client.close()
             raise
         return cls(client, config, max_size=max_size, observer=observer)
+
+    @property
+    def client(self) -> S3Client:
+        """The store's S3 client (with its retries and metrics), which the S3 locker
+        shares."""
+        return self._client
 
     async def close(self) -> None:
         """Close the S3 client."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email.utils
 import hashlib
 import logging
 from collections.abc import AsyncGenerator, Iterator, Sequence
@@ -44,6 +45,7 @@ TRANSIENT_ERROR_CODES = frozenset({
     "InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
     "RequestTimeout", "RequestTimeoutException", "RequestLimitExceeded", "BandwidthLimitExceeded",
     "TooManyRequestsException", "PriorRequestNotComplete", "OperationAborted",
+    "ConditionalRequestConflict",  # 409: a concurrent conditional write; S3 says retry
 })
 NOT_FOUND_ERROR_CODES = frozenset({"NoSuchKey", "NoSuchUpload", "NoSuchBucket", "NotFound", "404"})
 
@@ -69,6 +71,24 @@ class S3NotFound(S3Error):
 
 class S3TransientError(S3Error):
     """A failure that may succeed when repeated (5xx, throttling, timeouts, resets)."""
+
+
+class S3PreconditionFailed(S3Error):
+    """A conditional write or delete found the object not as required (412
+    PreconditionFailed: ``If-None-Match: *`` found it present, ``If-Match`` found
+    another ETag or no object). An answer, never retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class StampedObject:
+    """A small object read whole, with what S3 said about it and when: ``etag``
+    (quoted), ``last_modified`` and ``date`` (the response's ``Date``, S3's clock),
+    both Unix time to the second as S3 sends them."""
+
+    body: bytes
+    etag: str
+    last_modified: float
+    date: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +216,21 @@ class S3Client(Protocol):
         """Delete up to 1000 keys in one request (missing keys are not an error)."""
         ...
 
+    async def put_object_if(self, bucket: str, key: str, body: bytes, *, if_match: str | None) -> str:
+        """Store a small object only if it is absent (``if_match`` None: ``If-None-Match:
+        *``) or has ETag ``if_match``; returns its ETag. ``S3PreconditionFailed`` if not."""
+        ...
+
+    async def delete_object_if(self, bucket: str, key: str, *, if_match: str) -> None:
+        """Delete ``key`` only if its ETag is ``if_match``; ``S3PreconditionFailed``
+        if it is not, ``S3NotFound`` (or nothing, as S3 may answer) if it is gone."""
+        ...
+
+    async def get_object_stamped(self, bucket: str, key: str) -> StampedObject:
+        """Read a whole (small) object with its ETag, Last-Modified and the response's
+        Date; raises ``S3NotFound``."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...
@@ -227,6 +262,8 @@ def _translate(operation: str, error: BaseException) -> S3Error:
         message = str(details.get("Message", "") or error)
         if code in NOT_FOUND_ERROR_CODES or (status == 404 and code not in TRANSIENT_ERROR_CODES):
             return S3NotFound(operation, code, status, message)
+        if code == "PreconditionFailed" or status == 412:
+            return S3PreconditionFailed(operation, code, status, message)
         if code in TRANSIENT_ERROR_CODES or status >= 500 or status == 429:
             return S3TransientError(operation, code, status, message)
         return S3Error(operation, code, status, message)
@@ -472,6 +509,24 @@ class AioS3Client:
             code = str(first.get("Code", "Unknown"))
             error_type = S3TransientError if code in TRANSIENT_ERROR_CODES else S3Error
             raise error_type("DeleteObjects", code, 0, f"{len(errors)} key(s) not deleted, e.g. {first.get('Key')}")
+
+    async def put_object_if(self, bucket: str, key: str, body: bytes, *, if_match: str | None) -> str:
+        condition = {"IfNoneMatch": "*"} if if_match is None else {"IfMatch": if_match}
+        with _translated("PutObject"):
+            response = await self._client.put_object(Bucket=bucket, Key=key, Body=body, **condition)
+        return str(response["ETag"])
+
+    async def delete_object_if(self, bucket: str, key: str, *, if_match: str) -> None:
+        with _translated("DeleteObject"):
+            await self._client.delete_object(Bucket=bucket, Key=key, IfMatch=if_match)
+
+    async def get_object_stamped(self, bucket: str, key: str) -> StampedObject:
+        with _translated("GetObject"):
+            response = await self._client.get_object(Bucket=bucket, Key=key)
+            async with response["Body"] as body:
+                data = bytes(await body.read())
+        date = email.utils.parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return StampedObject(data, str(response["ETag"]), response["LastModified"].timestamp(), date.timestamp())
 
     async def close(self) -> None:
         if self._exit_stack is not None:

@@ -11,7 +11,16 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Sequence
 from typing import Protocol, TypeVar
 
-from tusd_py.stores.s3_client import MultipartPage, ObjectEntry, ObjectPage, PartPage, S3Client, S3NotFound
+from tusd_py.stores.s3_client import (
+    MultipartPage,
+    ObjectEntry,
+    ObjectPage,
+    PartPage,
+    S3Client,
+    S3NotFound,
+    S3PreconditionFailed,
+    StampedObject,
+)
 
 T = TypeVar("T")
 
@@ -41,8 +50,9 @@ class ObservedS3Client:
         try:
             result = await call
         except BaseException as error:
-            # "No such key" is an answer (an unknown upload), not a failing S3.
-            failed = not isinstance(error, S3NotFound)
+            # "No such key" is an answer (an unknown upload), not a failing S3, and so
+            # is a failed condition (a lock held by another instance).
+            failed = not isinstance(error, (S3NotFound, S3PreconditionFailed))
             self._observer.s3_call(operation, time.perf_counter() - started, failed)
             raise
         self._observer.s3_call(operation, time.perf_counter() - started, False)
@@ -118,6 +128,15 @@ class ObservedS3Client:
 
     async def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
         await self._timed("DeleteObjects", self._inner.delete_objects(bucket, keys))
+
+    async def put_object_if(self, bucket: str, key: str, body: bytes, *, if_match: str | None) -> str:
+        return await self._timed("PutObject", self._inner.put_object_if(bucket, key, body, if_match=if_match))
+
+    async def delete_object_if(self, bucket: str, key: str, *, if_match: str) -> None:
+        await self._timed("DeleteObject", self._inner.delete_object_if(bucket, key, if_match=if_match))
+
+    async def get_object_stamped(self, bucket: str, key: str) -> StampedObject:
+        return await self._timed("GetObject", self._inner.get_object_stamped(bucket, key))
 
     async def close(self) -> None:
         await self._inner.close()

@@ -18,6 +18,7 @@ from tusd_py.stores.s3_client import (
     PartPage,
     S3Client,
     S3TransientError,
+    StampedObject,
 )
 
 T = TypeVar("T")
@@ -143,6 +144,17 @@ class RetryingS3Client:
 
     async def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
         await self._retry(lambda: self._inner.delete_objects(bucket, keys))
+
+    async def put_object_if(self, bucket: str, key: str, body: bytes, *, if_match: str | None) -> str:
+        # A repeat after a lost response may fail its condition (the first attempt
+        # changed the object): callers of conditional writes check what is stored.
+        return await self._retry(lambda: self._inner.put_object_if(bucket, key, body, if_match=if_match))
+
+    async def delete_object_if(self, bucket: str, key: str, *, if_match: str) -> None:
+        await self._retry(lambda: self._inner.delete_object_if(bucket, key, if_match=if_match))
+
+    async def get_object_stamped(self, bucket: str, key: str) -> StampedObject:
+        return await self._retry(lambda: self._inner.get_object_stamped(bucket, key))
 
     async def close(self) -> None:
         await self._inner.close()
