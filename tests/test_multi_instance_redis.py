@@ -18,6 +18,7 @@ from tests.instances import (
     Instance,
     MiB,
     bucket_state,
+    expect_continue_patch,
     merged,
     running,
     s3_settings,
@@ -26,6 +27,9 @@ from tests.instances import (
 )
 from tests.rawhttp import request
 from tests.redis_support import RedisServer
+
+BOUND = 30.0
+"""Upper bound for an expected event (a bound, never a delay)."""
 
 
 def redis_settings(url: str) -> dict[str, dict[str, Any]]:
@@ -85,4 +89,32 @@ async def test_redis_down_answers_503_writes_nothing_and_recovers(
     assert await head_offset(b.port, path) == MiB
     response = await patch(b.port, path, MiB, payload[MiB:])
     assert response.status == 204, response
+    assert sha256(await object_bytes(moto_endpoint, bucket, upload_id_of(path))) == sha256(payload)
+
+
+async def test_redis_restarted_mid_patch_stops_it_and_keeps_the_offset_truthful(
+    pair: list[Instance], moto_endpoint: str, bucket: str, redis_server: RedisServer
+) -> None:
+    a, b = pair
+    length = 9 * MiB
+    sent = 6 * MiB + 777
+    payload = data_of(length, 91)
+    path = await create(a.port, length)
+    stalled, head = await expect_continue_patch(a.port, path, 0, length)
+    try:
+        assert head.status == 100, head  # A holds the lock
+        await stalled.send(payload[:sent])
+        # Redis comes back empty: A's next renewal (every lease/3) finds its key gone.
+        await asyncio.to_thread(redis_server.restart)
+        answer = await stalled.read_response("PATCH", timeout=BOUND)
+    finally:
+        stalled.abort()
+    assert answer.status == 503, answer
+    assert b"lock was lost" in answer.body, answer
+
+    offset = await head_offset(b.port, path)
+    assert 0 <= offset <= sent
+    assert await head_offset(a.port, path) == offset
+    response = await patch(a.port, path, offset, payload[offset:])
+    assert response.status == 204 and response.header("upload-offset") == str(length), response
     assert sha256(await object_bytes(moto_endpoint, bucket, upload_id_of(path))) == sha256(payload)
