@@ -27,6 +27,7 @@ from pathlib import Path
 import nginx_support
 import pytest
 from helpers import make_bucket
+from redis_support import RedisServer, require_redis_server
 from tus_fakes import Harness, make_harness
 
 from tusd_py.config import LogConfig
@@ -172,6 +173,20 @@ def nginx_installed() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{error}; .ci/run must install it")
         pytest.skip(str(error))
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """Debian's redis-server on a free port, no persistence, for this test (skipped
+    when not installed; failed in CI). ``restart``/``stop``/``start`` block: call them
+    through ``asyncio.to_thread`` from async tests."""
+    require_redis_server()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -35,6 +35,7 @@ from tusd_py.lockers.base import Locker, LockObserver, LockUnavailable
 from tusd_py.lockers.consul import ConsulLocker
 from tusd_py.lockers.file import FileLocker
 from tusd_py.lockers.memory import MemoryLocker
+from tusd_py.lockers.redis import RedisLocker
 from tusd_py.logs import setup_logging
 from tusd_py.metrics import Metrics
 from tusd_py.sd_notify import notify_ready, notify_stopping
@@ -73,6 +74,8 @@ def build_locker(config: Config, observer: LockObserver | None = None, store: St
         )
     if lock.backend == "consul":
         return ConsulLocker.from_config(lock.consul, lock.acquire_timeout, observer=observer)
+    if lock.backend == "redis":
+        return RedisLocker.from_config(lock.redis, lock.acquire_timeout, observer=observer)
     if lock.backend == "file":
         return FileLocker(_lock_directory(config), lock.acquire_timeout, observer=observer)
     return MemoryLocker(acquire_timeout=lock.acquire_timeout, observer=observer)
@@ -99,7 +102,8 @@ async def start_locker(locker: Locker) -> None:
     a local misconfiguration that waiting will not fix). An unreachable Consul does
     not: the server starts, every request that needs a lock answers 503 (nothing is
     written) and creates the session as soon as Consul answers again, so a Consul
-    outage during a deploy or a host reboot does not keep tusd-py down after it.
+    outage during a deploy or a host reboot does not keep tusd-py down after it. The
+    same for an unreachable Redis.
     """
     if isinstance(locker, FileLocker):
         await locker.start()
@@ -108,6 +112,11 @@ async def start_locker(locker: Locker) -> None:
             await locker.start()
         except LockUnavailable as error:
             log.warning("starting without a Consul session; requests get 503 until Consul answers: %s", error)
+    elif isinstance(locker, RedisLocker):
+        try:
+            await locker.start()
+        except LockUnavailable as error:
+            log.warning("starting without Redis; requests get 503 until Redis answers: %s", error)
 
 
 HookCallables = Mapping[str, HookCallable | Iterable[HookCallable]]
@@ -256,8 +265,8 @@ async def cleanup(config: Config) -> SweepResult:
             if config.lock.backend == "memory":
                 log.warning(
                     "lock.backend is \"memory\": cleanup cannot see the locks of a running server. Run it while "
-                    "the server is stopped, use lock.backend \"file\" or \"consul\", or let the server sweep "
-                    "(expiration.sweep_interval)"
+                    "the server is stopped, use lock.backend \"file\", \"consul\" or \"redis\", or let the server "
+                    "sweep (expiration.sweep_interval)"
                 )
             return await Sweeper(store, locker, orphan_grace=config.expiration.orphan_grace).sweep()
         finally:
@@ -342,7 +351,7 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Remove unfinished uploads whose expiry time passed (expiration.lifetime) and storage "
             "without an info document older than expiration.orphan_grace, under the configured "
-            "lock (use lock.backend \"file\" or \"consul\" while a server runs). Exit status 1 "
+            "lock (use lock.backend \"file\", \"consul\" or \"redis\" while a server runs). Exit status 1 "
             "when something could not be removed."
         ),
     )

@@ -226,16 +226,37 @@ class S3LockConfig:
 
 
 @dataclass
+class RedisLockConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    """One Redis endpoint: redis://[user:password@]host:port/db, or rediss:// for
+    TLS. Logged with the password masked."""
+    password: str = ""
+    """Empty: the URL's password, if any. Prefer the TUSD_PY_LOCK_REDIS_PASSWORD
+    variable over writing it here or in the URL."""
+    key_prefix: str = "tusd-py:"
+    """Prefix of the lock keys and release-request channels; give servers that do not
+    share uploads different prefixes on a shared Redis."""
+    lease: float = 15.0
+    """Seconds a lock outlives a holder that stopped renewing it (a crashed host);
+    renewed every lease/3. A holder that could not renew for a whole lease stops."""
+    request_timeout: float = 2.0
+    """Seconds one Redis command may take before Redis counts as unreachable (the
+    request then gets 503 and nothing is written). At most lease/3, so a slow renewal
+    still lands in time."""
+
+
+@dataclass
 class LockConfig:
     backend: str = "memory"
-    """"memory" (one process), "file" (workers on one host), "consul" or "s3" (several
-    hosts; "s3" needs store.backend = "s3")."""
+    """"memory" (one process), "file" (workers on one host), "consul", "redis" or "s3"
+    (several hosts; "s3" needs store.backend = "s3")."""
     acquire_timeout: float = 20.0
     """Seconds a request waits for a held lock (after asking the holder to release)
     before it gets 423."""
     file: FileLockConfig = field(default_factory=FileLockConfig)
     consul: ConsulLockConfig = field(default_factory=ConsulLockConfig)
     s3: S3LockConfig = field(default_factory=S3LockConfig)
+    redis: RedisLockConfig = field(default_factory=RedisLockConfig)
 
 
 @dataclass
@@ -503,16 +524,17 @@ def validate(config: Config) -> None:
         raise ConfigError("store.s3.max_buffered_parts and max_concurrent_part_uploads must be at least 1")
     if s3.deferred_length_ceiling and s3.deferred_length_ceiling < s3.part_size:
         raise ConfigError("store.s3.deferred_length_ceiling must be 0 (automatic) or at least store.s3.part_size")
-    if config.lock.backend not in {"memory", "file", "consul", "s3"}:
+    if config.lock.backend not in {"memory", "file", "consul", "redis", "s3"}:
         raise ConfigError(
-            f"lock.backend must be \"memory\", \"file\", \"consul\" or \"s3\", got {config.lock.backend!r}"
+            "lock.backend must be \"memory\", \"file\", \"consul\", \"redis\" or \"s3\", "
+            f"got {config.lock.backend!r}"
         )
     if config.lock.backend == "s3":
         _validate_s3_lock(config)
     if server.workers > 1 and config.lock.backend == "memory":
         raise ConfigError(
             "server.workers > 1 needs a lock shared between processes: "
-            "set lock.backend = \"file\" (one host), \"consul\" or \"s3\" (several hosts)"
+            "set lock.backend = \"file\" (one host), \"consul\", \"redis\" or \"s3\" (several hosts)"
         )
     if config.lock.acquire_timeout <= 0:
         raise ConfigError("lock.acquire_timeout must be positive")
@@ -521,6 +543,7 @@ def validate(config: Config) -> None:
     if not 10 <= config.lock.consul.session_ttl <= 86400:
         raise ConfigError("lock.consul.session_ttl must be between 10 and 86400 seconds (Consul's range)")
     _validate_consul_lock(config.lock.consul)
+    _validate_redis_lock(config.lock.redis)
     if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"log.level must be debug, info, warning or error, got {config.log.level!r}")
     if config.log.format not in {"text", "json"}:
@@ -577,3 +600,13 @@ def _validate_consul_lock(consul: ConsulLockConfig) -> None:
         raise ConfigError("lock.consul.lock_delay must be between 0 and 60 seconds (Consul's range)")
     if consul.request_timeout <= 0:
         raise ConfigError("lock.consul.request_timeout must be positive")
+
+
+def _validate_redis_lock(redis: RedisLockConfig) -> None:
+    scheme, _, rest = redis.url.partition("://")
+    if scheme not in {"redis", "rediss"} or not rest:
+        raise ConfigError("lock.redis.url must start with redis:// or rediss:// (one Redis endpoint)")
+    if redis.lease < 1:
+        raise ConfigError("lock.redis.lease must be at least 1 second")
+    if not 0 < redis.request_timeout <= redis.lease / 3:
+        raise ConfigError("lock.redis.request_timeout must be positive and at most lock.redis.lease / 3")
