@@ -259,7 +259,7 @@ class S3Upload:
         """
         info = self._info
         if info.finished:
-            raise StoreError(f"upload {info.id} is already finished")
+            return await self._write_nothing(offset, body)
         config = self._context.config
         with store_errors(info.id):
             base = await self._current_layout()
@@ -282,6 +282,18 @@ class S3Upload:
             if outcome.error is not None:
                 raise outcome.error
         return self._info
+
+    async def _write_nothing(self, offset: int, body: UploadBody) -> UploadInfo:
+        """A write to a finished upload: the handler bounds its body to nothing (an
+        empty PATCH repeated after the last one, or the PATCH that declared a length
+        of 0 and so finished the upload before writing); anything else is an error."""
+        info = self._info
+        if offset != info.offset:
+            raise StoreError(f"upload {info.id}: stored offset is {info.offset}, not {offset}")
+        async for chunk in body:
+            if chunk:
+                raise StoreError(f"upload {info.id} is already finished")
+        return info
 
     async def finish(self) -> UploadInfo:
         """Complete the multipart upload (the tail, if any, becomes the last part),
