@@ -4,11 +4,23 @@ schemeless endpoint URL."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
-from helpers import make_bucket, object_bytes
+from helpers import data_of, make_bucket, object_bytes
+from tcp_proxy import FreezingProxy
 from test_s3_extensions import Tus
 from test_s3_support import open_store, s3_config
 from tus_fakes import BASE, Harness, StaticBody, header, make_request
+
+from tusd_py import cli
+from tusd_py.config import ConfigError, load_config
+from tusd_py.metrics import Metrics
+from tusd_py.stores.s3 import S3Store
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -70,3 +82,97 @@ async def test_empty_patch_to_a_finished_upload_on_s3(fast_moto: str) -> None:
         await _empty_patch(tus, upload_id, 10)
     finally:
         await store.close()
+
+
+# --- a stalled S3 endpoint ----------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(fast_moto: str) -> Iterator[FreezingProxy]:
+    """A freezable TCP proxy in front of ``fast_moto``."""
+    upstream = urllib.parse.urlsplit(fast_moto).port
+    assert upstream is not None
+    frozen = FreezingProxy(upstream)
+    yield frozen
+    frozen.close()
+
+
+async def test_stalled_s3_answers_503_with_the_stored_offset(
+    fast_moto: str, proxy: FreezingProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S3 stops answering in the middle of an UploadPart's body: each request is cut
+    off after store.s3.request_timeout and retried, then the PATCH answers 503 with the
+    offset that is stored, having logged each timed-out request and counted it, and
+    the upload's lock is free (a HEAD answers at once)."""
+    bucket = await make_bucket(fast_moto)
+    config = s3_config(proxy.url, bucket, request_timeout=1.0)
+    metrics = Metrics(process_metrics=False)
+    store = await S3Store.open(config, observer=metrics)  # 5 attempts per call
+    try:
+        tus = Tus(store)
+        data = data_of(3 * MiB)
+        upload_id = await tus.create(len(data))
+        first = MiB + 300 * KiB  # part 1 and a tail segment
+        assert (await tus.patch(upload_id, 0, data[:first])).status == 204
+
+        proxy.freeze_after(256 * KiB)  # inside the body of part 2
+        started = time.monotonic()
+        async with asyncio.timeout(30):  # without a deadline: minutes
+            response = await tus.patch(upload_id, first, data[first:])
+        elapsed = time.monotonic() - started
+        assert proxy.frozen.is_set()
+        assert response.status == 503, response.status
+        assert header(response, "Upload-Offset") == str(first)
+        # 5 attempts x 1 s plus at most 3 s of backoff, plus slack for a loaded host.
+        assert elapsed < 12, elapsed
+
+        timeouts = [record.getMessage() for record in caplog.records if "timed out after" in record.getMessage()]
+        assert len(timeouts) >= 5, timeouts
+        assert f"S3 UploadPart of {bucket}/{upload_id} timed out after 1.0 s" in timeouts
+        counted = metrics.registry.get_sample_value("tusd_py_s3_request_timeouts_total", {"operation": "UploadPart"})
+        assert counted is not None and counted >= 5
+
+        # What S3 holds while it is still frozen (read past the proxy): the 503's offset.
+        direct = await open_store(s3_config(fast_moto, bucket))
+        try:
+            assert (await direct.get(upload_id)).info.offset == first
+        finally:
+            await direct.close()
+
+        # Thawed, the requests held in the proxy reach S3 late (as after a stopped
+        # process resumes) and may add parts: the client resumes from HEAD's offset.
+        proxy.thaw()
+        offset = await _offset(tus, upload_id)  # at once: the lock is free
+        assert first <= offset < len(data)
+        assert (await tus.patch(upload_id, offset, data[offset:])).status == 204
+        assert await object_bytes(fast_moto, bucket, upload_id) == data
+    finally:
+        proxy.thaw()
+        await store.close()
+
+
+async def _offset(tus: Tus, upload_id: str) -> int:
+    response = await tus.handler(make_request("HEAD", BASE + upload_id))
+    assert response.status == 200, response.status
+    return int(header(response, "Upload-Offset") or "-1")
+
+
+# --- configuration --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["localhost:9000", "127.0.0.1:9000", "ftp://host", "http://", "minio"])
+def test_endpoint_url_without_a_scheme_is_a_one_line_error(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tusd-py.toml"
+    path.write_text(f'[store]\nbackend = "s3"\n[store.s3]\nbucket = "uploads"\nendpoint_url = "{url}"\n')
+    with pytest.raises(ConfigError, match="store.s3.endpoint_url must be a URL starting with http://"):
+        load_config(path, environ={})
+    assert cli.main(["--config", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "store.s3.endpoint_url" in error and url in error
+
+
+def test_request_timeout_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="store.s3.request_timeout must be positive"):
+        load_config(environ={"TUSD_PY_STORE_S3_REQUEST_TIMEOUT": "0"})

@@ -52,6 +52,7 @@ from tusd_py.stores.base import (
 )
 from tusd_py.stores.s3_client import (
     AioS3Client,
+    Deadlines,
     S3Client,
     S3Error,
     S3NotFound,
@@ -131,6 +132,8 @@ class S3Store:
                 endpoint_url=config.endpoint_url,
                 region=config.region,
                 max_pool_connections=config.max_concurrent_part_uploads * 2 + 8,
+                deadlines=Deadlines(config.request_timeout, config.part_size),
+                on_timeout=observer.s3_timeout if observer is not None else None,
             )
         except S3Error as error:
             raise StoreConfigError(f"S3 store: {error}") from error

@@ -17,6 +17,7 @@ from tusd_py.stores.s3_client import (
     ObjectPage,
     PartPage,
     S3Client,
+    S3Timeout,
     S3TransientError,
 )
 
@@ -67,7 +68,8 @@ class RetryingS3Client:
                 if attempt >= self._policy.max_attempts:
                     raise
                 delay = self._policy.delay(attempt)
-                log.warning("S3 call failed (%s); retry %d in %.2fs", error, attempt, delay)
+                if not isinstance(error, S3Timeout):  # which logged itself, once per request
+                    log.warning("S3 call failed (%s); retry %d in %.2fs", error, attempt, delay)
                 attempt += 1
                 await self._sleep(delay)
 
