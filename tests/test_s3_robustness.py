@@ -7,23 +7,29 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiobotocore.session import get_session
 from helpers import data_of, make_bucket, object_bytes
 from tcp_proxy import FreezingProxy
 from test_s3_extensions import Tus
-from test_s3_support import open_store, s3_config
+from test_s3_support import SeamWrapper, open_store, s3_config
 from tus_fakes import BASE, Harness, StaticBody, header, make_request
 
 from tusd_py import cli
 from tusd_py.config import ConfigError, load_config
 from tusd_py.metrics import Metrics
 from tusd_py.stores.s3 import S3Store
+from tusd_py.stores.s3_client import S3Client, S3TransientError
+from tusd_py.stores.s3_objects import S3Fields
 
 KiB = 1024
 MiB = 1024 * KiB
+MOTO_INITIATED = 1262304000.0
+"""2010-01-01T00:00:00Z, about when moto says every multipart upload began."""
 
 
 # --- zero-length upload with deferred length -------------------------------------------
@@ -155,6 +161,75 @@ async def _offset(tus: Tus, upload_id: str) -> int:
     response = await tus.handler(make_request("HEAD", BASE + upload_id))
     assert response.status == 200, response.status
     return int(header(response, "Upload-Offset") or "-1")
+
+
+# --- multipart uploads left by a retried CreateMultipartUpload --------------------------
+
+
+class CreatedThen500(SeamWrapper):
+    """CreateMultipartUpload reaches S3, which creates the multipart upload but
+    answers 500 (the first ``failures`` times)."""
+
+    def __init__(self, inner: S3Client, failures: int = 1) -> None:
+        super().__init__(inner)
+        self.failures = failures
+
+    async def _call(self, operation: str, call: Callable[[], Any], sent: int = 0) -> Any:
+        result = await call()
+        if operation == "CreateMultipartUpload" and self.failures > 0:
+            self.failures -= 1
+            raise S3TransientError(operation, "InternalError", 500, "created, then failed")
+        return result
+
+
+async def _multipart_ids(endpoint: str, bucket: str, key: str) -> list[str]:
+    async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1") as client:
+        listing = await client.list_multipart_uploads(Bucket=bucket, Prefix=key)
+    return [item["UploadId"] for item in listing.get("Uploads", []) if item["Key"] == key]
+
+
+async def test_retried_create_leaves_one_multipart_upload(fast_moto: str) -> None:
+    bucket = await make_bucket(fast_moto)
+    store = await open_store(s3_config(fast_moto, bucket), inner_wrap=lambda inner: CreatedThen500(inner, 2))
+    try:
+        tus = Tus(store)
+        data = data_of(MiB + 10)
+        upload_id = await tus.create(len(data))
+        named = S3Fields.of((await store.get(upload_id)).info.storage).multipart_upload_id
+        assert await _multipart_ids(fast_moto, bucket, upload_id) == [named]
+        assert (await tus.patch(upload_id, 0, data)).status == 204
+        assert await _multipart_ids(fast_moto, bucket, upload_id) == []
+        assert await object_bytes(fast_moto, bucket, upload_id) == data
+    finally:
+        await store.close()
+
+
+async def test_sweep_aborts_multipart_uploads_no_info_names(fast_moto: str) -> None:
+    """A multipart upload of a key whose ``.info`` names another one (left by a
+    failed attempt before the fix, or by a crash) is aborted after the grace period;
+    the named one is kept."""
+    bucket = await make_bucket(fast_moto)
+    store = await open_store(s3_config(fast_moto, bucket))
+    try:
+        tus = Tus(store)
+        data = data_of(MiB + 10)
+        upload_id = await tus.create(len(data))
+        async with get_session().create_client("s3", endpoint_url=fast_moto, region_name="us-east-1") as client:
+            leaked = (await client.create_multipart_upload(Bucket=bucket, Key=upload_id))["UploadId"]
+        named = S3Fields.of((await store.get(upload_id)).info.storage).multipart_upload_id
+        assert sorted(await _multipart_ids(fast_moto, bucket, upload_id)) == sorted([named, leaked])
+
+        # Within the grace period: kept. (moto reports a fixed 2010 "Initiated" for
+        # every multipart upload, so "younger" means younger than 2009 here.)
+        assert await store.remove_orphans(created_before=MOTO_INITIATED - 86400) == 0
+        assert len(await _multipart_ids(fast_moto, bucket, upload_id)) == 2
+        assert await store.remove_orphans(created_before=time.time() + 60) == 1
+        assert await _multipart_ids(fast_moto, bucket, upload_id) == [named]
+
+        assert (await tus.patch(upload_id, 0, data)).status == 204
+        assert await object_bytes(fast_moto, bucket, upload_id) == data
+    finally:
+        await store.close()
 
 
 # --- configuration --------------------------------------------------------------------
