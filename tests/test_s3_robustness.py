@@ -5,6 +5,8 @@ schemeless endpoint URL."""
 from __future__ import annotations
 
 import asyncio
+import http.server
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ from tus_fakes import BASE, Harness, StaticBody, header, make_request
 from tusd_py import cli
 from tusd_py.config import ConfigError, load_config
 from tusd_py.metrics import Metrics
+from tusd_py.stores.base import StoreConfigError
 from tusd_py.stores.s3 import S3Store
 from tusd_py.stores.s3_client import S3Client, S3TransientError
 from tusd_py.stores.s3_objects import S3Fields
@@ -230,6 +233,70 @@ async def test_sweep_aborts_multipart_uploads_no_info_names(fast_moto: str) -> N
         assert await object_bytes(fast_moto, bucket, upload_id) == data
     finally:
         await store.close()
+
+
+# --- the start-up bucket check -----------------------------------------------------------
+
+
+class _BucketEndpoint(http.server.BaseHTTPRequestHandler):
+    """An "S3" that answers HeadBucket with a bodiless 400 (as S3 answers a HEAD that
+    timed out: RequestTimeout, with no body to say so) ``failures`` times, then 200."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        server = self.server
+        assert isinstance(server, _BucketServer)
+        server.heads += 1
+        self.send_response(400 if server.heads <= server.failures else 200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        pass
+
+
+class _BucketServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(("127.0.0.1", 0), _BucketEndpoint)
+        self.failures = failures
+        self.heads = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def bucket_server(request: pytest.FixtureRequest) -> Iterator[_BucketServer]:
+    server = _BucketServer(request.param)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("bucket_server", [2], indirect=True)
+async def test_bucket_check_retries_a_bodiless_400(bucket_server: _BucketServer) -> None:
+    store = await S3Store.open(s3_config(bucket_server.url, "uploads"))
+    await store.close()
+    assert bucket_server.heads == 3
+
+
+@pytest.mark.parametrize("bucket_server", [1000], indirect=True)
+async def test_bucket_check_says_what_it_tried(bucket_server: _BucketServer) -> None:
+    with pytest.raises(StoreConfigError) as raised:
+        await S3Store.open(s3_config(bucket_server.url, "uploads"))
+    message = str(raised.value)
+    assert "\n" not in message
+    expected = f"cannot use S3 bucket 'uploads' at {bucket_server.url}: HeadBucket answered 400 without an error code"
+    assert expected in message
+    assert "HeadBucket tried 4 times in" in message
+    assert bucket_server.heads == 4
 
 
 # --- configuration --------------------------------------------------------------------
