@@ -88,6 +88,9 @@ class SpoolRecorder:
         self.in_use += delta
         self.most = max(self.most, self.in_use)
 
+    def s3_timeout(self, operation: str) -> None:
+        self.calls.append(f"{operation} timed out")
+
 
 async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
     for start in range(0, len(data), size):

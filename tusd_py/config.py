@@ -17,6 +17,7 @@ import re
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,12 @@ class S3StoreConfig:
     deferred_length_ceiling: Size = Size(0)
     """Largest total length of an upload whose length is deferred; it fixes the part
     size of such uploads. 0: max_size if set, else part_size x 10,000."""
+    request_timeout: float = 30.0
+    """Seconds one S3 request may take from start to answer, sending its body
+    included; for bodies larger than part_size (parts raised for very large uploads)
+    it grows in proportion. 30 s carries an 8 MiB part at 2.2 Mbit/s (about
+    280 KiB/s), far below any link a server should use to S3, while a stalled
+    endpoint costs at most 30 s per attempt (5 attempts, then 503)."""
 
 
 @dataclass
@@ -524,6 +531,9 @@ def validate(config: Config) -> None:
         raise ConfigError("store.s3.max_buffered_parts and max_concurrent_part_uploads must be at least 1")
     if s3.deferred_length_ceiling and s3.deferred_length_ceiling < s3.part_size:
         raise ConfigError("store.s3.deferred_length_ceiling must be 0 (automatic) or at least store.s3.part_size")
+    _validate_s3_endpoint(s3.endpoint_url)
+    if s3.request_timeout <= 0:
+        raise ConfigError("store.s3.request_timeout must be positive")
     if config.lock.backend not in {"memory", "file", "consul", "redis", "s3"}:
         raise ConfigError(
             "lock.backend must be \"memory\", \"file\", \"consul\", \"redis\" or \"s3\", "
@@ -555,6 +565,17 @@ def validate(config: Config) -> None:
         raise ConfigError("expiration.lifetime, sweep_interval and orphan_grace must not be negative")
     if config.checksum.max_buffered_size < 1:
         raise ConfigError("checksum.max_buffered_size must be at least 1 byte")
+
+
+def _validate_s3_endpoint(url: str) -> None:
+    if not url:
+        return
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ConfigError(
+            f"store.s3.endpoint_url must be a URL starting with http:// or https:// "
+            f"(e.g. http://127.0.0.1:9000), got {url!r}"
+        )
 
 
 def _validate_hooks(hooks: HooksConfig) -> None:

@@ -131,6 +131,10 @@ class Metrics:
             "s3_call_errors", "S3 API calls that failed after retries, by operation.",
             ["operation"], namespace=NAMESPACE, registry=registry,
         )
+        self._s3_timeouts = Counter(
+            "s3_request_timeouts", "S3 requests cut off by store.s3.request_timeout (each attempt), by operation.",
+            ["operation"], namespace=NAMESPACE, registry=registry,
+        )
         self._hook_deliveries = Counter(
             "hook_deliveries", "Hook deliveries by event and outcome (ok, failed, dropped).",
             ["event", "outcome"], namespace=NAMESPACE, registry=registry,
@@ -201,6 +205,10 @@ class Metrics:
     def spool_in_use(self, delta: int) -> None:
         """A spool slot was taken (+1) or freed (-1)."""
         self.spool_slots_in_use += delta
+
+    def s3_timeout(self, operation: str) -> None:
+        """One request of S3 call ``operation`` ran out of time (store.s3.request_timeout)."""
+        self._s3_timeouts.labels(operation).inc()
 
     # --- hooks ------------------------------------------------------------------------
 

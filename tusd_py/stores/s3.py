@@ -50,8 +50,11 @@ the offset rule in ``s3_parts``, concatenation in ``s3_concat``, the expiry swee
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -65,9 +68,11 @@ from tusd_py.stores.base import (
 )
 from tusd_py.stores.s3_client import (
     AioS3Client,
+    Deadlines,
     S3Client,
     S3Error,
     S3NotFound,
+    S3TransientError,
     content_md5,
 )
 from tusd_py.stores.s3_concat import concatenate
@@ -93,6 +98,46 @@ from tusd_py.stores.s3_retry import RetryingS3Client, RetryPolicy
 from tusd_py.stores.s3_spool import SpoolRing
 from tusd_py.stores.s3_sweep import S3Sweep
 from tusd_py.stores.s3_writer import PatchWriter
+
+log = logging.getLogger("tusd_py.stores.s3")
+
+
+BUCKET_CHECK_RETRIES = RetryPolicy(max_attempts=4, base_delay=0.25, max_delay=2.0)
+"""Start-up checks of the bucket, on top of the client's own retries: a bodiless
+answer (HEAD has none) may hide a transient error, e.g. a 400 that was RequestTimeout."""
+
+
+class _BucketCheckFailed(Exception):
+    def __init__(self, error: S3Error, tried: str) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.tried = tried
+
+
+async def _check_bucket(client: S3Client, bucket: str, policy: RetryPolicy = BUCKET_CHECK_RETRIES) -> None:
+    """HeadBucket until it succeeds, fails for a reason S3 named, or ``policy`` runs
+    out; raises ``_BucketCheckFailed`` saying what was tried. (Transient errors that
+    S3 named are retried by the client already.)"""
+    started = time.monotonic()
+    attempt = 1
+    while True:
+        try:
+            await client.head_bucket(bucket)
+            return
+        except S3Error as error:
+            # Nameless (the code is just the status) and not an answer about access
+            # or existence: perhaps transient, like the failures the client retries.
+            nameless = error.code == str(error.status) and error.status not in (301, 401, 403, 404)
+            if not nameless or attempt >= policy.max_attempts:
+                times = f"{attempt} times" if attempt > 1 else "once"
+                tried = f"HeadBucket tried {times} in {time.monotonic() - started:.1f} s"
+                if isinstance(error, S3TransientError):
+                    tried += ", with the client's retries"
+                raise _BucketCheckFailed(error, tried) from error
+            delay = policy.delay(attempt)
+            log.warning("S3 bucket check failed (%s); trying again in %.1f s", error, delay)
+            attempt += 1
+            await asyncio.sleep(delay)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +189,8 @@ class S3Store:
                 endpoint_url=config.endpoint_url,
                 region=config.region,
                 max_pool_connections=config.max_concurrent_part_uploads * 2 + 8,
+                deadlines=Deadlines(config.request_timeout, config.part_size),
+                on_timeout=observer.s3_timeout if observer is not None else None,
             )
         except S3Error as error:
             raise StoreConfigError(f"S3 store: {error}") from error
@@ -151,21 +198,27 @@ class S3Store:
         if observer is not None:
             client = ObservedS3Client(client, observer)
         try:
-            await client.head_bucket(config.bucket)
-        except S3Error as error:
+            await _check_bucket(client, config.bucket)
+        except _BucketCheckFailed as failed:
             await client.close()
-            if isinstance(error, S3NotFound):
+            cause, tried = failed.error, failed.tried
+            if isinstance(cause, S3NotFound):
                 message = f"S3 bucket {config.bucket!r} does not exist at {where}"
-            elif error.status in (401, 403) or error.code in {"InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+            elif cause.status in (401, 403) or cause.code in {"InvalidAccessKeyId", "SignatureDoesNotMatch"}:
                 message = (
-                    f"S3 refused access to bucket {config.bucket!r} at {where} ({error.code}): check the "
+                    f"S3 refused access to bucket {config.bucket!r} at {where} ({cause.code}): check the "
                     "AWS credentials (environment, profile or instance role) and the bucket policy"
                 )
-            elif error.code == "ConnectionError":
-                message = f"cannot reach S3 at {where}: {error}"
+            elif cause.code == "ConnectionError":
+                message = f"cannot reach S3 at {where}: {cause} ({tried})"
+            elif cause.code == str(cause.status):  # a HEAD answer has no body to name the error
+                message = (
+                    f"cannot use S3 bucket {config.bucket!r} at {where}: HeadBucket answered {cause.status} "
+                    f"without an error code ({tried}); a 400 may be a wrong store.s3.region or endpoint_url"
+                )
             else:
-                message = f"cannot use S3 bucket {config.bucket!r} at {where}: {error}"
-            raise StoreConfigError(message) from error
+                message = f"cannot use S3 bucket {config.bucket!r} at {where}: {cause} ({tried})"
+            raise StoreConfigError(message) from cause
         except BaseException:
             await client.close()
             raise
@@ -278,7 +331,7 @@ class S3Upload:
         """
         info = self._info
         if info.finished:
-            raise StoreError(f"upload {info.id} is already finished")
+            return await self._write_nothing(offset, body)
         config = self._context.config
         with store_errors(info.id):
             base = await self._current_layout()
@@ -301,6 +354,18 @@ class S3Upload:
             if outcome.error is not None:
                 raise outcome.error
         return self._info
+
+    async def _write_nothing(self, offset: int, body: UploadBody) -> UploadInfo:
+        """A write to a finished upload: the handler bounds its body to nothing (an
+        empty PATCH repeated after the last one, or the PATCH that declared a length
+        of 0 and so finished the upload before writing); anything else is an error."""
+        info = self._info
+        if offset != info.offset:
+            raise StoreError(f"upload {info.id}: stored offset is {info.offset}, not {offset}")
+        async for chunk in body:
+            if chunk:
+                raise StoreError(f"upload {info.id} is already finished")
+        return info
 
     async def finish(self) -> UploadInfo:
         """Complete the multipart upload (the tail, if any, becomes the last part),

@@ -23,7 +23,7 @@ import contextlib
 import email.utils
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -89,6 +89,35 @@ class StampedObject:
     etag: str
     last_modified: float
     date: float
+
+
+class S3Timeout(S3TransientError):
+    """The request got no complete answer within its deadline (``Deadlines``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """How long one S3 request may take, from its start to the end of its answer,
+    sending the body included (botocore's connect and read timeouts do not bound a
+    send that stalls)."""
+
+    seconds: float = 30.0
+    """A request with no body, or a body of up to ``body_size`` bytes."""
+    body_size: int = 8 * 1024 * 1024
+    """Larger bodies (and server-side copies) get proportionally longer."""
+
+    def for_body(self, size: int) -> float:
+        """The deadline of a request that sends (or copies) ``size`` bytes."""
+        return self.seconds * max(1.0, size / self.body_size)
+
+    @property
+    def complete(self) -> float:
+        """CompleteMultipartUpload: S3 assembles the object meanwhile, which AWS says
+        may take minutes for large objects."""
+        return self.seconds * COMPLETE_DEADLINE_FACTOR
+
+
+COMPLETE_DEADLINE_FACTOR = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,9 +360,38 @@ def _load_botocore_data(session: AioSession) -> None:
 class AioS3Client:
     """``S3Client`` over one aiobotocore S3 client (created by ``connect``)."""
 
-    def __init__(self, client: Any, exit_stack: contextlib.AsyncExitStack | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        exit_stack: contextlib.AsyncExitStack | None = None,
+        *,
+        deadlines: Deadlines | None = None,
+        on_timeout: Callable[[str], None] | None = None,
+    ) -> None:
+        """``on_timeout`` hears the operation of every request that ran out of time."""
         self._client = client
         self._exit_stack = exit_stack
+        self._deadlines = deadlines or Deadlines()
+        self._on_timeout = on_timeout
+
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, operation: str, bucket: str, key: str = "", seconds: float | None = None
+    ) -> AsyncIterator[None]:
+        """One request: botocore's errors translated, and cut off (``S3Timeout``,
+        one log line) when it takes longer than ``seconds`` (default: the plain
+        deadline)."""
+        limit = self._deadlines.seconds if seconds is None else seconds
+        try:
+            async with asyncio.timeout(limit):
+                with _translated(operation):
+                    yield
+        except TimeoutError as error:  # only the deadline's: _translated turned all others
+            where = f"{bucket}/{key}" if key else bucket
+            log.warning("S3 %s of %s timed out after %.1f s", operation, where, limit)
+            if self._on_timeout is not None:
+                self._on_timeout(operation)
+            raise S3Timeout(operation, "Timeout", 0, f"no complete answer within {limit:.1f} s") from error
 
     @classmethod
     async def connect(
@@ -344,6 +402,8 @@ class AioS3Client:
         max_pool_connections: int = 10,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
+        deadlines: Deadlines | None = None,
+        on_timeout: Callable[[str], None] | None = None,
     ) -> AioS3Client:
         """An S3 client with credentials from the standard AWS chain (environment,
         shared files/profile, container and instance metadata).
@@ -383,22 +443,22 @@ class AioS3Client:
             session.create_client("s3", endpoint_url=endpoint_url or None, region_name=region, config=config)
         )
         _send_bodies_as_bytes(client)
-        return cls(client, exit_stack)
+        return cls(client, exit_stack, deadlines=deadlines, on_timeout=on_timeout)
 
     async def head_bucket(self, bucket: str) -> None:
-        with _translated("HeadBucket"):
+        async with self._request("HeadBucket", bucket):
             await self._client.head_bucket(Bucket=bucket)
 
     async def create_multipart_upload(self, bucket: str, key: str, content_type: str | None) -> str:
         extra = {"ContentType": content_type} if content_type else {}
-        with _translated("CreateMultipartUpload"):
+        async with self._request("CreateMultipartUpload", bucket, key):
             response = await self._client.create_multipart_upload(Bucket=bucket, Key=key, **extra)
         return str(response["UploadId"])
 
     async def upload_part(
         self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
     ) -> str:
-        with _translated("UploadPart"):
+        async with self._request("UploadPart", bucket, key, self._deadlines.for_body(len(body))):
             response = await self._client.upload_part(
                 Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=part_number, Body=body, ContentMD5=content_md5
             )
@@ -407,7 +467,7 @@ class AioS3Client:
     async def upload_part_copy(
         self, bucket: str, key: str, upload_id: str, part_number: int, source_key: str, start: int, stop: int
     ) -> str:
-        with _translated("UploadPartCopy"):
+        async with self._request("UploadPartCopy", bucket, key, self._deadlines.for_body(stop - start)):
             response = await self._client.upload_part_copy(
                 Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=part_number,
                 CopySource={"Bucket": bucket, "Key": source_key}, CopySourceRange=f"bytes={start}-{stop - 1}",
@@ -418,7 +478,7 @@ class AioS3Client:
         self, bucket: str, prefix: str, marker: tuple[str, str] | None
     ) -> MultipartPage:
         extra = {"KeyMarker": marker[0], "UploadIdMarker": marker[1]} if marker else {}
-        with _translated("ListMultipartUploads"):
+        async with self._request("ListMultipartUploads", bucket, prefix):
             response = await self._client.list_multipart_uploads(Bucket=bucket, Prefix=prefix, **extra)
         uploads = [
             MultipartEntry(str(item["Key"]), str(item["UploadId"]), item["Initiated"].timestamp())
@@ -431,7 +491,7 @@ class AioS3Client:
 
     async def list_parts(self, bucket: str, key: str, upload_id: str, marker: int | None) -> PartPage:
         extra = {"PartNumberMarker": marker} if marker else {}
-        with _translated("ListParts"):
+        async with self._request("ListParts", bucket, key):
             response = await self._client.list_parts(Bucket=bucket, Key=key, UploadId=upload_id, **extra)
         parts = [
             PartEntry(int(part["PartNumber"]), int(part["Size"]), str(part["ETag"]))
@@ -444,23 +504,23 @@ class AioS3Client:
     async def complete_multipart_upload(
         self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]]
     ) -> None:
-        with _translated("CompleteMultipartUpload"):
+        async with self._request("CompleteMultipartUpload", bucket, key, self._deadlines.complete):
             await self._client.complete_multipart_upload(
                 Bucket=bucket, Key=key, UploadId=upload_id,
                 MultipartUpload={"Parts": [{"PartNumber": number, "ETag": etag} for number, etag in parts]},
             )
 
     async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
-        with _translated("AbortMultipartUpload"):
+        async with self._request("AbortMultipartUpload", bucket, key):
             await self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
 
     async def put_object(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
-        with _translated("PutObject"):
+        async with self._request("PutObject", bucket, key, self._deadlines.for_body(len(body))):
             response = await self._client.put_object(Bucket=bucket, Key=key, Body=body, ContentMD5=content_md5)
         return str(response["ETag"])
 
     async def get_object(self, bucket: str, key: str) -> bytes:
-        with _translated("GetObject"):
+        async with self._request("GetObject", bucket, key):
             response = await self._client.get_object(Bucket=bucket, Key=key)
             async with response["Body"] as body:
                 return bytes(await body.read())
@@ -468,23 +528,27 @@ class AioS3Client:
     async def stream_object(self, bucket: str, key: str, start: int, stop: int) -> AsyncGenerator[bytes, None]:
         if start >= stop:
             return
-        with _translated("GetObject"):
+        # The deadline bounds the request and each chunk's read, not the whole
+        # download (a slow client may take long to take the bytes).
+        async with self._request("GetObject", bucket, key):
             response = await self._client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
+        with _translated("GetObject"):
             async with response["Body"] as body:
                 while True:
-                    chunk = await body.read(STREAM_CHUNK_SIZE)
+                    async with self._request("GetObject", bucket, key):
+                        chunk = await body.read(STREAM_CHUNK_SIZE)
                     if not chunk:
                         return
                     yield bytes(chunk)
 
     async def head_object(self, bucket: str, key: str) -> ObjectEntry:
-        with _translated("HeadObject"):
+        async with self._request("HeadObject", bucket, key):
             response = await self._client.head_object(Bucket=bucket, Key=key)
         return ObjectEntry(key, int(response["ContentLength"]), str(response.get("ETag", "")))
 
     async def list_objects(self, bucket: str, prefix: str, token: str | None) -> ObjectPage:
         extra = {"ContinuationToken": token} if token else {}
-        with _translated("ListObjectsV2"):
+        async with self._request("ListObjectsV2", bucket, prefix):
             response = await self._client.list_objects_v2(Bucket=bucket, Prefix=prefix, **extra)
         objects = [
             ObjectEntry(
@@ -499,7 +563,7 @@ class AioS3Client:
     async def delete_objects(self, bucket: str, keys: Sequence[str]) -> None:
         if not keys:
             return
-        with _translated("DeleteObjects"):
+        async with self._request("DeleteObjects", bucket, keys[0]):
             response = await self._client.delete_objects(
                 Bucket=bucket, Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True}
             )
@@ -512,16 +576,16 @@ class AioS3Client:
 
     async def put_object_if(self, bucket: str, key: str, body: bytes, *, if_match: str | None) -> str:
         condition = {"IfNoneMatch": "*"} if if_match is None else {"IfMatch": if_match}
-        with _translated("PutObject"):
+        async with self._request("PutObject", bucket, key):
             response = await self._client.put_object(Bucket=bucket, Key=key, Body=body, **condition)
         return str(response["ETag"])
 
     async def delete_object_if(self, bucket: str, key: str, *, if_match: str) -> None:
-        with _translated("DeleteObject"):
+        async with self._request("DeleteObject", bucket, key):
             await self._client.delete_object(Bucket=bucket, Key=key, IfMatch=if_match)
 
     async def get_object_stamped(self, bucket: str, key: str) -> StampedObject:
-        with _translated("GetObject"):
+        async with self._request("GetObject", bucket, key):
             response = await self._client.get_object(Bucket=bucket, Key=key)
             async with response["Body"] as body:
                 data = bytes(await body.read())

@@ -37,6 +37,11 @@ class S3Observer(Protocol):
         """A spool slot was taken (+1) or freed (-1)."""
         ...
 
+    def s3_timeout(self, operation: str) -> None:
+        """One request of S3 call ``operation`` ran out of time (each attempt counts;
+        the call may still succeed on a retry)."""
+        ...
+
 
 class ObservedS3Client:
     """An ``S3Client`` that reports each call's duration and outcome to an observer."""

@@ -17,6 +17,9 @@ from tusd_py.stores.s3_client import (
     ObjectPage,
     PartPage,
     S3Client,
+    S3Error,
+    S3NotFound,
+    S3Timeout,
     S3TransientError,
     StampedObject,
 )
@@ -68,7 +71,8 @@ class RetryingS3Client:
                 if attempt >= self._policy.max_attempts:
                     raise
                 delay = self._policy.delay(attempt)
-                log.warning("S3 call failed (%s); retry %d in %.2fs", error, attempt, delay)
+                if not isinstance(error, S3Timeout):  # which logged itself, once per request
+                    log.warning("S3 call failed (%s); retry %d in %.2fs", error, attempt, delay)
                 attempt += 1
                 await self._sleep(delay)
 
@@ -76,7 +80,39 @@ class RetryingS3Client:
         await self._retry(lambda: self._inner.head_bucket(bucket))
 
     async def create_multipart_upload(self, bucket: str, key: str, content_type: str | None) -> str:
-        return await self._retry(lambda: self._inner.create_multipart_upload(bucket, key, content_type))
+        """Start a multipart upload of ``key``. An attempt that failed may have
+        created one all the same (S3 answered 500 after the fact, or the answer was
+        lost): after a retry, every other multipart upload of ``key`` is aborted, so
+        exactly one is left (keys are new upload ids: any other is such a leftover)."""
+        attempts = 0
+
+        async def create() -> str:
+            nonlocal attempts
+            attempts += 1
+            return await self._inner.create_multipart_upload(bucket, key, content_type)
+
+        multipart_id = await self._retry(create)
+        if attempts > 1:
+            await self._abort_others(bucket, key, multipart_id)
+        return multipart_id
+
+    async def _abort_others(self, bucket: str, key: str, keep: str) -> None:
+        """Abort the multipart uploads of ``key`` but ``keep``; a failure is only
+        logged (the sweep aborts what no ``.info`` names)."""
+        marker: tuple[str, str] | None = None
+        try:
+            while True:
+                page = await self.list_multipart_uploads(bucket, key, marker)
+                for upload in page.uploads:
+                    if upload.key == key and upload.upload_id != keep:
+                        with contextlib.suppress(S3NotFound):
+                            await self.abort_multipart_upload(bucket, key, upload.upload_id)
+                        log.info("aborted multipart upload %s of %s left by a failed attempt", upload.upload_id, key)
+                if page.next_marker is None:
+                    return
+                marker = page.next_marker
+        except S3Error as error:
+            log.warning("could not look for multipart uploads of %s left by a failed attempt: %s", key, error)
 
     async def upload_part(
         self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from tusd_py.stores.base import StoreUnavailable, UploadInfo, UploadNotFound, is_valid_upload_id
 from tusd_py.stores.s3_client import ObjectEntry, S3NotFound
-from tusd_py.stores.s3_objects import S3Objects, store_errors
+from tusd_py.stores.s3_objects import S3Fields, S3Objects, store_errors
 
 log = logging.getLogger("tusd_py.stores.s3")
 
@@ -48,9 +48,11 @@ class S3Sweep:
 
     async def remove_orphans(self, created_before: float) -> int:
         """Abort multipart uploads and delete tail segments under the prefix whose
-        upload has no ``.info`` and that were created before ``created_before``.
-        Objects without ``.info`` are left alone: a complete object may be a finished
-        upload whose ``.info`` its consumer removed on purpose."""
+        upload has no ``.info`` and that were created before ``created_before``; also
+        abort multipart uploads of a key whose ``.info`` names another one (left by a
+        failed attempt at creation). Objects without ``.info`` are left alone: a
+        complete object may be a finished upload whose ``.info`` its consumer removed
+        on purpose."""
         objects = self._objects
         with store_errors(""):
             listed: list[ObjectEntry] = []
@@ -73,23 +75,51 @@ class S3Sweep:
             removed = len(segments)
             if segments:
                 await objects.delete_quietly(segments)
-            marker: tuple[str, str] | None = None
-            while True:
-                multipart_page = await objects.client.list_multipart_uploads(objects.bucket, objects.prefix, marker)
-                for upload in multipart_page.uploads:
-                    owner = self._owner_of(upload.key, "")
-                    if owner is None or owner in with_info or upload.initiated >= created_before:
-                        continue
-                    try:
-                        await objects.client.abort_multipart_upload(objects.bucket, upload.key, upload.upload_id)
-                    except S3NotFound:
-                        continue
-                    log.info("aborted orphan multipart upload of %s", upload.key)
-                    removed += 1
-                if multipart_page.next_marker is None:
-                    break
-                marker = multipart_page.next_marker
+            removed += await self._abort_unreferenced(with_info, created_before)
         return removed
+
+    async def _abort_unreferenced(self, with_info: set[str], created_before: float) -> int:
+        """Abort the multipart uploads created before ``created_before`` that no
+        ``.info`` names: of uploads without one (``with_info``: those with one), and
+        of uploads whose ``.info`` names another."""
+        objects = self._objects
+        named: dict[str, str | None] = {}
+        """Upload id -> the multipart upload id its ``.info`` names (read once)."""
+        removed = 0
+        marker: tuple[str, str] | None = None
+        while True:
+            page = await objects.client.list_multipart_uploads(objects.bucket, objects.prefix, marker)
+            for upload in page.uploads:
+                owner = self._owner_of(upload.key, "")
+                if owner is None or upload.initiated >= created_before:
+                    continue
+                if owner in with_info:
+                    if owner not in named:
+                        named[owner] = await self._named_multipart_id(owner)
+                    if named[owner] in (None, upload.upload_id):  # unknown, or the upload's own
+                        continue
+                try:
+                    await objects.client.abort_multipart_upload(objects.bucket, upload.key, upload.upload_id)
+                except S3NotFound:
+                    continue
+                log.info("aborted multipart upload %s of %s: no upload names it", upload.upload_id, upload.key)
+                removed += 1
+            if page.next_marker is None:
+                return removed
+            marker = page.next_marker
+
+    async def _named_multipart_id(self, upload_id: str) -> str | None:
+        """The multipart upload id in the upload's ``.info``; None when that cannot be
+        read (gone meanwhile, unreadable: then nothing of it is touched)."""
+        objects = self._objects
+        try:
+            with store_errors(upload_id):
+                document = await objects.client.get_object(objects.bucket, objects.keys(upload_id).info)
+            info = objects.parse_info(upload_id, document)
+            return S3Fields.of(info.storage).multipart_upload_id
+        except (UploadNotFound, StoreUnavailable, ValueError) as error:
+            log.warning("not sweeping multipart uploads of %s: %s", upload_id, error)
+            return None
 
     def _owner_of(self, key: str, suffix: str, exact: bool = True) -> str | None:
         """The upload id of ``<prefix><id><suffix>`` (``exact``: nothing after the

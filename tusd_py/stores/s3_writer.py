@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tusd_py.stores.base import StoreError, StoreUnavailable, UploadNotFound, UploadTooLarge
-from tusd_py.stores.s3_client import PartEntry, S3Error, S3NotFound
+from tusd_py.stores.s3_client import PartEntry, S3Error, S3NotFound, S3Timeout
 from tusd_py.stores.s3_parts import Layout, Segment, final_part_number
 from tusd_py.stores.s3_spool import SpoolRing, SpoolSlot
 
@@ -276,7 +276,11 @@ class PatchWriter:
             self.leftover.cancel()
         segments = list(failed_job.prefix)
         is_final = self.length is not None and failed_job.number == final_part_number(self.length, self.part_size)
-        if failed_job.slot is not None and failed_job.slot.size > 0 and not is_final:
+        # After a timeout S3 is stalled: saving the bytes would only wait out another
+        # deadline per attempt before the client hears what is stored.
+        if failed_job.slot is not None and failed_job.slot.size > 0 and not is_final and not isinstance(
+            failure, S3Timeout
+        ):
             try:
                 segments.append(await self._store_segment(failed_job.slot, failed_job.start + failed_job.prefix_size))
             except S3Error as error:

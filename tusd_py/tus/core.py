@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from tusd_py.http.types import Request
 from tusd_py.lockers.base import HeldLock
-from tusd_py.stores.base import IteratedBody, Store, Upload, UploadInfo
+from tusd_py.stores.base import IteratedBody, Store, StoreUnavailable, Upload, UploadInfo
 from tusd_py.tus.body import EndReason, GuardedBody
 from tusd_py.tus.checksum import Checksum, ChecksumSpool
 from tusd_py.tus.errors import (
@@ -24,6 +24,7 @@ from tusd_py.tus.errors import (
     ERR_LENGTH_BELOW_OFFSET,
     ERR_LOCK_LOST,
     ERR_MAX_SIZE_EXCEEDED,
+    ERR_STORE_UNAVAILABLE,
     ERR_UPLOAD_EXPIRED,
     ERR_UPLOAD_SIZE_EXCEEDED,
     TusError,
@@ -140,6 +141,13 @@ class UploadCore:
                     info = await upload.write(start, body)
                 else:
                     info = await self._write_verified(upload, body, held, checksum)
+        except StoreUnavailable as error:
+            # The store says what it kept (``info`` after a failed write): the client
+            # resumes from there without a HEAD that could fail the same way.
+            stored = upload.info.offset
+            log.warning("store unavailable after %d bytes of the body were stored: %s", stored - start, error,
+                        extra={"upload_id": info.id, "request_id": request.request_id})
+            raise TusError(ERR_STORE_UNAVAILABLE, headers=[("Upload-Offset", str(stored))]) from error
         finally:
             self._bodies.discard(body)
             lost_watch.cancel()
