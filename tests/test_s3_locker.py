@@ -21,9 +21,11 @@ from helpers import data_of, make_bucket, object_bytes, s3_client
 from tests.conftest import free_port
 from tusd_py.cli import build_locker
 from tusd_py.config import Config, ConfigError, S3StoreConfig, load_config
+from tusd_py.expiry import Sweeper
 from tusd_py.lockers.base import HeldLock, LockTimeout, LockUnavailable
 from tusd_py.lockers.s3 import S3Locker
 from tusd_py.stores.base import UploadInfo
+from tusd_py.stores.file import FileStore
 from tusd_py.stores.s3 import S3Store
 from tusd_py.stores.s3_client import AioS3Client, S3Client
 
@@ -352,3 +354,42 @@ async def test_a_stale_writer_cannot_corrupt_the_upload(
     assert await object_bytes(fast_moto, bucket, "up/stale1") == data
     assert await keys_under(fast_moto, bucket, "up/.locks/") == []
 
+
+
+async def test_the_sweep_removes_expired_locks_and_orphaned_release_requests(hosts: Instance) -> None:
+    """A crashed host leaves its lock object behind; an upload nobody touches again
+    would keep it forever. The sweep removes it once its lease expired by S3's clock,
+    and a release request whose lock is gone at once; a lock in use stays."""
+    sweeper = await hosts.locker()
+    crashed = {"instance": "gone", "token": "t", "lease": LEASE, "seq": 1}
+    async with s3_client(hosts.endpoint) as client:
+        await client.put_object(Bucket=hosts.bucket, Key=PREFIX + "dead", Body=json.dumps(crashed).encode())
+        await client.put_object(Bucket=hosts.bucket, Key=PREFIX + "nolock.release", Body=b"{}")
+    live = Holder(await hosts.locker(), "live")
+    await bounded(live.acquired.wait())
+
+    assert await sweeper.remove_expired() == 1  # the release request; the lease has not run out
+    assert sorted(await keys_under(hosts.endpoint, hosts.bucket, PREFIX)) == [PREFIX + "dead", PREFIX + "live"]
+
+    # S3's clock has to pass the lease (the thing under test): sweep until it has,
+    # within a bound of three leases.
+    for _ in range(12):
+        if await sweeper.remove_expired():
+            break
+        await asyncio.sleep(LEASE / 4)
+    assert await keys_under(hosts.endpoint, hosts.bucket, PREFIX) == [PREFIX + "live"]  # renewed: kept
+    assert live.held is not None and not live.held.lost.is_set()
+    live.go.set()
+    await bounded(live.task)
+
+
+async def test_the_expiry_sweep_runs_the_lock_sweep(hosts: Instance, tmp_path: Path) -> None:
+    async with s3_client(hosts.endpoint) as client:
+        await client.put_object(Bucket=hosts.bucket, Key=PREFIX + "nolock.release", Body=b"{}")
+    store = FileStore(str(tmp_path))
+    try:
+        result = await Sweeper(store, await hosts.locker(), orphan_grace=3600).sweep()
+    finally:
+        await store.close()
+    assert result.orphans == 1
+    assert await keys_under(hosts.endpoint, hosts.bucket, PREFIX) == []

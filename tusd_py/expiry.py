@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from tusd_py.lockers.base import Locker, LockTimeout, LockUnavailable, no_release_request
+from tusd_py.lockers.base import Locker, LockTimeout, LockUnavailable, RemovesExpiredLocks, no_release_request
 from tusd_py.stores.base import Store, StoreError, SupportsExpiration, UploadNotFound
 
 log = logging.getLogger("tusd_py.expiry")
@@ -33,6 +33,8 @@ class SweepResult:
 
     expired: int
     orphans: int
+    """Storage no upload owns: left without an info document, and expired lock objects
+    of a locker that stores them (the S3 locker)."""
     skipped: int
     """Expired uploads left in place because their lock or the store was unavailable."""
 
@@ -75,6 +77,11 @@ class Sweeper:
                 log.warning("could not remove expired upload %s: %s", listed.id, error)
                 skipped += 1
         orphans = await self._store.remove_orphans(now - self._orphan_grace)
+        if isinstance(self._locker, RemovesExpiredLocks):
+            try:
+                orphans += await self._locker.remove_expired()
+            except LockUnavailable as error:
+                log.warning("could not remove expired locks: %s", error)
         if expired or orphans or skipped:
             log.info("sweep removed %d expired uploads and %d orphans (%d left for later)", expired, orphans, skipped)
         return SweepResult(expired, orphans, skipped)

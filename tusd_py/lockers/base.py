@@ -78,6 +78,17 @@ class Locker(Protocol):
         ...
 
 
+@runtime_checkable
+class RemovesExpiredLocks(Protocol):
+    """A locker whose locks can outlive a crashed holder as stored objects (the S3
+    locker): the expiry sweep calls ``remove_expired``. Lockers whose locks expire by
+    themselves (Redis keys, Consul sessions, file locks) do not implement it."""
+
+    async def remove_expired(self) -> int:
+        """Delete locks whose lease ran out; how many were removed."""
+        ...
+
+
 class LockObserver(Protocol):
     """Receives a locker's numbers (``tusd_py.metrics.Metrics`` is one). Lockers take
     an optional ``observer`` and report through ``observed_lock``."""

@@ -415,6 +415,47 @@ class S3Locker:
     async def _delete_lock(self, key: str, etag: str) -> None:
         await self._call("release lock", key, self._client.delete_object_if(self._bucket, key, if_match=etag))
 
+    # --- sweeping ------------------------------------------------------------------------
+
+    async def remove_expired(self) -> int:
+        """Delete every lock whose lease ran out (judged by S3's clock, deleted with
+        ``If-Match`` on the ETag read, so a lock taken over meanwhile stays) and every
+        release request whose lock is gone; how many objects were removed. Run by the
+        expiry sweep: a holder that crashed leaves its lock behind, and an upload that
+        nobody touches again would keep it forever."""
+        keys: list[str] = []
+        token: str | None = None
+        while True:
+            page = await self._call(
+                "list locks", self._prefix, self._client.list_objects(self._bucket, self._prefix, token)
+            )
+            keys.extend(entry.key for entry in page.objects)
+            if page.next_token is None:
+                break
+            token = page.next_token
+        present = set(keys)
+        removed = 0
+        for key in keys:
+            lock_key = key.removesuffix(RELEASE_REQUEST_SUFFIX)
+            if lock_key != key:
+                if lock_key in present:
+                    continue  # its holder deletes it when it releases
+            elif key.removeprefix(self._prefix) in self._holdings:
+                continue
+            stamped = await self._read(key, "read lock")
+            if stamped is None:
+                continue
+            if lock_key == key:
+                lease = _LockBody.decode(stamped.body, self._lease).lease
+                if stamped.date - stamped.last_modified < lease + CLOCK_RESOLUTION_SECONDS:
+                    continue
+            with contextlib.suppress(S3NotFound, S3PreconditionFailed):
+                await self._delete_lock(key, stamped.etag)
+                removed += 1
+        if removed:
+            log.info("removed %d expired lock object(s) and orphaned release requests", removed)
+        return removed
+
     # --- plumbing ------------------------------------------------------------------------
 
     async def _call(self, what: str, about: str, call: Awaitable[T]) -> T:
