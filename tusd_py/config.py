@@ -295,7 +295,12 @@ class MetricsConfig:
     shadows an upload id."""
 
 
-HOOK_EVENT_NAMES = ("pre-create", "post-create", "post-receive", "post-finish", "post-terminate")
+HOOK_EVENT_NAMES = (
+    "pre-create", "post-create", "post-receive", "pre-finish", "post-finish", "pre-terminate", "post-terminate"
+)
+# pre-finish and pre-terminate make requests wait for the receiver: opt-in (as in tusd),
+# so a receiver written for the other events is not suddenly asked to decide.
+DEFAULT_HOOK_EVENTS = ("pre-create", "post-create", "post-receive", "post-finish", "post-terminate")
 
 
 @dataclass
@@ -303,9 +308,10 @@ class HooksConfig:
     url: str = ""
     """Webhook endpoint that receives hook events as JSON POSTs (http or https;
     user:password@ in the URL becomes Basic auth). Empty: no webhooks."""
-    events: list[str] = field(default_factory=lambda: list(HOOK_EVENT_NAMES))
-    """Events POSTed to ``url``: pre-create, post-create, post-receive, post-finish,
-    post-terminate."""
+    events: list[str] = field(default_factory=lambda: list(DEFAULT_HOOK_EVENTS))
+    """Events POSTed to ``url``: pre-create, post-create, post-receive, pre-finish,
+    post-finish, pre-terminate, post-terminate. pre-finish and pre-terminate (blocking,
+    like pre-create) are off unless listed."""
     timeout: float = 5.0
     """Seconds one delivery attempt may take. pre-create makes the creating request
     wait up to (retries + 1) x timeout plus the backoff delays."""

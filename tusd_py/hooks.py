@@ -8,7 +8,13 @@ Events, in the life of an upload:
 - ``post-create``: the upload exists.
 - ``post-receive``: progress while a PATCH streams, at most one per
   ``hooks.progress_interval`` per upload, plus always one when the PATCH ends.
-- ``post-finish``: the upload is complete (the store finished it).
+- ``pre-finish``: the store finished the upload; the request that completed it waits.
+  A rejection answers it with the given 4xx status and message, a failure with 500; the
+  upload stays complete (it is not asked again) and post-finish is not sent (tusd's way).
+- ``post-finish``: the upload is complete (and pre-finish, when enabled, accepted it).
+- ``pre-terminate``: before a DELETE (or IETF cancellation) takes effect. A rejection
+  answers with the given 4xx status and message, an unreachable receiver with 503;
+  nothing is deleted then.
 - ``post-terminate``: a client deleted the upload.
 
 ``post-*`` events never make a request wait: they go into a bounded queue that a few
@@ -33,8 +39,13 @@ A pre-create answer (webhook JSON, or a ``PreCreateAnswer`` from a callable)::
     {"id": "invoice-42"}                           use this upload id
     {"metadata": {"owner": "alice", "tmp": null}}  set keys (text values), remove "tmp"
 
+A pre-finish or pre-terminate answer: ``{}`` (or an empty body) accepts, ``{"reject":
+true, "status": 409, "message": "..."}`` refuses; a callable returns ``None`` or a
+``Rejection(status, message)``.
+
 Callables run first, in registration order, then the webhook; each sees the upload as
-changed by the ones before it; the first rejection wins.
+changed by the ones before it; the first rejection wins. The blocking events
+(``pre-*``) fail closed: an unreachable webhook or a raising callable is an error.
 """
 
 from __future__ import annotations
@@ -67,6 +78,8 @@ from tusd_py.tus.events import POST_FINISH as POST_FINISH
 from tusd_py.tus.events import POST_RECEIVE as POST_RECEIVE
 from tusd_py.tus.events import POST_TERMINATE as POST_TERMINATE
 from tusd_py.tus.events import PRE_CREATE as PRE_CREATE
+from tusd_py.tus.events import PRE_FINISH as PRE_FINISH
+from tusd_py.tus.events import PRE_TERMINATE as PRE_TERMINATE
 from tusd_py.tus.events import SECRET_HEADERS as SECRET_HEADERS
 from tusd_py.tus.events import HookError as HookError
 from tusd_py.tus.events import PreCreateResult as PreCreateResult
@@ -79,7 +92,7 @@ if TYPE_CHECKING:  # only the type: the tus handler imports hooks, not prometheu
 log = logging.getLogger("tusd_py.hooks")
 
 HOOK_EVENTS: Final = HOOK_EVENT_NAMES
-assert HOOK_EVENTS == (PRE_CREATE, POST_CREATE, POST_RECEIVE, POST_FINISH, POST_TERMINATE)
+assert HOOK_EVENTS == (PRE_CREATE, POST_CREATE, POST_RECEIVE, PRE_FINISH, POST_FINISH, PRE_TERMINATE, POST_TERMINATE)
 
 SIGNATURE_HEADER: Final = "Tusd-Py-Signature"
 
@@ -304,17 +317,42 @@ async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
     return bytes(answer)
 
 
-HookCallable = Callable[[HookEvent], Awaitable[PreCreateAnswer | None]]
-"""An embedder's hook: ``async def fn(event) -> PreCreateAnswer | None``. The return
-value matters only for pre-create."""
+HookCallable = Callable[[HookEvent], Awaitable[PreCreateAnswer | Rejection | None]]
+"""An embedder's hook: ``async def fn(event) -> PreCreateAnswer | Rejection | None``.
+The return value matters only for pre-create (a ``PreCreateAnswer``) and for pre-finish
+and pre-terminate (a ``Rejection`` refuses)."""
+
+
+def _rejection_from_json(document: object, event_type: str) -> Rejection | None:
+    """Parse a pre-finish/pre-terminate webhook answer; ``HookError`` when malformed."""
+    if not isinstance(document, dict):
+        raise HookError(f"{event_type} answer is not a JSON object")
+    if document.get("reject") is not True:
+        return None
+    status, message = document.get("status", DEFAULT_REJECT_STATUS), document.get("message")
+    status = status if isinstance(status, int) and not isinstance(status, bool) else -1
+    return _checked_rejection(Rejection(status, message if isinstance(message, str) else ""), event_type, "webhook")
+
+
+def _checked_rejection(rejection: Rejection, event_type: str, source: str) -> Rejection:
+    """``rejection`` with a 4xx status (else 403) and a short, non-empty message."""
+    status = rejection.status
+    if not 400 <= status <= 499:
+        # As for pre-create: the intent (reject) is clear; a 2xx/5xx would tell tus
+        # clients the request succeeded or to retry forever.
+        log.warning("%s hook rejected with status %r; answering 403 instead", event_type, status,
+                    extra={"hook": source})
+        status = DEFAULT_REJECT_STATUS
+    message = rejection.message or f"rejected by the server's {event_type} hook"
+    return Rejection(status, message[:MAX_REJECT_MESSAGE_CHARS])
 
 
 class Hooks:
     """The hook events of one server: a webhook sender and registered callables.
 
     Create one per server with the ``[hooks]`` config; the tus handler calls
-    ``pre_create`` (awaited) and the ``post_*`` methods (plain calls that never block);
-    ``close`` at shutdown delivers what is pending, within a time limit.
+    ``pre_create``, ``pre_finish`` and ``pre_terminate`` (awaited) and the ``post_*``
+    methods (plain calls that never block); ``close`` at shutdown delivers what is pending, within a time limit.
     """
 
     def __init__(
@@ -379,6 +417,8 @@ class Hooks:
             except Exception as error:
                 log.exception("pre-create hook %r raised", fn)
                 raise HookError(f"pre-create hook {fn!r} raised {type(error).__name__}") from error
+            if isinstance(answer, Rejection):
+                return PreCreateResult(result.info, _checked_rejection(answer, PRE_CREATE, repr(fn)))
             if answer is not None:
                 result = _apply_answer(result.info, answer, f"pre-create hook {fn!r}")
                 if result.rejection is not None:
@@ -398,6 +438,51 @@ class Hooks:
                 raise
             self._count(PRE_CREATE, "ok")
         return result
+
+    # --- pre-finish, pre-terminate: the request waits for a yes or no ------------------
+
+    async def pre_finish(self, info: UploadInfo, request: RequestContext | None = None) -> Rejection | None:
+        """Ask whether the finished upload ``info`` is accepted: ``None`` when every
+        receiver accepted, else the first rejection. Raises ``HookError`` when the
+        webhook is unreachable, a callable raised or an answer is invalid."""
+        return await self._decide(PRE_FINISH, info, request)
+
+    async def pre_terminate(self, info: UploadInfo, request: RequestContext | None = None) -> Rejection | None:
+        """Ask whether ``info`` may be deleted, as ``pre_finish`` asks; the caller
+        deletes nothing unless this returns ``None``."""
+        return await self._decide(PRE_TERMINATE, info, request)
+
+    async def _decide(self, event_type: str, info: UploadInfo, request: RequestContext | None) -> Rejection | None:
+        """Callables in registration order, then the webhook; the first rejection wins.
+        Same timeout, retries and signature as every webhook delivery."""
+        event = HookEvent(event_type, info, request)
+        for fn in self._callables[event_type]:
+            try:
+                answer = await fn(event)
+            except HookError:
+                raise
+            except Exception as error:
+                log.exception("%s hook %r raised", event_type, fn, extra={"upload_id": info.id})
+                raise HookError(f"{event_type} hook {fn!r} raised {type(error).__name__}") from error
+            if isinstance(answer, PreCreateAnswer) and answer.reject:
+                answer = Rejection(answer.status, answer.message)
+            if isinstance(answer, Rejection):
+                return _checked_rejection(answer, event_type, repr(fn))
+        if self._sender is None or event_type not in self._webhook_events:
+            return None
+        try:
+            raw = await self._sender.send(event_type, event.body())
+            try:
+                document = json.loads(raw) if raw.strip() else {}
+            except ValueError as error:
+                raise HookError(f"{event_type} hook answered invalid JSON") from error
+            rejection = _rejection_from_json(document, event_type)
+        except HookError as error:
+            log.warning("%s hook failed: %s", event_type, error, extra={"upload_id": info.id})
+            self._count(event_type, "failed")
+            raise
+        self._count(event_type, "ok")
+        return rejection
 
     # --- post-*: fire and forget --------------------------------------------------------
 

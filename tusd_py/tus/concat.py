@@ -170,7 +170,7 @@ async def create_final(
         async with locker.lock(final.id, no_release_request):
             final = await concatenator.concatenate(final, partials)
             events.created(final, request)
-            events.finished(final, request)
+            await events.finished(final, request)
     return final
 
 

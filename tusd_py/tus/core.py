@@ -95,11 +95,13 @@ class UploadCore:
 
     async def finish_if_complete(self, upload: Upload, request: Request | None = None) -> UploadInfo:
         """Finish the upload when its length is reached and it is not finished yet;
-        ``request`` is passed to the hooks."""
+        ``request`` is passed to the hooks. The pre-finish hook is asked after the
+        store finished it: its rejection (a ``TusError``) answers this request, and the
+        upload stays finished."""
         info = upload.info
         if info.is_complete and not info.finished:
             info = await upload.finish()
-            self.events.finished(info, request)
+            await self.events.finished(info, request)
         return info
 
     async def write_body(

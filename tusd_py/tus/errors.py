@@ -118,6 +118,23 @@ ERR_HOOK_UNAVAILABLE = ErrorKind(
     "ERR_HOOK_UNAVAILABLE", 503, "the upload could not be checked (pre-create hook unavailable); retry later"
 )
 ERR_HOOK_FAILED = ErrorKind("ERR_HOOK_FAILED", 500, "the pre-create hook gave an invalid answer")
+ERR_FINISH_REJECTED = ErrorKind("ERR_HOOK_REJECTED", 403, "upload rejected by the server's pre-finish hook")
+"""Template, as ERR_HOOK_REJECTED; the upload stays complete (stored and finished)."""
+ERR_FINISH_HOOK_FAILED = ErrorKind(
+    "ERR_HOOK_FAILED", 500, "the upload is complete, but the server's pre-finish hook failed"
+)
+"""Not 503: the pre-finish hook is asked once, by the request that completed the upload;
+a retry would find it complete and not ask again."""
+ERR_TERMINATION_REJECTED = ErrorKind(
+    "ERR_UPLOAD_TERMINATION_REJECTED", 403, "upload termination rejected by the server's pre-terminate hook"
+)
+"""Template: a rejection answers the hook's own 4xx status and message with this code."""
+ERR_TERMINATION_HOOK_UNAVAILABLE = ErrorKind(
+    "ERR_HOOK_UNAVAILABLE", 503, "the termination could not be checked (pre-terminate hook unavailable); retry later"
+)
+ERR_TERMINATION_HOOK_FAILED = ErrorKind(
+    "ERR_HOOK_FAILED", 500, "the pre-terminate hook gave an invalid answer; nothing was deleted"
+)
 ERR_INTERNAL = ErrorKind("ERR_INTERNAL", 500, "internal server error")
 
 

@@ -14,7 +14,11 @@ When each event fires (all after the store call succeeded):
 - ``receiving``: around ``store.write``; a timer (no per-chunk work) offers a
   post-receive event with the bytes received so far every ``hooks.progress_interval``;
   ``received`` after ``store.write`` returned sends the final one with the stored offset.
-- ``finished``: after ``store.finish``.
+- ``finished``: after ``store.finish``, under the lock, before the response: asks the
+  pre-finish hook (blocking), then sends post-finish only when it accepted. A rejection
+  or an unusable hook becomes a ``TusError``; the upload stays finished.
+- ``pre_terminate``: under the lock, before ``terminate``. A rejection or an unusable
+  hook becomes a ``TusError`` and nothing is deleted.
 - ``terminated``: after ``terminate``.
 """
 
@@ -30,13 +34,26 @@ from typing import Any, Final, Protocol
 from tusd_py.http.types import Request
 from tusd_py.stores.base import UploadInfo
 from tusd_py.tus.body import GuardedBody
-from tusd_py.tus.errors import ERR_HOOK_FAILED, ERR_HOOK_REJECTED, ERR_HOOK_UNAVAILABLE, ErrorKind, TusError
+from tusd_py.tus.errors import (
+    ERR_FINISH_HOOK_FAILED,
+    ERR_FINISH_REJECTED,
+    ERR_HOOK_FAILED,
+    ERR_HOOK_REJECTED,
+    ERR_HOOK_UNAVAILABLE,
+    ERR_TERMINATION_HOOK_FAILED,
+    ERR_TERMINATION_HOOK_UNAVAILABLE,
+    ERR_TERMINATION_REJECTED,
+    ErrorKind,
+    TusError,
+)
 from tusd_py.tus.urls import client_view
 
 PRE_CREATE: Final = "pre-create"
 POST_CREATE: Final = "post-create"
 POST_RECEIVE: Final = "post-receive"
+PRE_FINISH: Final = "pre-finish"
 POST_FINISH: Final = "post-finish"
+PRE_TERMINATE: Final = "pre-terminate"
 POST_TERMINATE: Final = "post-terminate"
 
 # Request headers never forwarded to a hook receiver: credentials of the client.
@@ -48,7 +65,8 @@ _MIN_PROGRESS_TICK_SECONDS = 0.05
 
 
 class HookError(Exception):
-    """The pre-create hook could not be consulted or gave an invalid answer.
+    """A blocking hook (pre-create, pre-finish, pre-terminate) could not be consulted or
+    gave an invalid answer.
 
     The handler answers ``status`` with a generic message (the details are logged, not
     sent to the client): 503 when the receiver was unreachable, timed out or failed
@@ -99,7 +117,8 @@ class RequestContext:
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """A pre-create hook refused the upload: answer ``status`` with ``message``."""
+    """A blocking hook refused: answer ``status`` (4xx) with ``message``. A pre-finish
+    or pre-terminate callable returns one to refuse (``None`` accepts)."""
 
     status: int
     message: str
@@ -134,6 +153,16 @@ class UploadHooks(Protocol):
 
     def post_create(self, info: UploadInfo, request: RequestContext | None = None) -> None:
         """The upload was created. Never blocks, never raises."""
+        ...
+
+    async def pre_finish(self, info: UploadInfo, request: RequestContext | None = None) -> Rejection | None:
+        """Whether the finished upload ``info`` is accepted (``None``); raises
+        ``HookError`` when that cannot be decided."""
+        ...
+
+    async def pre_terminate(self, info: UploadInfo, request: RequestContext | None = None) -> Rejection | None:
+        """Whether ``info`` may be deleted (``None``); raises ``HookError`` when that
+        cannot be decided (the upload is then not deleted)."""
         ...
 
     def post_receive(self, info: UploadInfo, *, final: bool = False, request: RequestContext | None = None) -> None:
@@ -241,11 +270,47 @@ class UploadEvents:
         if self._hooks is not None and self._wants(POST_RECEIVE):
             self._hooks.post_receive(info, final=True, request=self._context(request))
 
-    def finished(self, info: UploadInfo, request: Request | None) -> None:
+    async def finished(self, info: UploadInfo, request: Request | None) -> None:
+        """The store finished the upload: ask the pre-finish hook, then send post-finish.
+
+        Raises ``TusError`` (with ``Upload-Offset``: everything is stored) with the
+        hook's status and message when it rejected the upload, 500 when it could not
+        be asked or answered something invalid; post-finish is then not sent (as in
+        tusd). The upload stays finished either way: the hook is asked once.
+        """
         if self._observer is not None:
             self._observer.upload_finished()
-        if self._hooks is not None and self._wants(POST_FINISH):
-            self._hooks.post_finish(info, self._context(request))
+        if self._hooks is None:
+            return
+        context = self._context(request)
+        if self._wants(PRE_FINISH):
+            stored = [("Upload-Offset", str(info.offset))]
+            try:
+                rejection = await self._hooks.pre_finish(info, context)
+            except HookError as error:
+                raise TusError(ERR_FINISH_HOOK_FAILED, headers=stored) from error
+            if rejection is not None:
+                kind = ErrorKind(ERR_FINISH_REJECTED.code, rejection.status, rejection.message)
+                raise TusError(kind, headers=stored)
+        if self._wants(POST_FINISH):
+            self._hooks.post_finish(info, context)
+
+    async def pre_terminate(self, info: UploadInfo, request: Request) -> None:
+        """Ask the pre-terminate hook whether ``info`` may be deleted.
+
+        Raises ``TusError``: with the hook's status and message when it refused, 503
+        when the receiver is unreachable (fail closed), 500 when it answered something
+        invalid. The caller then deletes nothing.
+        """
+        if self._hooks is None or not self._wants(PRE_TERMINATE):
+            return
+        try:
+            rejection = await self._hooks.pre_terminate(info, self._context(request))
+        except HookError as error:
+            kind = ERR_TERMINATION_HOOK_UNAVAILABLE if error.status == 503 else ERR_TERMINATION_HOOK_FAILED
+            raise TusError(kind) from error
+        if rejection is not None:
+            raise TusError(ErrorKind(ERR_TERMINATION_REJECTED.code, rejection.status, rejection.message))
 
     def terminated(self, info: UploadInfo, request: Request) -> None:
         if self._observer is not None:

@@ -392,6 +392,8 @@ class TusHandler:
     async def _delete(self, request: Request, upload_id: str) -> Response:
         async with self._locker.lock(upload_id, no_release_request):
             upload = await self._store.get(upload_id)
+            # Under the lock: what the hook approves is what gets deleted.
+            await self.events.pre_terminate(upload.info, request)
             await upload.terminate()
         info = upload.info
         log.info("upload terminated", extra={"upload_id": upload_id})

@@ -397,6 +397,8 @@ class IetfHandler:
         # the lock asks a running append to stop, store what it has and answer.
         async with self._locker.lock(upload_id, no_release_request):
             upload = await self._store.get(upload_id)
+            # Under the lock: what the hook approves is what gets deleted.
+            await self._core.events.pre_terminate(upload.info, request)
             await upload.terminate()
         info = upload.info
         log.info("upload cancelled (IETF draft)", extra={"upload_id": upload_id})
