@@ -27,7 +27,8 @@ from tests.rawhttp import RawConnection, RawResponse, request
 from tusd_py.cli import serving
 from tusd_py.config import DEFAULT_HOOK_EVENTS, HOOK_EVENT_NAMES, HooksConfig
 from tusd_py.hooks import HookError, HookEvent, Hooks, Rejection
-from tusd_py.stores.base import UploadInfo
+from tusd_py.stores.base import IteratedBody, UploadInfo
+from tusd_py.stores.file import FileStore
 
 SECRET = "blocking-hook-secret"
 
@@ -175,6 +176,30 @@ async def test_pre_finish_failure_is_500_and_keeps_the_upload(
         assert failed.header("upload-offset") == "300"
         await assert_intact(server.port, path, data)
     assert receiver.of("post-finish") == []
+
+
+async def test_pre_finish_answers_the_head_that_finishes_an_interrupted_completion(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    receiver.answers["pre-finish"] = (200, {"reject": True, "status": 422, "message": "too late"})
+    async with serving(hooked_config(tmp_path, receiver.url)) as server:
+        path = await create(server.port, 3)
+        # Every byte stored but the finish never ran (as after a crash between the two):
+        # written through a second store over the same directory.
+        store = FileStore(str(tmp_path / "data"))
+        stored = await store.get(path.rsplit("/", 1)[1])
+        await stored.write(0, IteratedBody(one_chunk(b"abc")))
+        assert receiver.of("pre-finish") == []
+        head = await request(server.port, "HEAD", path)
+        assert head.status == 422  # HEAD: the status, no body
+        assert head.header("upload-offset") == "3"
+        await assert_intact(server.port, path, b"abc")
+        assert len(receiver.of("pre-finish")) == 1
+        assert receiver.of("pre-finish")[0]["request"]["method"] == "HEAD"
+
+
+async def one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def test_pre_finish_for_an_empty_upload_answers_its_creation(tmp_path: Path, receiver: Receiver) -> None:
