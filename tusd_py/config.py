@@ -274,6 +274,11 @@ class CorsConfig:
     allow_credentials: bool = False
     max_age: int = 86400
     """Seconds browsers may cache a preflight answer."""
+    allow_headers: list[str] = field(default_factory=list)
+    """Request headers browsers may send besides tus's own (e.g. an API key header
+    the application sets through tus-js-client's ``headers`` option)."""
+    expose_headers: list[str] = field(default_factory=list)
+    """Response headers browser script may read besides tus's own."""
 
 
 @dataclass
@@ -561,10 +566,18 @@ def validate(config: Config) -> None:
     if not config.metrics.path.startswith("/"):
         raise ConfigError("metrics.path must start with '/'")
     _validate_hooks(config.hooks)
+    for name in ("allow_headers", "expose_headers"):
+        bad = [header for header in getattr(config.cors, name) if not _HEADER_NAME.fullmatch(header)]
+        if bad:
+            raise ConfigError(f"cors.{name}: {bad[0]!r} is not an HTTP header name")
     if config.expiration.lifetime < 0 or config.expiration.sweep_interval < 0 or config.expiration.orphan_grace < 0:
         raise ConfigError("expiration.lifetime, sweep_interval and orphan_grace must not be negative")
     if config.checksum.max_buffered_size < 1:
         raise ConfigError("checksum.max_buffered_size must be at least 1 byte")
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An RFC 9110 token: what a header name may be."""
 
 
 def _validate_s3_endpoint(url: str) -> None:
