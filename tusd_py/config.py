@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tusd_py.config_s3 import s3_keys_problem
 from tusd_py.http.limits import HTTPLimits
 
 KiB = 1024
@@ -147,6 +148,11 @@ class S3StoreConfig:
     bucket: str = ""
     prefix: str = ""
     """Key prefix for every object of this server (e.g. "uploads/")."""
+    object_key: str = "{id}"
+    """The final object's key under ``prefix``: {id}, {metadata.NAME}, {date:%Y/%m/%d}
+    (see tusd_py/stores/s3_keys.py); a pre-create hook may choose it instead."""
+    metadata_prefix: str = ""
+    """Where each upload's .info and tail segments live, by upload id. Empty: ``prefix``."""
     endpoint_url: str = ""
     """For S3-compatible services (MinIO, R2, Backblaze, Ceph); enables path-style
     addressing. Empty: AWS."""
@@ -537,6 +543,9 @@ def validate(config: Config) -> None:
     if s3.deferred_length_ceiling and s3.deferred_length_ceiling < s3.part_size:
         raise ConfigError("store.s3.deferred_length_ceiling must be 0 (automatic) or at least store.s3.part_size")
     _validate_s3_endpoint(s3.endpoint_url)
+    problem = s3_keys_problem(s3)
+    if problem:
+        raise ConfigError(problem)
     if s3.request_timeout <= 0:
         raise ConfigError("store.s3.request_timeout must be positive")
     if config.lock.backend not in {"memory", "file", "consul", "redis", "s3"}:
