@@ -155,6 +155,13 @@ def test_list_from_environment() -> None:
     assert config.cors.allow_origins == ["https://a.example", "https://b.example"]
 
 
+def test_cors_header_lists_must_hold_header_names() -> None:
+    config = load_config(environ={"TUSD_PY_CORS_ALLOW_HEADERS": "X-Api-Key, X-Tenant"})
+    assert config.cors.allow_headers == ["X-Api-Key", "X-Tenant"]
+    with pytest.raises(ConfigError, match="cors.expose_headers: 'X Bad'"):
+        load_config(environ={"TUSD_PY_CORS_EXPOSE_HEADERS": "X Bad"})
+
+
 def test_cli_flags_override(tmp_path: Path) -> None:
     args = cli._parser().parse_args(["--port", "9999", "--directory", str(tmp_path), "--host", "::1"])
     config = cli.config_from_args(args)

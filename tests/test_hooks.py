@@ -343,7 +343,8 @@ async def test_pre_create_reject(receiver: Receiver, document: object, rejection
 
 async def test_pre_create_sets_id_and_metadata(receiver: Receiver) -> None:
     receiver.respond = answer_with(
-        {"id": "invoice-42", "metadata": {"owner": "alice", "filename": None, "note": "größe 1,5"}}
+        {"id": "invoice-42", "metadata": {"owner": "alice", "filename": None, "note": "größe 1,5"},
+         "storage": {"Key": "invoices/42.pdf"}}
     )
     hooks = Hooks(config(receiver.url))
     info = upload()
@@ -353,6 +354,7 @@ async def test_pre_create_sets_id_and_metadata(receiver: Receiver) -> None:
     assert result.info.id == "invoice-42"
     assert result.info.metadata == {"type": b64("image/jpeg"), "owner": b64("alice"), "note": b64("größe 1,5")}
     assert result.info.metadata_text("note") == "größe 1,5"
+    assert result.info.storage == {"Key": "invoices/42.pdf"}  # the S3 store names the object so
     assert result.info.length == info.length
     assert info.id == "abc123" and "owner" not in info.metadata  # the caller's info is not changed
 
@@ -367,6 +369,8 @@ async def test_pre_create_sets_id_and_metadata(receiver: Receiver) -> None:
         b'{"metadata": {"a,b": "x"}}',
         b'{"metadata": {"size": 5}}',
         b'{"metadata": ["x"]}',
+        b'{"storage": {"Key": 7}}',
+        b'{"storage": "invoices/42.pdf"}',
         b"[]",
         b"not json",
         b'{"padding": "' + b"x" * 70_000 + b'"}',

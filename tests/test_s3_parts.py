@@ -30,7 +30,7 @@ from tusd_py.stores.s3_parts import (
 from tusd_py.stores.s3_retry import RetryingS3Client, RetryPolicy
 
 PS = 8 * MiB
-KEYS = UploadKeys.of("uploads/", "abc")
+KEYS = UploadKeys.of("uploads/", "abc", "uploads/abc")
 
 
 def part(number: int, size: int = PS) -> PartEntry:

@@ -114,7 +114,12 @@ async def test_filetype_parameters_are_dropped(tus: Harness) -> None:
         ('evil"\r\nSet-Cookie: x=1.txt', "attachment; filename=\"evil_Set-Cookie_ x=1.txt\"; "
          "filename*=UTF-8''evil%22Set-Cookie%3A%20x%3D1.txt"),
         ("résumé.pdf", "attachment; filename=\"resume.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9.pdf"),
-        ("日本.txt", "attachment; filename=\"download.txt\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC.txt"),
+        ("日本.txt", "attachment; filename=\"__.txt\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC.txt"),
+        # One visible character per non-ASCII one: never a run of spaces (U+3000 is a
+        # wide space, which NFKD would turn into plain spaces), never two for one (ﬁ).
+        ("resume\u3000\u3000.bin",
+         "attachment; filename=\"resume__.bin\"; filename*=UTF-8''resume%E3%80%80%E3%80%80.bin"),
+        ("ﬁle Ω.txt", "attachment; filename=\"_le _.txt\"; filename*=UTF-8''%EF%AC%81le%20%CE%A9.txt"),
     ],
 )
 async def test_filename_is_sanitized(tus: Harness, filename: str, expected: str) -> None:

@@ -235,3 +235,34 @@ async def test_cors_disabled(tmp_path: Path) -> None:
         assert header(response, "Access-Control-Expose-Headers") is None
     finally:
         await tus.store.close()
+
+
+async def test_configured_headers_are_added_to_the_built_in_lists(tmp_path: Path) -> None:
+    config = Config()
+    config.cors.allow_headers = ["X-Api-Key", "upload-offset"]
+    config.cors.expose_headers = ["X-Quota-Left"]
+    tus = make_harness(tmp_path, config)
+    try:
+        preflight = await tus(
+            make_request(
+                "OPTIONS",
+                BASE,
+                {
+                    "Origin": "https://app.example",
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "tus-resumable, upload-length, x-api-key",
+                },
+                tus=False,
+            )
+        )
+        assert preflight.status == 204
+        allowed_value = header(preflight, "Access-Control-Allow-Headers") or ""
+        allowed = [name.strip().lower() for name in allowed_value.split(",")]
+        for name in ("tus-resumable", "upload-length", "x-api-key"):
+            assert name in allowed
+        assert allowed.count("upload-offset") == 1  # a built-in name listed again is not repeated
+        created = await tus(make_request("POST", BASE, {"Upload-Length": "1", "Origin": "https://app.example"}))
+        exposed = [name.strip() for name in (header(created, "Access-Control-Expose-Headers") or "").split(",")]
+        assert "X-Quota-Left" in exposed and "Upload-Offset" in exposed
+    finally:
+        await tus.store.close()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tusd_py.config_s3 import s3_keys_problem
 from tusd_py.http.limits import HTTPLimits
 
 KiB = 1024
@@ -147,6 +148,11 @@ class S3StoreConfig:
     bucket: str = ""
     prefix: str = ""
     """Key prefix for every object of this server (e.g. "uploads/")."""
+    object_key: str = "{id}"
+    """The final object's key under ``prefix``: {id}, {metadata.NAME}, {date:%Y/%m/%d}
+    (see tusd_py/stores/s3_keys.py); a pre-create hook may choose it instead."""
+    metadata_prefix: str = ""
+    """Where each upload's .info and tail segments live, by upload id. Empty: ``prefix``."""
     endpoint_url: str = ""
     """For S3-compatible services (MinIO, R2, Backblaze, Ceph); enables path-style
     addressing. Empty: AWS."""
@@ -274,6 +280,11 @@ class CorsConfig:
     allow_credentials: bool = False
     max_age: int = 86400
     """Seconds browsers may cache a preflight answer."""
+    allow_headers: list[str] = field(default_factory=list)
+    """Request headers browsers may send besides tus's own (e.g. an API key header
+    the application sets through tus-js-client's ``headers`` option)."""
+    expose_headers: list[str] = field(default_factory=list)
+    """Response headers browser script may read besides tus's own."""
 
 
 @dataclass
@@ -538,6 +549,9 @@ def validate(config: Config) -> None:
     if s3.deferred_length_ceiling and s3.deferred_length_ceiling < s3.part_size:
         raise ConfigError("store.s3.deferred_length_ceiling must be 0 (automatic) or at least store.s3.part_size")
     _validate_s3_endpoint(s3.endpoint_url)
+    problem = s3_keys_problem(s3)
+    if problem:
+        raise ConfigError(problem)
     if s3.request_timeout <= 0:
         raise ConfigError("store.s3.request_timeout must be positive")
     if config.lock.backend not in {"memory", "file", "consul", "redis", "s3"}:
@@ -567,10 +581,18 @@ def validate(config: Config) -> None:
     if not config.metrics.path.startswith("/"):
         raise ConfigError("metrics.path must start with '/'")
     _validate_hooks(config.hooks)
+    for name in ("allow_headers", "expose_headers"):
+        bad = [header for header in getattr(config.cors, name) if not _HEADER_NAME.fullmatch(header)]
+        if bad:
+            raise ConfigError(f"cors.{name}: {bad[0]!r} is not an HTTP header name")
     if config.expiration.lifetime < 0 or config.expiration.sweep_interval < 0 or config.expiration.orphan_grace < 0:
         raise ConfigError("expiration.lifetime, sweep_interval and orphan_grace must not be negative")
     if config.checksum.max_buffered_size < 1:
         raise ConfigError("checksum.max_buffered_size must be at least 1 byte")
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An RFC 9110 token: what a header name may be."""
 
 
 def _validate_s3_endpoint(url: str) -> None:

@@ -38,6 +38,7 @@ A pre-create answer (webhook JSON, or a ``PreCreateAnswer`` from a callable)::
     {"reject": true, "status": 403, "message": "quota exceeded"}
     {"id": "invoice-42"}                           use this upload id
     {"metadata": {"owner": "alice", "tmp": null}}  set keys (text values), remove "tmp"
+    {"storage": {"Key": "invoices/42.pdf"}}        S3 store: the final object's key
 
 A pre-finish or pre-terminate answer: ``{}`` (or an empty body) accepts, ``{"reject":
 true, "status": 409, "message": "..."}`` refuses; a callable returns ``None`` or a
@@ -169,6 +170,9 @@ class PreCreateAnswer:
     """Use this id for the upload (letters, digits, '-', '_'; at most 128)."""
     metadata: Mapping[str, str | None] | None = None
     """Metadata keys to set (text values) or, with None, to remove."""
+    storage_key: str | None = None
+    """The final object's key under the store's prefix (S3 store; tusd's
+    ``storage.Key``), checked by the store like a templated key."""
 
     @classmethod
     def from_json(cls, document: object) -> PreCreateAnswer:
@@ -181,6 +185,10 @@ class PreCreateAnswer:
         metadata = document.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise HookError("pre-create answer: \"metadata\" must be an object")
+        storage = document.get("storage") or {}
+        storage_key = storage.get("Key") if isinstance(storage, dict) else None
+        if not isinstance(storage, dict) or (storage_key is not None and not isinstance(storage_key, str)):
+            raise HookError("pre-create answer: \"storage\" must be an object with a string \"Key\"")
         status = document.get("status", DEFAULT_REJECT_STATUS)
         message = document.get("message", DEFAULT_REJECT_MESSAGE)
         return cls(
@@ -189,6 +197,7 @@ class PreCreateAnswer:
             message=message if isinstance(message, str) else DEFAULT_REJECT_MESSAGE,
             upload_id=upload_id,
             metadata=metadata,
+            storage_key=storage_key,
         )
 
 
@@ -221,6 +230,8 @@ def _apply_answer(info: UploadInfo, answer: PreCreateAnswer, source: str) -> Pre
             else:
                 raise HookError(f"{source} answered a non-text value for metadata key {key!r}")
         changes["metadata"] = metadata
+    if answer.storage_key is not None:
+        changes["storage"] = {**info.storage, "Key": answer.storage_key}
     return PreCreateResult(dataclasses.replace(info, **changes) if changes else info)
 
 

@@ -67,6 +67,16 @@ class StoreUnavailable(StoreError):
     """The backing storage cannot be reached or refused the request (answer 503/500)."""
 
 
+class InvalidObjectKey(StoreError):
+    """The upload's metadata (or a pre-create hook) would name its object with an
+    unsafe or unusable key (answer 400 with the message)."""
+
+
+class ObjectKeyTaken(StoreError):
+    """Another object already has the key this upload's object would get (answer 409
+    with the message); the existing object is left as it is."""
+
+
 class StoreConfigError(StoreError):
     """The store's configuration is unusable (raised at start-up, with a clear message)."""
 

@@ -73,9 +73,9 @@ from tusd_py.stores.s3_client import (
     S3Error,
     S3NotFound,
     S3TransientError,
-    content_md5,
 )
 from tusd_py.stores.s3_concat import concatenate
+from tusd_py.stores.s3_keys import ObjectKeyTemplate
 from tusd_py.stores.s3_objects import (
     Listing,
     Loaded,
@@ -168,6 +168,7 @@ class S3Store:
         self._objects = S3Objects(
             client, config.bucket, config.prefix,
             max_part_uploads=config.max_concurrent_part_uploads, tail_cache_size=config.tail_cache_size,
+            metadata_prefix=config.metadata_prefix or None, object_key=ObjectKeyTemplate(config.object_key),
         )
         self._context = _StoreContext(
             self._objects, config, observer.spool_in_use if observer is not None else None,
@@ -245,9 +246,10 @@ class S3Store:
         objects = self._objects
         max_length = info.length if info.length is not None else self._context.deferred_ceiling
         part_size = part_size_for(max_length, self._config.part_size)
-        keys = objects.keys(info.id)
+        keys = objects.new_keys(info)
         with store_errors(info.id):
             await objects.refuse_existing(keys, info.id)
+            await objects.refuse_taken(keys)
             # A zero-length upload needs no multipart upload: finish writes an empty object.
             multipart_id = None
             if info.length != 0:
@@ -255,7 +257,7 @@ class S3Store:
                     objects.bucket, keys.object, content_type(info)
                 )
             fields = S3Fields(multipart_id, part_size, max_length)
-            created = fields.stored_in(dataclasses.replace(info, offset=0))
+            created = fields.stored_in(dataclasses.replace(info, offset=0), objects.bucket, keys.object)
             try:
                 await objects.put_info(keys, created)
             except BaseException:
@@ -263,7 +265,7 @@ class S3Store:
                     await objects.abort_quietly(keys, multipart_id)
                 raise
         if multipart_id is not None:
-            objects.remember_multipart_id(info.id, multipart_id)
+            objects.remember_multipart_id(info.id, multipart_id, keys.object)
         return S3Upload(self._context, Loaded(created, fields, Layout(part_size), Listing([], [])))
 
     async def get(self, upload_id: str) -> S3Upload:
@@ -301,7 +303,7 @@ class S3Upload:
     def __init__(self, context: _StoreContext, loaded: Loaded) -> None:
         self._context = context
         self._objects = context.objects
-        self._keys = context.objects.keys(loaded.info.id)
+        self._keys = context.objects.keys_of(loaded.info)
         self._adopt(loaded)
 
     def _adopt(self, loaded: Loaded) -> None:
@@ -390,7 +392,7 @@ class S3Upload:
             if length == 0:
                 # S3 (and moto) accept one empty part, but not every S3-compatible
                 # service does; an empty PutObject works everywhere.
-                await objects.client.put_object(objects.bucket, keys.object, b"", content_md5(b""))
+                await objects.put_empty(keys)
             else:
                 assert multipart_id is not None
                 parts = list(layout.parts)
@@ -398,9 +400,7 @@ class S3Upload:
                     data = await objects.read_segments(layout.segments)
                     parts.append(await objects.upload_part(keys, multipart_id, len(parts) + 1, data))
                 try:
-                    await objects.client.complete_multipart_upload(
-                        objects.bucket, keys.object, multipart_id, [(part.number, part.etag) for part in parts]
-                    )
+                    await objects.complete(keys, multipart_id, parts)
                 except S3NotFound:
                     # A retried Complete whose first response was lost: fine if the
                     # object is there at full length.
@@ -452,7 +452,9 @@ class S3Upload:
                 with contextlib.suppress(S3NotFound):
                     await objects.client.abort_multipart_upload(objects.bucket, keys.object, multipart_id)
             segments = await objects.list_segments(keys)
-            await objects.delete_keys([entry.key for entry in segments] + [keys.object])
+            # A named object that is not this upload's yet may be another upload's.
+            owned = [keys.object] if info.finished or not objects.is_named(keys) else []
+            await objects.delete_keys([entry.key for entry in segments] + owned)
             await objects.delete_keys([keys.info])
         objects.forget_multipart_id(info.id)
 

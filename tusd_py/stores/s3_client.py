@@ -212,9 +212,10 @@ class S3Client(Protocol):
         ...
 
     async def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]]
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]], *, if_absent: bool = False
     ) -> None:
-        """Assemble the object from ``(part number, ETag)`` pairs, in order."""
+        """Assemble the object from ``(part number, ETag)`` pairs, in order; with
+        ``if_absent`` only where no object has the key (else ``S3PreconditionFailed``)."""
         ...
 
     async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
@@ -502,12 +503,13 @@ class AioS3Client:
         return PartPage(parts, int(next_marker) if truncated and next_marker else None)
 
     async def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]]
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]], *, if_absent: bool = False
     ) -> None:
         async with self._request("CompleteMultipartUpload", bucket, key, self._deadlines.complete):
             await self._client.complete_multipart_upload(
                 Bucket=bucket, Key=key, UploadId=upload_id,
                 MultipartUpload={"Parts": [{"PartNumber": number, "ETag": etag} for number, etag in parts]},
+                **({"IfNoneMatch": "*"} if if_absent else {}),
             )
 
     async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tusd_py.stores.base import StoreError, UploadInfo, UploadTooLarge
-from tusd_py.stores.s3_client import PartEntry, content_md5
+from tusd_py.stores.s3_client import PartEntry
 from tusd_py.stores.s3_objects import S3Fields, S3Objects, all_or_nothing, content_type, store_errors
 from tusd_py.stores.s3_parts import MAX_OBJECT_SIZE, MAX_PARTS, UploadKeys
 
@@ -120,23 +120,23 @@ async def concatenate(objects: S3Objects, final: UploadInfo, partials: Sequence[
     assert final.length is not None
     if final.length > MAX_OBJECT_SIZE:
         raise UploadTooLarge(f"final length {final.length} exceeds S3's largest object ({MAX_OBJECT_SIZE} bytes)")
-    keys = objects.keys(final.id)
-    plan = plan_parts([(objects.keys(partial.id).object, partial.offset) for partial in partials])
+    keys = objects.new_keys(final)
+    plan = plan_parts([(objects.keys_of(partial).object, partial.offset) for partial in partials])
     if len(plan) > MAX_PARTS:
         raise UploadTooLarge(f"the partial uploads would need {len(plan)} parts; S3 allows {MAX_PARTS}")
     fields = S3Fields(multipart_upload_id=None, part_size=MIN_PART_SIZE, max_length=final.length)
     with store_errors(final.id):
         await objects.refuse_existing(keys, final.id)
+        await objects.refuse_taken(keys)
         if final.length == 0:
-            await objects.client.put_object(objects.bucket, keys.object, b"", content_md5(b""))
+            await objects.put_empty(keys)
         else:
             multipart_id = await objects.client.create_multipart_upload(
                 objects.bucket, keys.object, content_type(final)
             )
             fields = dataclasses.replace(fields, multipart_upload_id=multipart_id)
-            assembling = fields.stored_in(
-                dataclasses.replace(final, expires_at=time.time() + ASSEMBLY_DEADLINE_SECONDS)
-            )
+            expiring = dataclasses.replace(final, expires_at=time.time() + ASSEMBLY_DEADLINE_SECONDS)
+            assembling = fields.stored_in(expiring, objects.bucket, keys.object)
             try:
                 await objects.put_info(keys, assembling)
                 gate = asyncio.Semaphore(CONCAT_PARTS_IN_FLIGHT)
@@ -144,14 +144,12 @@ async def concatenate(objects: S3Objects, final: UploadInfo, partials: Sequence[
                     _build_part(objects, keys, multipart_id, number, part, gate)
                     for number, part in enumerate(plan, 1)
                 ])
-                await objects.client.complete_multipart_upload(
-                    objects.bucket, keys.object, multipart_id, [(part.number, part.etag) for part in parts]
-                )
+                await objects.complete(keys, multipart_id, parts)
             except BaseException:
                 await objects.abort_quietly(keys, multipart_id)
                 await objects.delete_quietly([keys.info])
                 raise
-        finished = fields.stored_in(dataclasses.replace(final, finished=True))
+        finished = fields.stored_in(dataclasses.replace(final, finished=True), objects.bucket, keys.object)
         await objects.put_info(keys, finished)
     return dataclasses.replace(finished, offset=final.length)
 

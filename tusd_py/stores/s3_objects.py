@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tusd_py.stores.base import (
+    ObjectKeyTaken,
     StorageFields,
     StoreError,
     StoreUnavailable,
@@ -33,7 +34,16 @@ from tusd_py.stores.base import (
     UploadNotFound,
     is_valid_upload_id,
 )
-from tusd_py.stores.s3_client import ObjectEntry, PartEntry, S3Client, S3Error, S3NotFound, content_md5
+from tusd_py.stores.s3_client import (
+    ObjectEntry,
+    PartEntry,
+    S3Client,
+    S3Error,
+    S3NotFound,
+    S3PreconditionFailed,
+    content_md5,
+)
+from tusd_py.stores.s3_keys import DEFAULT_TEMPLATE, ObjectKeyTemplate, check_key
 from tusd_py.stores.s3_parts import Layout, Segment, TailCache, UploadKeys, resolve_layout
 from tusd_py.stores.s3_spool import Hasher, SpoolSlot
 
@@ -49,6 +59,11 @@ run ListParts in parallel with reading ``.info`` instead of after it."""
 MD5_IN_THREAD_SIZE = 1024 * 1024
 """Bodies at least this large are hashed in a worker thread (hashlib releases the GIL),
 keeping the event loop free."""
+STORAGE_TYPE = "s3store"
+"""``storage["Type"]`` of an S3 upload (tusd's name)."""
+STORAGE_KEY = "Key"
+"""``storage["Key"]``: the final object's key in the bucket (tusd's name); a pre-create
+hook may set it (relative to ``store.s3.prefix``) before the store does."""
 _CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 
 
@@ -79,10 +94,11 @@ class S3Fields:
             max_length=None if max_length is None else int(max_length),
         )
 
-    def stored_in(self, info: UploadInfo) -> UploadInfo:
-        """``info`` with these fields in its ``storage`` (other fields kept)."""
+    def stored_in(self, info: UploadInfo, bucket: str, key: str) -> UploadInfo:
+        """``info`` with these fields and where its object goes (tusd's ``Type``,
+        ``Bucket``, ``Key``) in its ``storage`` (other fields kept)."""
         fields = {"multipart_upload_id": self.multipart_upload_id, "part_size": self.part_size,
-                  "max_length": self.max_length}
+                  "max_length": self.max_length, "Type": STORAGE_TYPE, "Bucket": bucket, STORAGE_KEY: key}
         return dataclasses.replace(info, storage={**info.storage, **fields})
 
 
@@ -169,22 +185,85 @@ async def _nothing() -> None:
 
 
 class S3Objects:
-    """The S3 calls of one store's uploads, in bucket ``bucket`` under ``prefix``."""
+    """The S3 calls of one store's uploads, in bucket ``bucket``: final objects under
+    ``prefix``, bookkeeping (``.info``, tail segments) under ``metadata_prefix``."""
 
     def __init__(
-        self, client: S3Client, bucket: str, prefix: str, *, max_part_uploads: int, tail_cache_size: int
+        self, client: S3Client, bucket: str, prefix: str, *, max_part_uploads: int, tail_cache_size: int,
+        metadata_prefix: str | None = None, object_key: ObjectKeyTemplate | None = None,
     ) -> None:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix
+        self.metadata_prefix = prefix if metadata_prefix is None else metadata_prefix
+        self.object_key = object_key or ObjectKeyTemplate(DEFAULT_TEMPLATE)
         # One semaphore for the whole process: it bounds the UploadPart calls in
         # flight, and with them the part bodies held in memory for sending.
         self.part_uploads = asyncio.Semaphore(max_part_uploads)
         self._tail_cache = TailCache(tail_cache_size)
-        self._multipart_ids: OrderedDict[str, str] = OrderedDict()
+        self._multipart_ids: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        """Upload id -> (multipart upload id, final object key)."""
 
-    def keys(self, upload_id: str) -> UploadKeys:
-        return UploadKeys.of(self.prefix, upload_id)
+    def keys(self, upload_id: str, object_key: str | None = None) -> UploadKeys:
+        """The keys of ``upload_id`` whose final object is ``object_key`` (None: the
+        prefix and the id, the key of every upload before ``store.s3.object_key``)."""
+        return UploadKeys.of(self.metadata_prefix, upload_id, object_key or f"{self.prefix}{upload_id}")
+
+    def new_keys(self, info: UploadInfo) -> UploadKeys:
+        """The keys of an upload about to be created: its object's key is the one a
+        pre-create hook chose (``storage["Key"]``) or ``store.s3.object_key`` rendered,
+        under the prefix. Raises ``InvalidObjectKey``."""
+        requested = info.storage.get(STORAGE_KEY)
+        if requested is not None:
+            check_key(str(requested))
+            return self.keys(info.id, f"{self.prefix}{requested}")
+        if self.object_key.is_default:
+            return self.keys(info.id)
+        return self.keys(info.id, f"{self.prefix}{self.object_key.render(info)}")
+
+    def is_named(self, keys: UploadKeys) -> bool:
+        """The object's key is not the upload's own (prefix + id): other uploads may
+        want it, so it is created only if absent and deleted only once finished."""
+        return keys.object != f"{self.prefix}{keys.upload_id}"
+
+    async def refuse_taken(self, keys: UploadKeys) -> None:
+        """Raise ``ObjectKeyTaken`` when a named upload's object key is in use (a
+        complete object there). Uploads in progress may share a key: the first to
+        complete takes it (``complete_if_absent``)."""
+        if not self.is_named(keys):
+            return
+        try:
+            await self.client.head_object(self.bucket, keys.object)
+        except S3NotFound:
+            return
+        raise ObjectKeyTaken(f"an object named {keys.object!r} already exists")
+
+    async def complete(self, keys: UploadKeys, multipart_id: str, parts: Sequence[PartEntry]) -> None:
+        """CompleteMultipartUpload; for a named object only if no object has the key
+        (S3's ``If-None-Match: *``), so a completed upload is never overwritten by
+        another that chose the same key (``ObjectKeyTaken``)."""
+        try:
+            await self.client.complete_multipart_upload(
+                self.bucket, keys.object, multipart_id, [(part.number, part.etag) for part in parts],
+                if_absent=self.is_named(keys),
+            )
+        except S3PreconditionFailed as error:
+            raise ObjectKeyTaken(f"another upload completed an object named {keys.object!r} first") from error
+
+    async def put_empty(self, keys: UploadKeys) -> None:
+        """The object of a zero-length upload (only if absent, for a named one)."""
+        if not self.is_named(keys):
+            await self.client.put_object(self.bucket, keys.object, b"", content_md5(b""))
+            return
+        try:
+            await self.client.put_object_if(self.bucket, keys.object, b"", if_match=None)
+        except S3PreconditionFailed as error:
+            raise ObjectKeyTaken(f"another upload completed an object named {keys.object!r} first") from error
+
+    def keys_of(self, info: UploadInfo) -> UploadKeys:
+        """The keys of the upload ``info`` describes (its object key is in ``storage``)."""
+        key = info.storage.get(STORAGE_KEY)
+        return self.keys(info.id, None if key is None else str(key))
 
     # --- opening an upload -------------------------------------------------------------
 
@@ -201,8 +280,8 @@ class S3Objects:
         """
         if not is_valid_upload_id(upload_id):
             raise UploadNotFound(upload_id)
-        keys = self.keys(upload_id)
-        known_multipart_id = self._multipart_ids.get(upload_id)
+        known_multipart_id, known_key = self._multipart_ids.get(upload_id, (None, None))
+        keys = self.keys(upload_id, known_key)
         with store_errors(upload_id):
             document, objects, parts = await asyncio.gather(
                 self.client.get_object(self.bucket, keys.info),
@@ -218,13 +297,14 @@ class S3Objects:
                 raise objects
             info = self.parse_info(upload_id, document)
             fields = S3Fields.of(info.storage)
+            keys = self.keys_of(info)
             if info.finished:
                 return await self._finished(keys, info, fields, objects)
             multipart_id = fields.multipart_upload_id
             try:
                 if multipart_id is None:
                     listed_parts: list[PartEntry] = []
-                elif multipart_id != known_multipart_id:
+                elif multipart_id != known_multipart_id or keys.object != known_key:
                     listed_parts = await self._list_parts(keys, multipart_id)
                 elif isinstance(parts, BaseException):
                     raise parts
@@ -233,7 +313,7 @@ class S3Objects:
             except S3NotFound:
                 return await self._vanished_multipart_upload(keys, info, fields, objects)
             if multipart_id is not None:
-                self.remember_multipart_id(upload_id, multipart_id)
+                self.remember_multipart_id(upload_id, multipart_id, keys.object)
         limit = info.length - 1 if info.length else None
         layout = resolve_layout(keys, fields.part_size, info.length, listed_parts, objects, limit=limit)
         info = dataclasses.replace(info, offset=layout.offset)
@@ -267,8 +347,8 @@ class S3Objects:
         self.forget_multipart_id(info.id)
         raise UploadNotFound(info.id)
 
-    def remember_multipart_id(self, upload_id: str, multipart_id: str) -> None:
-        self._multipart_ids[upload_id] = multipart_id
+    def remember_multipart_id(self, upload_id: str, multipart_id: str, object_key: str) -> None:
+        self._multipart_ids[upload_id] = (multipart_id, object_key)
         self._multipart_ids.move_to_end(upload_id)
         while len(self._multipart_ids) > MULTIPART_ID_CACHE_SIZE:
             self._multipart_ids.popitem(last=False)

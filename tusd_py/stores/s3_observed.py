@@ -97,10 +97,11 @@ class ObservedS3Client:
         )
 
     async def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]]
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]], *, if_absent: bool = False
     ) -> None:
         await self._timed(
-            "CompleteMultipartUpload", self._inner.complete_multipart_upload(bucket, key, upload_id, parts)
+            "CompleteMultipartUpload",
+            self._inner.complete_multipart_upload(bucket, key, upload_id, parts, if_absent=if_absent),
         )
 
     async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:

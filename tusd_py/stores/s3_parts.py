@@ -50,8 +50,10 @@ def deferred_length_ceiling(configured: int, max_size: int, preferred: int) -> i
 
 @dataclass(frozen=True, slots=True)
 class UploadKeys:
-    """The S3 keys of one upload (``prefix`` + id)."""
+    """The S3 keys of one upload: its final object and its bookkeeping (under the
+    metadata prefix, by id)."""
 
+    upload_id: str
     object: str
     """The final object, built by the multipart upload."""
     info: str
@@ -60,10 +62,10 @@ class UploadKeys:
     """Prefix of the tail segments (``<object>.tail/``)."""
 
     @classmethod
-    def of(cls, prefix: str, upload_id: str) -> UploadKeys:
-        """The keys of ``upload_id`` under ``prefix``."""
-        base = f"{prefix}{upload_id}"
-        return cls(object=base, info=f"{base}.info", tail_prefix=f"{base}.tail/")
+    def of(cls, metadata_prefix: str, upload_id: str, object_key: str) -> UploadKeys:
+        """The keys of ``upload_id``, its bookkeeping under ``metadata_prefix``."""
+        base = f"{metadata_prefix}{upload_id}"
+        return cls(upload_id=upload_id, object=object_key, info=f"{base}.info", tail_prefix=f"{base}.tail/")
 
     def segment(self, start: int) -> str:
         """The key of the tail segment that starts at byte ``start``."""

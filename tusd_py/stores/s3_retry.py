@@ -137,9 +137,11 @@ class RetryingS3Client:
         return await self._retry(lambda: self._inner.list_multipart_uploads(bucket, prefix, marker))
 
     async def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]]
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]], *, if_absent: bool = False
     ) -> None:
-        await self._retry(lambda: self._inner.complete_multipart_upload(bucket, key, upload_id, parts))
+        await self._retry(
+            lambda: self._inner.complete_multipart_upload(bucket, key, upload_id, parts, if_absent=if_absent)
+        )
 
     async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
         await self._retry(lambda: self._inner.abort_multipart_upload(bucket, key, upload_id))

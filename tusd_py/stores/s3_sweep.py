@@ -26,7 +26,7 @@ class S3Sweep:
         token: str | None = None
         while True:
             with store_errors(""):
-                page = await objects.client.list_objects(objects.bucket, objects.prefix, token)
+                page = await objects.client.list_objects(objects.bucket, objects.metadata_prefix, token)
             for entry in page.objects:
                 upload_id = self._owner_of(entry.key, ".info")
                 if upload_id is None:
@@ -58,7 +58,7 @@ class S3Sweep:
             listed: list[ObjectEntry] = []
             token: str | None = None
             while True:
-                page = await objects.client.list_objects(objects.bucket, objects.prefix, token)
+                page = await objects.client.list_objects(objects.bucket, objects.metadata_prefix, token)
                 listed.extend(page.objects)
                 if page.next_token is None:
                     break
@@ -90,9 +90,13 @@ class S3Sweep:
         while True:
             page = await objects.client.list_multipart_uploads(objects.bucket, objects.prefix, marker)
             for upload in page.uploads:
-                owner = self._owner_of(upload.key, "")
+                # A named object's key does not say its upload: such multipart uploads
+                # are left to the bucket's lifecycle rule (see the README).
+                owner = self._owner_of(upload.key, "", self._objects.prefix)
                 if owner is None or upload.initiated >= created_before:
                     continue
+                if owner not in with_info and not objects.object_key.is_default:
+                    continue  # a named key may merely look like an id
                 if owner in with_info:
                     if owner not in named:
                         named[owner] = await self._named_multipart_id(owner)
@@ -121,10 +125,11 @@ class S3Sweep:
             log.warning("not sweeping multipart uploads of %s: %s", upload_id, error)
             return None
 
-    def _owner_of(self, key: str, suffix: str, exact: bool = True) -> str | None:
+    def _owner_of(self, key: str, suffix: str, prefix: str | None = None, exact: bool = True) -> str | None:
         """The upload id of ``<prefix><id><suffix>`` (``exact``: nothing after the
-        suffix; else anything may follow it), or None for a foreign key."""
-        prefix = self._objects.prefix
+        suffix; else anything may follow it), or None for a foreign key. ``prefix``:
+        the metadata prefix unless given."""
+        prefix = self._objects.metadata_prefix if prefix is None else prefix
         if not key.startswith(prefix):
             return None
         rest = key[len(prefix):]

@@ -11,48 +11,46 @@ from tusd_py.http.types import Headers
 
 ALLOW_METHODS = "POST, HEAD, PATCH, OPTIONS, GET, DELETE"
 
-ALLOW_HEADERS = ", ".join(
-    [
-        "Authorization",
-        "Origin",
-        "X-Requested-With",
-        "X-Request-ID",
-        "X-HTTP-Method-Override",
-        "Content-Type",
-        "Upload-Length",
-        "Upload-Offset",
-        "Tus-Resumable",
-        "Upload-Metadata",
-        "Upload-Defer-Length",
-        "Upload-Concat",
-        "Upload-Checksum",
-        "Upload-Complete",
-        "Upload-Draft-Interop-Version",
-    ]
+ALLOW_HEADERS = (
+    "Authorization",
+    "Origin",
+    "X-Requested-With",
+    "X-Request-ID",
+    "X-HTTP-Method-Override",
+    "Content-Type",
+    "Upload-Length",
+    "Upload-Offset",
+    "Tus-Resumable",
+    "Upload-Metadata",
+    "Upload-Defer-Length",
+    "Upload-Concat",
+    "Upload-Checksum",
+    "Upload-Complete",
+    "Upload-Draft-Interop-Version",
 )
+"""Request headers a browser may send cross-origin; ``cors.allow_headers`` adds to them."""
 
-EXPOSE_HEADERS = ", ".join(
-    [
-        "Upload-Offset",
-        "Location",
-        "Upload-Length",
-        "Tus-Version",
-        "Tus-Resumable",
-        "Tus-Max-Size",
-        "Tus-Extension",
-        "Upload-Metadata",
-        "Upload-Defer-Length",
-        "Upload-Concat",
-        "Upload-Expires",
-        "Upload-Checksum",
-        "Upload-Complete",
-        "Upload-Draft-Interop-Version",
-        "Upload-Limit",
-        "Content-Range",
-        "Content-Disposition",
-        "X-Request-ID",
-    ]
+EXPOSE_HEADERS = (
+    "Upload-Offset",
+    "Location",
+    "Upload-Length",
+    "Tus-Version",
+    "Tus-Resumable",
+    "Tus-Max-Size",
+    "Tus-Extension",
+    "Upload-Metadata",
+    "Upload-Defer-Length",
+    "Upload-Concat",
+    "Upload-Expires",
+    "Upload-Checksum",
+    "Upload-Complete",
+    "Upload-Draft-Interop-Version",
+    "Upload-Limit",
+    "Content-Range",
+    "Content-Disposition",
+    "X-Request-ID",
 )
+"""Response headers a browser lets script read; ``cors.expose_headers`` adds to them."""
 
 
 class Cors:
@@ -64,6 +62,8 @@ class Cors:
         self._origins = frozenset(config.allow_origins)
         self._credentials = config.allow_credentials
         self._max_age = str(config.max_age)
+        self._allow_headers = _joined(ALLOW_HEADERS, config.allow_headers)
+        self._expose_headers = _joined(EXPOSE_HEADERS, config.expose_headers)
 
     def allowed_origin(self, headers: Headers) -> str | None:
         """The request's Origin when CORS is enabled and the origin is allowed."""
@@ -87,13 +87,13 @@ class Cors:
         return [
             *self._origin_headers(origin),
             ("Access-Control-Allow-Methods", ALLOW_METHODS),
-            ("Access-Control-Allow-Headers", ALLOW_HEADERS),
+            ("Access-Control-Allow-Headers", self._allow_headers),
             ("Access-Control-Max-Age", self._max_age),
         ]
 
     def response_headers(self, origin: str) -> list[tuple[str, str]]:
         """Headers every (non-preflight) response to ``origin`` carries."""
-        return [*self._origin_headers(origin), ("Access-Control-Expose-Headers", EXPOSE_HEADERS)]
+        return [*self._origin_headers(origin), ("Access-Control-Expose-Headers", self._expose_headers)]
 
     def _origin_headers(self, origin: str) -> list[tuple[str, str]]:
         # The origin is echoed rather than answered with '*' so that credentials work
@@ -102,3 +102,15 @@ class Cors:
         if self._credentials:
             headers.append(("Access-Control-Allow-Credentials", "true"))
         return headers
+
+
+def _joined(built_in: tuple[str, ...], added: list[str]) -> str:
+    """``built_in`` and the configured ``added`` names (those not already listed, in
+    any case) as one header value."""
+    seen = {name.lower() for name in built_in}
+    names = list(built_in)
+    for name in added:
+        if name.lower() not in seen:
+            seen.add(name.lower())
+            names.append(name)
+    return ", ".join(names)

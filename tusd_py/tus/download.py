@@ -54,11 +54,26 @@ def sanitize_filename(name: str) -> str:
     return name[:_MAX_FILENAME]
 
 
+def _ascii_char(char: str) -> str:
+    """``char`` itself when ASCII, the base letter of an accented letter (é -> e),
+    else ``_``: one visible character for each, so the fallback keeps the name's shape
+    (a Japanese name or a wide space never turns into nothing or a run of spaces)."""
+    if char.isascii():
+        return char
+    base = "".join(part for part in unicodedata.normalize("NFKD", char) if not unicodedata.combining(part))
+    return base if len(base) == 1 and base.isascii() and base.isalnum() else "_"
+
+
+def ascii_fallback(filename: str) -> str:
+    """The plain-ASCII stand-in for ``filename`` in ``filename="..."``."""
+    fallback = "".join(_ascii_char(char) for char in unicodedata.normalize("NFC", filename))
+    return _UNSAFE_ASCII.sub("_", fallback).strip()
+
+
 def content_disposition(disposition: str, filename: str) -> str:
     """``disposition; filename="ascii"; filename*=UTF-8''percent-encoded`` (RFC 6266 /
     RFC 5987): old clients read the ASCII fallback, others the exact name."""
-    fallback = _UNSAFE_ASCII.sub("_", unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode())
-    fallback = fallback.strip()
+    fallback = ascii_fallback(filename)
     if fallback == "" or fallback.startswith("."):
         fallback = "download" + fallback  # never a hidden file, never nameless
     value = f'{disposition}; filename="{fallback}"'

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 from tusd_py.http.types import Response
 from tusd_py.lockers.base import LockTimeout, LockUnavailable
-from tusd_py.stores.base import StoreUnavailable, UploadExists, UploadNotFound, UploadTooLarge
+from tusd_py.stores.base import (
+    InvalidObjectKey,
+    ObjectKeyTaken,
+    StoreUnavailable,
+    UploadExists,
+    UploadNotFound,
+    UploadTooLarge,
+)
 
 log = logging.getLogger("tusd_py.tus")
 
@@ -95,6 +102,8 @@ ERR_UPLOAD_NOT_FOUND = ErrorKind("ERR_UPLOAD_NOT_FOUND", 404, "upload not found"
 ERR_UPLOAD_EXISTS = ErrorKind(
     "ERR_UPLOAD_EXISTS", 409, "an upload with the id chosen by the pre-create hook already exists"
 )
+ERR_INVALID_OBJECT_KEY = ErrorKind("ERR_INVALID_OBJECT_KEY", 400, "the upload's metadata cannot name its object")
+ERR_OBJECT_KEY_TAKEN = ErrorKind("ERR_OBJECT_KEY_TAKEN", 409, "an object with this upload's key already exists")
 ERR_UPLOAD_NOT_FINISHED = ErrorKind(
     "ERR_UPLOAD_NOT_FINISHED", 404, "upload is not finished; only complete uploads can be downloaded"
 )
@@ -170,6 +179,10 @@ def classify(error: BaseException) -> TusError:
         return TusError(ERR_LOCK_UNAVAILABLE)
     if isinstance(error, UploadExists):
         return TusError(ERR_UPLOAD_EXISTS)
+    if isinstance(error, InvalidObjectKey):
+        return TusError(ERR_INVALID_OBJECT_KEY, str(error) or None)
+    if isinstance(error, ObjectKeyTaken):
+        return TusError(ERR_OBJECT_KEY_TAKEN, str(error) or None)
     if isinstance(error, UploadTooLarge):
         return TusError(ERR_STORE_SIZE_EXCEEDED)
     if isinstance(error, StoreUnavailable):
