@@ -159,7 +159,8 @@ SETUPS: dict[str, LockerSetup] = {
     "redis": LockerSetup("redis", _redis_server, "redis-server on loopback"),
     "consul": LockerSetup("consul", _fake_consul, "tests/consul_fake.py, not an agent"),
     "memory-s3": LockerSetup(
-        "memory-s3", lambda workdir: _moto_with({"lock": {"backend": "memory"}}, workdir), "S3 store on moto"
+        "memory-s3", lambda workdir: _moto_with({"lock": {"backend": "memory"}}, workdir), "S3 store on moto",
+        "memory-s3",
     ),
     "s3": LockerSetup(
         "s3", lambda workdir: _moto_with({"lock": {"backend": "s3"}}, workdir), "S3 store on moto", "memory-s3"
@@ -307,7 +308,7 @@ async def _count_s3_requests(endpoint: str, locks: int, hold: float) -> str:
     finally:
         await locker.close()
         await raw.close()
-    steady = sum(held.values()) - 1  # minus the acquire
+    steady = sum(held.values()) - sum(per_lock.values())  # minus the acquire and release
     return (
         f"s3 locker, S3 requests per lock (acquire + release, no contention): {sum(per_lock.values()):g} "
         f"({', '.join(f'{name} {count:g}' for name, count in per_lock.items())})\n"

@@ -304,8 +304,9 @@ async def test_uploads_through_nginx_survive_cuts_and_killed_instances(
         # before its answer may leave its new upload's lock (s3: an expired object,
         # which the next request for it or the expiry sweep deletes): it is free, and
         # a request for that upload removes it.
-        strays = {service.upload_of(lock) for lock in await service.locks_left()}
-        assert not strays & finished, f"locks of finished uploads are left: {sorted(strays & finished)}"
+        left = await service.locks_left()
+        strays = {service.upload_of(lock) for lock in left}
+        assert not strays & finished, f"locks of finished uploads are left: {left} (finished: {sorted(finished)})"
         if strays:
             print(f"locks of uploads created by killed POSTs: {sorted(strays)}")
         bound = service.lease + 1 + TAKEOVER_SLACK
