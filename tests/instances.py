@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio
 from helpers import create, data_of, head_offset, object_bytes, patch, patch_head, s3_client, sha256, upload_id_of
 
+from tests.consul_fake import FakeConsul
 from tests.rawhttp import RawConnection, RawResponse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +86,145 @@ def consul_settings(address: str) -> Settings:
         "lock": {"backend": "consul"},
         "lock.consul": {"address": address, "session_ttl": 10, "lock_delay": 1, "request_timeout": 2},
     }
+
+
+def redis_settings(url: str) -> Settings:
+    return {"lock": {"backend": "redis"}, "lock.redis": {"url": url, "lease": LEASE, "request_timeout": 1}}
+
+
+S3_LOCK_PREFIX = ".locks/"
+"""Where the S3 locker keeps its objects by default (``<store.s3.prefix>.locks/``)."""
+LEASE = 3
+"""The lease of the redis and s3 lockers in these tests: short, so that a killed
+holder's locks are free soon (renewals every lease/3 still fit a loaded machine)."""
+
+
+def s3_lock_settings() -> Settings:
+    return {"lock": {"backend": "s3"}, "lock.s3": {"lease": LEASE, "poll_interval": 0.2, "request_timeout": 1}}
+
+
+# --- the distributed lock services, one interface for the tests --------------------------
+
+
+class LockService:
+    """A distributed locker's backend as the multi-instance tests see it: the settings
+    instances need, what is left of its locks, and what a killed instance means for it.
+    ``start``/``stop`` run in the test's event loop (the Consul fake is served by it)."""
+
+    name = ""
+    lease: float = LEASE
+    """Seconds a killed holder's lock may outlive it (after ``instance_killed``)."""
+
+    def settings(self) -> Settings:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Bring the service up (no-op when it runs elsewhere)."""
+
+    async def stop(self) -> None:
+        """Stop what ``start`` started."""
+
+    async def locks_left(self) -> list[str]:
+        """The lock objects/keys that exist now (held or not released)."""
+        raise NotImplementedError
+
+    def upload_of(self, lock: str) -> str:
+        """The upload id a name from ``locks_left`` belongs to."""
+        raise NotImplementedError
+
+    def instance_started(self, instance: Instance) -> None:
+        """Called after ``instance`` started (and made its session, for Consul)."""
+
+    async def instance_killed(self, instance: Instance) -> None:
+        """Called after ``instance`` was SIGKILLed: let the lease run out as it would."""
+
+
+class S3LockService(LockService):
+    """``lock.backend = "s3"``: lock objects in the store's own moto bucket."""
+
+    name = "s3"
+
+    def __init__(self, endpoint: str, bucket: str) -> None:
+        self.endpoint = endpoint
+        self.bucket = bucket
+
+    def settings(self) -> Settings:
+        return s3_lock_settings()
+
+    async def locks_left(self) -> list[str]:
+        async with s3_client(self.endpoint) as client:
+            listing = await client.list_objects_v2(Bucket=self.bucket, Prefix=S3_LOCK_PREFIX)
+        return [str(item["Key"]) for item in listing.get("Contents", [])]
+
+    def upload_of(self, lock: str) -> str:
+        return lock[len(S3_LOCK_PREFIX):].removesuffix(".release")
+
+
+class RedisLockService(LockService):
+    """``lock.backend = "redis"``: a real redis-server (started by the sync fixture)."""
+
+    name = "redis"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def settings(self) -> Settings:
+        return redis_settings(self.url)
+
+    async def locks_left(self) -> list[str]:
+        client = redis.asyncio.Redis.from_url(self.url, socket_timeout=5)
+        try:
+            return sorted([key.decode() async for key in client.scan_iter(match="tusd-py:lock:*")])
+        finally:
+            await client.aclose()
+
+    def upload_of(self, lock: str) -> str:
+        return lock.rsplit(":", 1)[1]
+
+
+class ConsulLockService(LockService):
+    """``lock.backend = "consul"``: the in-process fake Consul. Its TTL clock is the
+    test's: a killed instance's session is expired as its TTL would, then its
+    lock-delay passes."""
+
+    name = "consul"
+    LOCK_DELAY = 1.0
+
+    def __init__(self) -> None:
+        self.fake = FakeConsul()
+        self._sessions: dict[str, set[str]] = {}
+        self._seen: set[str] = set()
+
+    def settings(self) -> Settings:
+        return consul_settings(self.fake.address)
+
+    async def start(self) -> None:
+        await self.fake.start()
+
+    async def stop(self) -> None:
+        await self.fake.stop()
+
+    async def locks_left(self) -> list[str]:
+        # The Consul locker releases its key (the Consul lock pattern) and leaves the
+        # released entry; what must not be left is a held key or a release request.
+        return sorted(
+            key for key, entry in self.fake.kv.items()
+            if (key.startswith("tusd-py/locks/") and entry.session is not None) or key.startswith("tusd-py/release/")
+        )
+
+    def upload_of(self, lock: str) -> str:
+        return lock.rsplit("/", 1)[1]
+
+    def instance_started(self, instance: Instance) -> None:
+        new = set(self.fake.sessions) - self._seen
+        self._seen |= new
+        self._sessions[instance.name] = new
+
+    async def instance_killed(self, instance: Instance) -> None:
+        for session in self._sessions.pop(instance.name, set()):
+            if session in self.fake.sessions:
+                self.fake.expire_session(session)
+        self.fake.advance(self.LOCK_DELAY)
 
 
 def _prepare_files(directory: Path, name: str, settings: Settings) -> tuple[Path, Path, int]:
@@ -231,6 +372,26 @@ async def running_together(
     return instances
 
 
+def cluster_settings(endpoint: str, bucket: str, service: LockService) -> dict[str, dict[str, Any]]:
+    """An S3-store instance (behind nginx) locking through ``service``."""
+    return merged(s3_settings(endpoint, bucket), service.settings(), {"server": {"behind_proxy": True}})
+
+
+async def start_locking(directory: Path, name: str, settings: Settings, service: LockService) -> Instance:
+    """``start_instance``, then tell ``service`` (one at a time: Consul sessions are
+    told apart by what appeared during the start)."""
+    instance = await start_instance(directory, name, settings)
+    service.instance_started(instance)
+    return instance
+
+
+async def kill(instance: Instance, service: LockService) -> None:
+    """SIGKILL ``instance`` (no release, no goodbye) and tell ``service``."""
+    instance.process.kill()
+    await instance.process.wait()
+    await service.instance_killed(instance)
+
+
 async def stop_all(instances: list[Instance]) -> None:
     """Stop every instance (in parallel); a non-zero exit status fails the test."""
     statuses = await asyncio.gather(*(instance.stop() for instance in instances))
@@ -243,7 +404,7 @@ async def stop_all(instances: list[Instance]) -> None:
 PATCH_CHUNK = 256 * KiB
 
 
-async def _unbuffered_connection(port: int) -> RawConnection:
+async def unbuffered_connection(port: int) -> RawConnection:
     """A connection whose ``send`` returns only once every byte is in the kernel, so
     a test knows what it sent before it stalls or aborts."""
     connection = await RawConnection.open(port)
@@ -260,7 +421,7 @@ async def expect_continue_patch(port: int, path: str, offset: int, length: int) 
     """Send a PATCH head with ``Expect: 100-continue``; return the connection and the
     first response head. tusd-py sends ``100 Continue`` only once the handler holds the
     upload's lock and reads the body, which makes it an event tests can wait for."""
-    connection = await _unbuffered_connection(port)
+    connection = await unbuffered_connection(port)
     head = patch_head(path, offset, length).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n")
     await connection.send(head)
     return connection, await _read_head(connection)
@@ -377,7 +538,7 @@ async def upload_with_interruptions(port: int, payload: bytes, rng: random.Rando
             done += 1
             remaining = len(payload) - offset
             cut = rng.randrange(1, remaining)
-            connection = await _unbuffered_connection(port)
+            connection = await unbuffered_connection(port)
             await connection.send(patch_head(path, offset, remaining) + payload[offset:offset + cut])
             connection.abort()
             furthest_sent = max(furthest_sent, offset + cut)

@@ -1,6 +1,8 @@
-"""Several hosts: two tusd-py processes (``python -m tusd_py.cli --config FILE``) on one
-moto bucket, locking through one Consul (the in-process fake of tests/consul_fake.py,
-served by this test's event loop), and nginx balancing over both.
+"""Several hosts with lock.backend = "consul": what only Consul has (a session lost
+mid-PATCH, Consul unreachable). Two tusd-py processes (``python -m tusd_py.cli --config
+FILE``) on one moto bucket, locking through one Consul (the in-process fake of
+tests/consul_fake.py, served by this test's event loop). What every distributed locker
+must do across instances is in test_distributed_lockers.py.
 
 The instances are real processes started by tests/instances.py; they are ready when
 they send READY=1 to the test's NOTIFY_SOCKET. Waits are on responses and on the fake
@@ -9,14 +11,12 @@ Consul's state changes, each with a bound.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from helpers import create, data_of, head_offset, object_bytes, patch, sha256, upload_id_of
 
-from tests import nginx_support
 from tests.consul_fake import FakeConsul
 from tests.instances import (
     Instance,
@@ -27,9 +27,6 @@ from tests.instances import (
     merged,
     running,
     s3_settings,
-    scenario_concurrent_patches,
-    scenario_interrupted_uploads,
-    scenario_takeover,
 )
 from tests.rawhttp import request
 
@@ -58,21 +55,6 @@ async def pair(tmp_path: Path, moto_endpoint: str, bucket: str, consul: FakeCons
         yield instances
 
 
-async def test_concurrent_patches_through_two_instances_never_interleave(
-    pair: list[Instance], moto_endpoint: str, bucket: str, consul: FakeConsul
-) -> None:
-    a, b = pair
-    await scenario_concurrent_patches(a.port, b.port, moto_endpoint, bucket, 8 * MiB, seed=11)
-    # The loser's instance asked the winner's to release through Consul KV.
-    assert consul.requests_to("PUT", "/v1/kv/tusd-py/release/")
-
-
-async def test_stalled_patch_on_one_instance_is_taken_over_by_the_other(
-    pair: list[Instance], moto_endpoint: str, bucket: str, consul: FakeConsul
-) -> None:
-    a, b = pair
-    await scenario_takeover(a.port, b.port, moto_endpoint, bucket, seed=21)
-    assert consul.requests_to("PUT", "/v1/kv/tusd-py/release/")
 
 
 async def test_session_lost_mid_patch_stops_it_and_keeps_the_offset_truthful(
@@ -139,17 +121,3 @@ async def test_consul_unreachable_answers_503_and_writes_nothing(
     response = await patch(b.port, path, MiB, payload[MiB:])
     assert response.status == 204, response
     assert sha256(await object_bytes(moto_endpoint, bucket, upload_id_of(path))) == sha256(payload)
-
-
-async def test_interrupted_uploads_through_nginx_round_robin(
-    nginx_installed: None, pair: list[Instance], moto_endpoint: str, bucket: str
-) -> None:
-    a, b = pair
-    with nginx_support.run_nginx([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]) as nginx:
-        interruptions = await scenario_interrupted_uploads(nginx.port, moto_endpoint, bucket, count=20, seed=51)
-        log = await asyncio.to_thread(nginx.access_log)
-    assert interruptions >= 10  # the seed gives a good share of resumed uploads
-    assert "PATCH" in log
-    # Round robin reached both instances (each logs the requests it served).
-    for instance in pair:
-        assert "PATCH" in instance.log(), instance.name

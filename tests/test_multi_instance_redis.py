@@ -1,6 +1,8 @@
-"""Several hosts with lock.backend = "redis": two tusd-py processes
-(``python -m tusd_py.cli --config FILE``, tests/instances.py) on one moto bucket,
-locking through one real redis-server (the ``redis_server`` fixture of conftest.py).
+"""Several hosts with lock.backend = "redis": what only Redis has (Redis down, Redis
+restarted mid-PATCH). Two tusd-py processes (``python -m tusd_py.cli --config FILE``,
+tests/instances.py) on one moto bucket, locking through one real redis-server (the
+``redis_server`` fixture of conftest.py). What every distributed locker must do across
+instances is in test_distributed_lockers.py.
 Waits are on responses, each with a bound.
 """
 
@@ -9,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers import create, data_of, head_offset, object_bytes, patch, sha256, upload_id_of
@@ -20,10 +21,9 @@ from tests.instances import (
     bucket_state,
     expect_continue_patch,
     merged,
+    redis_settings,
     running,
     s3_settings,
-    scenario_concurrent_patches,
-    scenario_takeover,
 )
 from tests.rawhttp import request
 from tests.redis_support import RedisServer
@@ -31,9 +31,6 @@ from tests.redis_support import RedisServer
 BOUND = 30.0
 """Upper bound for an expected event (a bound, never a delay)."""
 
-
-def redis_settings(url: str) -> dict[str, dict[str, Any]]:
-    return {"lock": {"backend": "redis"}, "lock.redis": {"url": url, "lease": 3, "request_timeout": 1}}
 
 
 @pytest.fixture
@@ -46,18 +43,6 @@ async def pair(
         yield instances
 
 
-async def test_stalled_patch_on_one_instance_is_taken_over_by_the_other(
-    pair: list[Instance], moto_endpoint: str, bucket: str
-) -> None:
-    a, b = pair
-    await scenario_takeover(a.port, b.port, moto_endpoint, bucket, seed=61)
-
-
-async def test_concurrent_patches_through_two_instances_never_interleave(
-    pair: list[Instance], moto_endpoint: str, bucket: str
-) -> None:
-    a, b = pair
-    await scenario_concurrent_patches(a.port, b.port, moto_endpoint, bucket, 8 * MiB, seed=71)
 
 
 async def test_redis_down_answers_503_writes_nothing_and_recovers(
