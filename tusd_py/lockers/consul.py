@@ -334,6 +334,9 @@ class ConsulLocker:
                 if acquired:
                     self._unreleased.pop(upload_id, None)
                     holding.acquired = True
+                    # A request we wrote to the previous holder is still in KV if that
+                    # holder died before it could withdraw it: ours to delete now.
+                    holding.remote_request_seen = holding.remote_request_seen or bool(asked)
                     if holding.release_requested:
                         holding.call_on_release_request()
                     return
