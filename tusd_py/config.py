@@ -5,8 +5,9 @@ file or a ``TUSD_PY_*`` variable are errors that name the key. Environment varia
 are ``TUSD_PY_<SECTION>_<KEY>`` upper-cased, dots as underscores, e.g.
 ``TUSD_PY_SERVER_PORT=8080`` or ``TUSD_PY_STORE_S3_BUCKET=uploads``.
 
-Sizes accept a number of bytes or a string with a unit (``"8MiB"``, ``"1GiB"``, ``"512KB"``);
-durations are seconds (int or float).
+Sizes accept a whole number of bytes or a string with a unit: IEC ``"8MiB"`` (8 x 1024^2)
+or SI ``"8MB"`` (8 x 1000^2), see ``SIZE_UNITS``; fractions and other units are errors.
+Durations are seconds (int or float).
 """
 
 from __future__ import annotations
@@ -40,31 +41,39 @@ class Size(int):
     """A byte count; accepts ``"8MiB"``-style strings in config files and variables."""
 
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": KiB, "kb": 1000, "kib": KiB,
-    "m": MiB, "mb": 1000**2, "mib": MiB,
-    "g": GiB, "gb": 1000**3, "gib": GiB,
-    "t": TiB, "tb": 1000**4, "tib": TiB,
+SIZE_UNITS = {
+    "": 1, "B": 1,
+    "kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+    "KiB": KiB, "MiB": MiB, "GiB": GiB, "TiB": TiB,
 }
+"""The units a size may carry, spelled exactly so: SI (powers of 1000, "kB" or "KB")
+and IEC (powers of 1024). Bare "K"/"M"/"G", lower-case "mb" (millibits) and "Mb"
+(megabits) mean nothing else with any certainty, so they are refused."""
+
+_SIZE_FORM = re.compile(r"([0-9]+) ?([A-Za-z]*)")
+_SIZE_HINT = (
+    "a whole number of bytes or a string like \"8MiB\", \"8 MiB\", \"8MB\" "
+    "(units B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+)
 
 
 def parse_size(value: object, key: str) -> Size:
-    """Parse ``8388608``, ``"8MiB"`` or ``"1.5 GiB"`` into a byte count."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a size, got {value!r}")
-    if isinstance(value, int):
-        number = float(value)
-        unit = ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-        if match is None or match.group(2).lower() not in _SIZE_UNITS:
-            raise ConfigError(f"{key}: expected a size like 8388608 or \"8MiB\", got {value!r}")
-        number, unit = float(match.group(1)), match.group(2).lower()
-    size = int(number * _SIZE_UNITS[unit])
-    if size < 0:
-        raise ConfigError(f"{key}: must not be negative")
-    return Size(size)
+    """Parse ``8388608``, ``"8388608"``, ``"8MiB"``, ``"8 MiB"`` or ``"8MB"`` (see
+    ``SIZE_UNITS``) into a byte count; anything else (a fraction, an unknown or
+    ambiguous unit, a negative number) is a ``ConfigError`` naming ``key``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+        return Size(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected {_SIZE_HINT}, got {value!r}")
+    match = _SIZE_FORM.fullmatch(value.strip())
+    if match is None:
+        raise ConfigError(f"{key}: expected {_SIZE_HINT}, got {value!r}")
+    number, unit = match.groups()
+    if unit not in SIZE_UNITS:
+        raise ConfigError(f"{key}: unknown size unit {unit!r} in {value!r}; expected {_SIZE_HINT}")
+    return Size(int(number) * SIZE_UNITS[unit])
 
 
 _HTTP_DEFAULTS = HTTPLimits()
