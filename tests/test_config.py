@@ -216,3 +216,11 @@ def test_cli_help_explains_flags(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for flag in ("--config", "--host", "--port", "--directory"):
         assert flag in out
+
+
+def test_cli_help_shows_the_command_as_optional(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n", 1)[0]
+    assert "COMMAND ..." not in usage and "{cleanup}" not in usage
+    assert "tusd-py [options]" in usage and "tusd-py [options] cleanup" in usage

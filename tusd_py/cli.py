@@ -311,6 +311,8 @@ async def _serve_until_signal(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tusd-py",
+        # argparse would print the optional command as a required "COMMAND ...".
+        usage="%(prog)s [options]            serve\n       %(prog)s [options] cleanup    sweep once and exit",
         description=(
             "tus resumable-upload server for S3 and local disk. Without a command it serves; "
             "`tusd-py cleanup` removes expired uploads and orphaned storage once and exits. "
@@ -326,6 +328,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     cleanup = commands.add_parser(
         "cleanup",
+        prog="tusd-py cleanup",
         help="remove expired uploads and orphaned storage once, then exit (e.g. from a systemd timer)",
         description=(
             "Remove unfinished uploads whose expiry time passed (expiration.lifetime) and storage "
