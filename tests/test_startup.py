@@ -17,6 +17,7 @@ import asyncio
 import os
 import pwd
 import re
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,12 +48,13 @@ async def run_to_exit(directory: Path, name: str, settings: Settings) -> tuple[i
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tusd_py.cli", "--config", str(config_path),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        cwd=directory, env=env,
+        cwd=directory, env=env, start_new_session=True,
     )
     try:
         output, _ = await asyncio.wait_for(process.communicate(), START_TIMEOUT)
     except TimeoutError:
-        process.kill()
+        # The whole group: workers that outlive their supervisor hold the pipe open.
+        os.killpg(process.pid, signal.SIGKILL)
         output, _ = await process.communicate()
         pytest.fail(f"tusd-py did not exit (it should not have started):\n{output.decode(errors='replace')}")
     assert process.returncode is not None
