@@ -22,7 +22,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from tusd_py import __version__
-from tusd_py.config import Config, ConfigError, check_directories, load_config, lock_directory
+from tusd_py.config import Config, ConfigError, load_config
+from tusd_py.directories import check_directories, lock_directory
 from tusd_py.expiry import Sweeper, SweepResult
 from tusd_py.hooks import HookCallable, Hooks
 from tusd_py.http.loop import new_event_loop
