@@ -1,34 +1,42 @@
-"""The listening port of workers: chosen once by the supervisor, passed to each worker,
-and never written back into the config (which stays what the operator asked for)."""
+"""The listening socket: bound once by ``workers.bind_listener`` (the supervisor's,
+inherited by its workers) and used by ``serving``; the config, which stays what the
+operator asked for, is never changed."""
 
 from __future__ import annotations
 
 import copy
+import errno
+import socket
 from pathlib import Path
 
+import pytest
 from helpers import file_store_config
 
 from tusd_py import cli
-from tusd_py.config import load_config
+from tusd_py.workers import bind_listener
 
 
-def test_worker_port_for_port_0_is_picked_and_the_config_is_unchanged() -> None:
-    config = load_config(environ={}, overrides={"server.port": 0, "server.workers": 2, "lock.backend": "file"})
-    before = copy.deepcopy(config)
-    port = cli.worker_port(config)
-    assert 0 < port < 65536
-    assert config == before
+def test_port_0_binds_a_free_port() -> None:
+    with bind_listener("127.0.0.1", 0) as listener:
+        assert 0 < listener.getsockname()[1] < 65536
+        assert not listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
 
 
-def test_worker_port_is_the_configured_one() -> None:
-    assert cli.worker_port(load_config(environ={}, overrides={"server.port": 4321})) == 4321
+def test_a_taken_port_is_one_line_address_already_in_use() -> None:
+    with bind_listener("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError) as error:
+            bind_listener("127.0.0.1", port)
+    assert error.value.errno == errno.EADDRINUSE
+    assert str(error.value) == f"[Errno {errno.EADDRINUSE}] cannot listen on 127.0.0.1:{port}: address already in use"
 
 
-async def test_serving_listens_on_the_given_port_and_leaves_the_config_alone(tmp_path: Path) -> None:
+async def test_serving_accepts_on_the_given_listener_and_leaves_the_config_alone(tmp_path: Path) -> None:
     config = file_store_config(tmp_path)
     before = copy.deepcopy(config)
-    port = cli.worker_port(config)
-    async with cli.serving(config, port=port) as running:
-        assert running.port == port
-        assert running.url.endswith(f":{port}")
+    with bind_listener("127.0.0.1", 0) as listener:
+        port = listener.getsockname()[1]
+        async with cli.serving(config, listener=listener) as running:
+            assert running.port == port
+            assert running.url.endswith(f":{port}")
     assert config == before

@@ -118,15 +118,57 @@ def test_type_errors_name_the_key(tmp_path: Path) -> None:
         load_config(environ={"TUSD_PY_SERVER_BEHIND_PROXY": "maybe"})
 
 
-def test_sizes() -> None:
-    assert parse_size("8MiB", "k") == 8 * MiB
-    assert parse_size("1.5 KiB", "k") == 1536
-    assert parse_size(42, "k") == 42
-    assert parse_size("1MB", "k") == 1_000_000
-    with pytest.raises(ConfigError):
-        parse_size("8 parsecs", "k")
-    with pytest.raises(ConfigError):
-        parse_size(True, "k")
+@pytest.mark.parametrize(("value", "expected"), [
+    (42, 42),
+    (0, 0),
+    ("42", 42),
+    ("42B", 42),
+    ("8MiB", 8 * MiB),
+    ("8 MiB", 8 * MiB),
+    ("1KiB", 1024),
+    ("1GiB", 1024**3),
+    ("1TiB", 1024**4),
+    ("8MB", 8_000_000),
+    ("1kB", 1000),
+    ("1KB", 1000),
+    ("1GB", 1_000_000_000),
+    ("2TB", 2 * 1000**4),
+])
+def test_accepted_size_forms(value: object, expected: int) -> None:
+    assert parse_size(value, "k") == expected
+
+
+@pytest.mark.parametrize("value", [
+    1.5,  # a TOML float: never silently cut to 1
+    2.0,
+    -1,
+    True,
+    "1.5GiB",  # fractions of a unit: write "1536MiB"
+    "8M",  # ambiguous: MB or MiB?
+    "8K",
+    "1G",
+    "1gb",  # lower-case b is a bit
+    "8mib",
+    "8Mb",
+    "8 parsecs",
+    "MiB",
+    "-8MiB",
+    "8  MiB",
+    "",
+])
+def test_refused_size_forms_are_one_line_errors(value: object) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_size(value, "server.max_size")
+    message = str(error.value)
+    assert message.startswith("server.max_size: ") and "\n" not in message
+    assert repr(value) in message
+
+
+def test_size_errors_from_a_file_and_the_environment(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"server\.max_size.*1\.5"):
+        load_config(_write(tmp_path, "[server]\nmax_size = 1.5\n"), environ={})
+    with pytest.raises(ConfigError, match=r"store\.s3\.part_size.*'8M'"):
+        load_config(environ={"TUSD_PY_STORE_S3_PART_SIZE": "8M"})
     config = load_config(environ={"TUSD_PY_STORE_S3_PART_SIZE": "16MiB"})
     assert config.store.s3.part_size == 16 * MiB
 
@@ -181,3 +223,11 @@ def test_cli_help_explains_flags(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for flag in ("--config", "--host", "--port", "--directory"):
         assert flag in out
+
+
+def test_cli_help_shows_the_command_as_optional(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n", 1)[0]
+    assert "COMMAND ..." not in usage and "{cleanup}" not in usage
+    assert "tusd-py [options]" in usage and "tusd-py [options] cleanup" in usage

@@ -11,21 +11,19 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import hashlib
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 from tusd_py import __version__
 from tusd_py.config import Config, ConfigError, load_config
+from tusd_py.directories import check_directories, lock_directory
 from tusd_py.expiry import Sweeper, SweepResult
 from tusd_py.hooks import HookCallable, Hooks
 from tusd_py.http.loop import new_event_loop
@@ -44,6 +42,7 @@ from tusd_py.stores.file import FileStore
 from tusd_py.tus.cors import Cors
 from tusd_py.tus.handler import TusHandler
 from tusd_py.tus.options import TusOptions
+from tusd_py.workers import bind_listener, supervise
 
 log = logging.getLogger("tusd_py")
 
@@ -77,22 +76,8 @@ def build_locker(config: Config, observer: LockObserver | None = None, store: St
     if lock.backend == "redis":
         return RedisLocker.from_config(lock.redis, lock.acquire_timeout, observer=observer)
     if lock.backend == "file":
-        return FileLocker(_lock_directory(config), lock.acquire_timeout, observer=observer)
+        return FileLocker(lock_directory(config), lock.acquire_timeout, observer=observer)
     return MemoryLocker(acquire_timeout=lock.acquire_timeout, observer=observer)
-
-
-def _lock_directory(config: Config) -> str:
-    """``lock.file.directory``, or a default every worker of this host derives alike:
-    ``<store.file.directory>/.locks`` for the file store; for S3, a directory in the
-    system temp dir named by a hash of endpoint, bucket and prefix, so every tusd-py
-    process of this host that serves the same uploads shares it (whatever its port)."""
-    if config.lock.file.directory:
-        return config.lock.file.directory
-    if config.store.backend == "file":
-        return os.path.join(config.store.file.directory, ".locks")
-    s3 = config.store.s3
-    name = hashlib.sha256(f"{s3.endpoint_url}|{s3.bucket}|{s3.prefix}".encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"tusd-py-locks-{name}")
 
 
 async def start_locker(locker: Locker) -> None:
@@ -186,9 +171,8 @@ HOOKS_DRAIN_SECONDS = 5.0
 async def serving(
     config: Config,
     *,
-    reuse_port: bool = False,
     hooks: Hooks | HookCallables | None = None,
-    port: int | None = None,
+    listener: socket.socket | None = None,
 ) -> AsyncIterator[Running]:
     """Run tusd-py inside the current event loop until the block exits; then shut down
     gracefully (running PATCHes store what they received, within shutdown_timeout).
@@ -197,8 +181,8 @@ async def serving(
     ``tusd_py.hooks``), added to the ``[hooks]`` webhook; or a ``Hooks`` object, which
     is then used as is (its owner closes it).
 
-    ``port``: listen there instead of ``server.port`` (a supervisor's workers get the
-    port it chose for ``server.port = 0``; the config is never changed).
+    ``listener``: accept on this bound socket (``workers.bind_listener``; a supervisor's
+    workers share one) instead of binding ``server.host``/``server.port``.
     """
     metrics = Metrics()
     owned_hooks = not isinstance(hooks, Hooks)
@@ -213,9 +197,7 @@ async def serving(
             if config.metrics.enabled:
                 application = with_metrics_endpoint(handler, config.metrics.path, metrics.render)
             http = HTTPServer(application, config.server.http_limits(), observer=metrics)
-            bound_port = await http.start(
-                config.server.host, config.server.port if port is None else port, reuse_port=reuse_port
-            )
+            bound_port = await http.start(config.server.host, config.server.port, sock=listener)
             sweeper = start_sweeper(config, store, locker)
             try:
                 yield Running(config.server.host, bound_port, handler, http, metrics, the_hooks)
@@ -297,20 +279,16 @@ async def shutdown(http: HTTPServer, handler: TusHandler, grace_seconds: float) 
 
 
 async def _serve_until_signal(
-    config: Config,
-    reuse_port: bool = False,
-    on_ready: Callable[[], object] | None = None,
-    port: int | None = None,
+    config: Config, listener: socket.socket, on_ready: Callable[[], object] | None = None
 ) -> int:
-    """Serve until SIGTERM/SIGINT (on ``port`` if given, else ``server.port``).
-    ``on_ready`` is called once the server listens; without it, systemd is notified
-    (``Type=notify``) by this process."""
+    """Serve on ``listener`` until SIGTERM/SIGINT. ``on_ready`` is called once the
+    server listens; without it, systemd is notified (``Type=notify``) by this process."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        async with serving(config, reuse_port=reuse_port, port=port) as running:
+        async with serving(config, listener=listener) as running:
             log.info(
                 "tusd-py %s listening on %s%s (store=%s, lock=%s)",
                 __version__, running.url, config.server.base_path, config.store.backend, config.lock.backend,
@@ -332,6 +310,8 @@ async def _serve_until_signal(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tusd-py",
+        # argparse would print the optional command as a required "COMMAND ...".
+        usage="%(prog)s [options]            serve\n       %(prog)s [options] cleanup    sweep once and exit",
         description=(
             "tus resumable-upload server for S3 and local disk. Without a command it serves; "
             "`tusd-py cleanup` removes expired uploads and orphaned storage once and exits. "
@@ -347,6 +327,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     cleanup = commands.add_parser(
         "cleanup",
+        prog="tusd-py cleanup",
         help="remove expired uploads and orphaned storage once, then exit (e.g. from a systemd timer)",
         description=(
             "Remove unfinished uploads whose expiry time passed (expiration.lifetime) and storage "
@@ -423,86 +404,41 @@ def tune_malloc() -> None:
     mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES)
 
 
-def _run_worker(
-    config: Config, reuse_port: bool, on_ready: Callable[[], object] | None = None, port: int | None = None
-) -> int:
+def _run_worker(config: Config, listener: socket.socket, on_ready: Callable[[], object] | None = None) -> int:
     tune_malloc()
     loop = new_event_loop()
     try:
-        return loop.run_until_complete(_serve_until_signal(config, reuse_port, on_ready, port))
+        return loop.run_until_complete(_serve_until_signal(config, listener, on_ready))
     finally:
         loop.close()
 
 
-def _worker_main(config: Config, port: int, ready: multiprocessing.connection.Connection) -> None:
-    setup_logging(config.log)
+def _worker_main(config: Config, listener: socket.socket, number: int, ready: Connection) -> None:
+    """A worker process of ``workers.supervise`` (spawned: it starts from here)."""
+    setup_logging(config.log, worker=number)
 
     def report_ready() -> None:
         # The supervisor (systemd's main process) notifies systemd once all are up.
-        ready.send(os.getpid())
+        with contextlib.suppress(OSError):  # a supervisor that gave up closed its end
+            ready.send(os.getpid())
         ready.close()
 
-    sys.exit(_run_worker(config, reuse_port=True, on_ready=report_ready, port=port))
+    sys.exit(_run_worker(config, listener, on_ready=report_ready))
 
 
-def _wait_until_ready(workers: Sequence[multiprocessing.process.BaseProcess],
-                      ready: multiprocessing.connection.Connection) -> bool:
-    """True once every worker reported that it listens; False when one exited first."""
-    waiting = len(workers)
-    sentinels = [worker.sentinel for worker in workers]
-    while waiting:
-        for handle in multiprocessing.connection.wait([ready, *sentinels]):
-            if handle is ready:
-                ready.recv()
-                waiting -= 1
-            else:
-                return False
-    return True
-
-
-def worker_port(config: Config) -> int:
-    """The port every worker binds: ``server.port``, or for 0 a free one picked now
-    (each worker binds its own socket with SO_REUSEPORT, so they must agree first)."""
-    if config.server.port != 0:
-        return config.server.port
-    with socket.socket() as probe:
-        probe.bind((config.server.host, 0))
-        return int(probe.getsockname()[1])
-
-
-def _supervise_workers(config: Config) -> int:
-    """Run ``server.workers`` processes that share the port with SO_REUSEPORT (the
-    kernel spreads connections between them). SIGTERM/SIGINT are passed on; each
-    worker shuts down gracefully. A worker that dies is reported, not restarted: the
-    service manager (systemd) restarts the whole unit."""
-    port = worker_port(config)
-    context = multiprocessing.get_context("spawn")
-    ready_reader, ready_writer = context.Pipe(duplex=False)
-    workers = [context.Process(target=_worker_main, args=(config, port, ready_writer), name=f"tusd-py-worker-{index}")
-               for index in range(config.server.workers)]
-
-    def forward(signum: int, _frame: object) -> None:
-        notify_stopping()
-        for worker in workers:
-            if worker.pid is not None and worker.exitcode is None:
-                os.kill(worker.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for worker in workers:
-        worker.start()
-    ready_writer.close()
-    log.info("started %d workers on port %d", len(workers), port)
-    if _wait_until_ready(workers, ready_reader):
-        notify_ready(f"{len(workers)} workers listening on port {port}")
-    ready_reader.close()
-    status = 0
-    for worker in workers:
-        worker.join()
-        if worker.exitcode != 0:
-            log.error("%s exited with %s", worker.name, worker.exitcode)
-            status = 1
-    return status
+def _serve(config: Config) -> int:
+    """Check the directories, bind the port once, then serve: in this process, or in
+    ``server.workers`` processes that share the socket."""
+    try:
+        check_directories(config)
+        listener = bind_listener(config.server.host, config.server.port)
+    except (ConfigError, OSError) as error:
+        # An OSError of bind_listener says it all in strerror, without "[Errno 98]".
+        log.error("cannot start: %s", getattr(error, "strerror", None) or error)
+        return 1
+    if config.server.workers > 1:
+        return supervise(config, listener, _worker_main)
+    return _run_worker(config, listener)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -515,9 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.log)
     if args.command == "cleanup":
         return _run_cleanup(config)
-    if config.server.workers > 1:
-        return _supervise_workers(config)
-    return _run_worker(config, reuse_port=False)
+    return _serve(config)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 
 from tusd_py.http.limits import HTTPLimits
 from tusd_py.http.protocol import HTTPProtocol
 from tusd_py.http.types import Handler, ServerObserver
 
-__all__ = ["HTTPLimits", "HTTPServer", "ServerContext"]
+__all__ = ["LISTEN_BACKLOG", "HTTPLimits", "HTTPServer", "ServerContext"]
 
 log = logging.getLogger("tusd_py.http")
+
+LISTEN_BACKLOG = 4096
+"""Pending connections the kernel queues for accept (capped at net.core.somaxconn)."""
 
 # After ``stop`` aborted the remaining connections, how long their cancelled handlers
 # get to unwind before ``stop`` returns anyway.
@@ -119,23 +123,27 @@ class HTTPServer:
     def flow_observer(self, observer: Callable[[HTTPProtocol, bool], None] | None) -> None:
         self._context.flow_observer = observer
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
-        """Listen on ``host:port`` and return the bound port (``port=0`` picks a free one)."""
+    async def start(self, host: str, port: int, *, sock: socket.socket | None = None) -> int:
+        """Listen on ``host:port`` and return the bound port (``port=0`` picks a free one);
+        with ``sock``, accept on that bound socket instead (one a supervisor bound for
+        its workers) and ignore ``host`` and ``port``."""
         if self._server is not None:
             raise RuntimeError("the server is already started")
         loop = asyncio.get_running_loop()
         context = self._context
         context.stopping = False
-        self._server = await loop.create_server(
-            lambda: HTTPProtocol(context),
-            host,
-            port,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-            # A large backlog absorbs connection bursts (tus clients retry in herds
-            # after an outage); the kernel caps it at net.core.somaxconn.
-            backlog=4096,
-        )
+
+        def connection() -> HTTPProtocol:
+            return HTTPProtocol(context)
+
+        # A large backlog absorbs connection bursts (tus clients retry in herds after an
+        # outage); the kernel caps it at net.core.somaxconn.
+        if sock is not None:
+            self._server = await loop.create_server(connection, sock=sock, backlog=LISTEN_BACKLOG)
+        else:
+            self._server = await loop.create_server(
+                connection, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+            )
         sockets = self._server.sockets
         return int(sockets[0].getsockname()[1]) if sockets else port
 

@@ -201,7 +201,10 @@ def error_response(error: BaseException, method: str, request_id: str = "") -> R
             "unexpected error handling %s request", method, exc_info=error, extra={"request_id": request_id}
         )
     elif kind.status == 503:
-        log.warning("%s: %s", kind.code, error, extra={"request_id": request_id})
+        # A TusError's own text is its code; what went wrong is its cause (a hook's
+        # connection error), else its message.
+        reason = error.__cause__ or tus_error.message if isinstance(error, TusError) else error
+        log.warning("%s: %s", kind.code, reason, extra={"request_id": request_id})
     headers = list(tus_error.headers)
     body = b""
     if method != "HEAD":
