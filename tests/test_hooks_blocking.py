@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from helpers import file_store_config, path_of
+from helpers import file_store_config, object_bytes, path_of
 
 from tests.conftest import free_port
 from tests.rawhttp import RawConnection, RawResponse, request
@@ -383,3 +383,32 @@ async def test_webhook_accepts(receiver: Receiver, answer: object) -> None:
     finally:
         await hooks.close()
     assert json.loads(receiver.deliveries[0][1])["upload"]["id"] == "abc"
+
+
+# --- on the S3 store (moto over HTTP) --------------------------------------------------
+
+
+async def test_on_the_s3_store_pre_finish_rejection_keeps_the_object_and_pre_terminate_refusal_deletes_nothing(
+    tmp_path: Path, receiver: Receiver, moto_endpoint: str, bucket: str
+) -> None:
+    receiver.answers["pre-finish"] = (200, {"reject": True, "status": 422, "message": "virus found"})
+    receiver.answers["pre-terminate"] = (200, {"reject": True, "status": 423, "message": "legal hold"})
+    config = hooked_config(
+        tmp_path, receiver.url,
+        **{"store.backend": "s3", "store.s3.bucket": bucket, "store.s3.endpoint_url": moto_endpoint},
+    )
+    data = os.urandom(2000)
+    async with serving(config) as server:
+        path = await create(server.port, len(data))
+        rejected = await patch(server.port, path, 0, data)
+        assert rejected.status == 422 and b"virus found" in rejected.body
+        assert rejected.header("upload-offset") == str(len(data))
+        await assert_intact(server.port, path, data)
+        refused = await request(server.port, "DELETE", path)
+        assert refused.status == 423 and b"legal hold" in refused.body
+        await assert_intact(server.port, path, data)  # the object is still there
+    upload_id = path.rsplit("/", 1)[1]
+    assert await object_bytes(moto_endpoint, bucket, upload_id) == data
+    storage = receiver.of("pre-finish")[0]["upload"]["storage"]
+    assert (storage["Type"], storage["Bucket"], storage["Key"]) == ("s3store", bucket, upload_id)
+    assert receiver.of("post-finish") == [] and receiver.of("post-terminate") == []
