@@ -21,7 +21,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
@@ -148,6 +148,35 @@ def observed(
     if observer is None:
         return acquire(on_release_request)
     return observed_lock(acquire, on_release_request, observer)
+
+
+class BackgroundWork:
+    """Work a locker starts and does not wait for (a late release, a retry): kept
+    referenced until it ends (asyncio holds tasks only weakly), and waited for by
+    ``finish`` when the locker closes."""
+
+    def __init__(self, ignore: tuple[type[Exception], ...] = ()) -> None:
+        """``ignore``: errors the work may end with that are expected (not logged)."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ignore = ignore
+
+    def start(self, work: Awaitable[None]) -> None:
+        """Run ``work`` in a task of its own."""
+
+        async def run() -> None:
+            try:
+                await work
+            except self._ignore:
+                pass
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def finish(self) -> None:
+        """Wait for the work still running (its errors are not raised)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def check_lock_name(upload_id: str) -> None:

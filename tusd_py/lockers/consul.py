@@ -40,13 +40,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from tusd_py.config import ConsulLockConfig
 from tusd_py.lockers.base import (
+    BackgroundWork,
     HeldLock,
     LockObserver,
     LockTimeout,
@@ -247,7 +248,7 @@ class ConsulLocker:
         )
 
         self._local = MemoryLocker(acquire_timeout=acquire_timeout)
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = BackgroundWork()
         self._holdings: dict[str, _Holding] = {}
         self._unreleased: dict[str, str] = {}
         """Upload id -> session: locks whose release failed (Consul unreachable);
@@ -327,7 +328,7 @@ class ConsulLocker:
                 except (LockUnavailable, asyncio.CancelledError):
                     # The acquire may have succeeded in Consul although we got no
                     # answer: release it (harmless if it did not).
-                    self._in_background(self._release_key(upload_id, session_id, quiet=True))
+                    self._background.start(self._release_key(upload_id, session_id, quiet=True))
                     raise
                 if acquired and session_id != self._session.id:
                     continue  # the session was lost while the acquire was in flight
@@ -415,7 +416,7 @@ class ConsulLocker:
     def _session_renewed(self, session_id: str) -> None:
         for upload_id, owner in list(self._unreleased.items()):
             if owner == session_id and upload_id not in self._holdings:
-                self._in_background(self._retry_release(upload_id, session_id))
+                self._background.start(self._retry_release(upload_id, session_id))
 
     def _session_lost(self, session_id: str, reason: str) -> None:
         """Mark every lock held under the lost ``session_id`` lost."""
@@ -433,17 +434,9 @@ class ConsulLocker:
         if holding is not None and holding.session_id == holder:
             holding.request_release(remote=True)
         elif self._unreleased.get(upload_id) == holder:
-            self._in_background(self._retry_release(upload_id, holder))
+            self._background.start(self._retry_release(upload_id, holder))
 
     # --- plumbing ----------------------------------------------------------------------
-
-    def _in_background(self, work: Awaitable[None]) -> None:
-        async def run() -> None:
-            await work
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         """Release every held lock, destroy the session, stop the watchers."""
@@ -458,8 +451,7 @@ class ConsulLocker:
         for holding in holdings:
             holding.held.lost.set()
         await self._local.close()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.finish()
         if session_id is not None:
             # Release explicitly first: destroying a session puts its locks under
             # lock-delay, which would stall the other instances for nothing.

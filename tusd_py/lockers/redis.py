@@ -52,6 +52,7 @@ from redis.backoff import NoBackoff
 
 from tusd_py.config import RedisLockConfig
 from tusd_py.lockers.base import (
+    BackgroundWork,
     HeldLock,
     LockObserver,
     LockTimeout,
@@ -287,7 +288,7 @@ class RedisLocker:
         self._released: dict[str, asyncio.Event] = {}
         """Upload id -> event set by a "released" message, for this instance's waiter."""
         self._renewer: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = BackgroundWork(ignore=(LockUnavailable,))
         self._closed = False
 
     @classmethod
@@ -370,7 +371,7 @@ class RedisLocker:
                 except BaseException:
                     # The SET may have happened although we got no answer: delete it
                     # (only if it holds our token).
-                    self._in_background(self._delete(key, holding.token, []))
+                    self._background.start(self._delete(key, holding.token, []))
                     raise
                 if taken or value == holding.token:  # the latter: a retried SET
                     self._renewed(holding, sent_at)
@@ -486,7 +487,7 @@ class RedisLocker:
                 holding.request_release()
             else:
                 # Not held with that token (any more): let the waiter retry at once.
-                self._in_background(self._tell_released(upload_id, waiter))
+                self._background.start(self._tell_released(upload_id, waiter))
         elif len(words) == 2 and words[0] == "released":
             event = self._released.get(words[1])
             if event is not None:
@@ -499,15 +500,6 @@ class RedisLocker:
             )
 
     # --- plumbing ----------------------------------------------------------------------
-
-    def _in_background(self, work: Awaitable[None]) -> None:
-        async def run() -> None:
-            with contextlib.suppress(LockUnavailable):
-                await work
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         """Release every held lock, stop the subscription and the renewals."""
@@ -529,7 +521,6 @@ class RedisLocker:
                     await self._delete(self._key(holding.upload_id), holding.token, [])
             holding.held.lost.set()
         await self._local.close()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.finish()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._server.client.aclose(), self._server.request_timeout)

@@ -46,6 +46,7 @@ from typing import TypeVar
 
 from tusd_py.config import S3LockConfig
 from tusd_py.lockers.base import (
+    BackgroundWork,
     HeldLock,
     LockObserver,
     LockTimeout,
@@ -174,7 +175,7 @@ class S3Locker:
         self._observer = observer
         self._local = MemoryLocker(acquire_timeout=acquire_timeout)
         self._holdings: dict[str, _Holding] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = BackgroundWork()
         self._closed = False
 
     @classmethod
@@ -293,7 +294,7 @@ class S3Locker:
             if not holding.acquired:
                 # The write may have reached S3 without an answer: remove it if so
                 # (else it would block the upload for one lease).
-                self._in_background(self._remove_if_ours(key, holding.token))
+                self._background.start(self._remove_if_ours(key, holding.token))
             raise
         holding.valid_until = sent + self._lease
 
@@ -474,14 +475,6 @@ class S3Locker:
                 f"S3 locker: {what} ({about}) got no answer from S3 within {self._request_timeout:g}s"
             ) from None
 
-    def _in_background(self, work: Awaitable[None]) -> None:
-        async def run() -> None:
-            await work
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def close(self) -> None:
         """Release every held lock (marking it lost first, so its holder stops)."""
         if self._closed:
@@ -492,5 +485,4 @@ class S3Locker:
             await self._release(holding)
             holding.held.lost.set()
         await self._local.close()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.finish()
