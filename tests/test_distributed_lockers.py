@@ -305,6 +305,11 @@ async def test_uploads_through_nginx_survive_cuts_and_killed_instances(
         # which the next request for it or the expiry sweep deletes): it is free, and
         # a request for that upload removes it.
         left = await service.locks_left()
+        # s3: a release request written while its holder was releasing (after it
+        # withdrew requests, before it deleted the lock) outlives the lock; the expiry
+        # sweep (S3Locker.remove_expired, tested in test_s3_locker.py) deletes such
+        # requests once their lock is gone, so they are not counted here.
+        left = [lock for lock in left if not (lock.endswith(".release") and lock.removesuffix(".release") not in left)]
         strays = {service.upload_of(lock) for lock in left}
         assert not strays & finished, f"locks of finished uploads are left: {left} (finished: {sorted(finished)})"
         if strays:
