@@ -27,7 +27,8 @@ from tusd_py.lockers.s3 import S3Locker
 from tusd_py.stores.base import UploadInfo
 from tusd_py.stores.file import FileStore
 from tusd_py.stores.s3 import S3Store
-from tusd_py.stores.s3_client import AioS3Client, S3Client
+from tusd_py.stores.s3_botocore import AioS3Client
+from tusd_py.stores.s3_client import S3Client
 
 BOUND = 15.0
 """Upper bound for an expected event (a bound, never a delay)."""

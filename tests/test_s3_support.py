@@ -14,8 +14,8 @@ from aiobotocore.session import get_session
 from tusd_py.config import S3StoreConfig, Size
 from tusd_py.stores.base import IteratedBody, UploadInfo
 from tusd_py.stores.s3 import S3Store
+from tusd_py.stores.s3_botocore import AioS3Client
 from tusd_py.stores.s3_client import (
-    AioS3Client,
     MultipartPage,
     ObjectEntry,
     ObjectPage,

@@ -66,8 +66,8 @@ from tusd_py.stores.base import (
     UploadInfo,
     UploadTooLarge,
 )
+from tusd_py.stores.s3_botocore import AioS3Client
 from tusd_py.stores.s3_client import (
-    AioS3Client,
     Deadlines,
     S3Client,
     S3Error,
