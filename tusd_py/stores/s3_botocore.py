@@ -26,6 +26,7 @@ from tusd_py.stores.s3_client import (
     NOT_FOUND_ERROR_CODES,
     STREAM_CHUNK_SIZE,
     TRANSIENT_ERROR_CODES,
+    BodyChecksum,
     Deadlines,
     MultipartEntry,
     MultipartPage,
@@ -119,6 +120,28 @@ def _send_bodies_as_bytes(client: Any) -> None:
         events.register(f"before-send.s3.{operation}", _bytes_body_before_send)
 
 
+_CHECKSUM_ALGORITHMS = {"crc64nvme": "CRC64NVME", "crc32c": "CRC32C", "crc32": "CRC32", "sha256": "SHA256"}
+"""``store.s3.checksum`` values that are S3 "additional checksums", by S3's name."""
+
+
+def _checksum_parameters(checksum: BodyChecksum | None) -> dict[str, str]:
+    """botocore's parameter for ``checksum``: ``ContentMD5`` or ``Checksum<NAME>``."""
+    if checksum is None:
+        return {}
+    if checksum.algorithm == "md5":
+        return {"ContentMD5": checksum.value}
+    return {f"Checksum{_CHECKSUM_ALGORITHMS[checksum.algorithm]}": checksum.value}
+
+
+def _listed_checksum(part: dict[str, Any]) -> BodyChecksum | None:
+    """The additional checksum ListParts names for ``part``, if any."""
+    for algorithm, name in _CHECKSUM_ALGORITHMS.items():
+        value = part.get(f"Checksum{name}")
+        if value:
+            return BodyChecksum(algorithm, str(value))
+    return None
+
+
 def _load_botocore_data(session: AioSession) -> None:
     loader = session.get_component("data_loader")
     loader.load_service_model("s3", "service-2")
@@ -176,12 +199,17 @@ class AioS3Client:
         read_timeout: float = 60.0,
         deadlines: Deadlines | None = None,
         on_timeout: Callable[[str], None] | None = None,
+        sign_payload: bool = True,
+        ca_bundle: str = "",
     ) -> AioS3Client:
         """An S3 client with credentials from the standard AWS chain (environment,
         shared files/profile, container and instance metadata).
 
         Raises ``S3Error`` with code ``"NoCredentials"`` when the chain finds none.
         ``endpoint_url`` selects an S3-compatible service and path-style addressing.
+        ``sign_payload`` False sends bodies as UNSIGNED-PAYLOAD (no SHA-256 of each
+        body for SigV4; their checksum, and TLS, protect them instead). ``ca_bundle``:
+        a PEM file of trusted CAs (empty: AWS_CA_BUNDLE, else the system's).
         """
         session = get_session()
         # botocore reads its data files (the S3 model, endpoint rules, the AWS config
@@ -199,20 +227,22 @@ class AioS3Client:
         region = region or session.get_config_variable("region") or "us-east-1"
         config = AioConfig(
             region_name=region,
-            s3={"addressing_style": "path"} if endpoint_url else {},
+            s3={"payload_signing_enabled": sign_payload} | ({"addressing_style": "path"} if endpoint_url else {}),
             # Retries happen once, in RetryingS3Client, where tests can see them.
             retries={"total_max_attempts": 1, "mode": "standard"},
             max_pool_connections=max_pool_connections,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            # We send Content-MD5 ourselves; botocore's default CRC32 on every
-            # PutObject/UploadPart would hash each body a second time.
+            # We send the checksum (store.s3.checksum) ourselves; botocore's default
+            # CRC32 on every PutObject/UploadPart would hash each body a second time.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
         exit_stack = contextlib.AsyncExitStack()
         client = await exit_stack.enter_async_context(
-            session.create_client("s3", endpoint_url=endpoint_url or None, region_name=region, config=config)
+            session.create_client(
+                "s3", endpoint_url=endpoint_url or None, region_name=region, config=config, verify=ca_bundle or None
+            )
         )
         _send_bodies_as_bytes(client)
         return cls(client, exit_stack, deadlines=deadlines, on_timeout=on_timeout)
@@ -221,18 +251,25 @@ class AioS3Client:
         async with self._request("HeadBucket", bucket):
             await self._client.head_bucket(Bucket=bucket)
 
-    async def create_multipart_upload(self, bucket: str, key: str, content_type: str | None) -> str:
+    async def create_multipart_upload(
+        self, bucket: str, key: str, content_type: str | None, checksum_algorithm: str = ""
+    ) -> str:
         extra = {"ContentType": content_type} if content_type else {}
+        if checksum_algorithm in _CHECKSUM_ALGORITHMS:
+            extra["ChecksumAlgorithm"] = _CHECKSUM_ALGORITHMS[checksum_algorithm]
+            if checksum_algorithm == "crc64nvme":  # S3 knows CRC64NVME only as a full-object checksum
+                extra["ChecksumType"] = "FULL_OBJECT"
         async with self._request("CreateMultipartUpload", bucket, key):
             response = await self._client.create_multipart_upload(Bucket=bucket, Key=key, **extra)
         return str(response["UploadId"])
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
     ) -> str:
         async with self._request("UploadPart", bucket, key, self._deadlines.for_body(len(body))):
             response = await self._client.upload_part(
-                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=part_number, Body=body, ContentMD5=content_md5
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=part_number, Body=body,
+                **_checksum_parameters(checksum),
             )
         return str(response["ETag"])
 
@@ -266,7 +303,7 @@ class AioS3Client:
         async with self._request("ListParts", bucket, key):
             response = await self._client.list_parts(Bucket=bucket, Key=key, UploadId=upload_id, **extra)
         parts = [
-            PartEntry(int(part["PartNumber"]), int(part["Size"]), str(part["ETag"]))
+            PartEntry(int(part["PartNumber"]), int(part["Size"]), str(part["ETag"]), _listed_checksum(part))
             for part in response.get("Parts", [])
         ]
         truncated = bool(response.get("IsTruncated"))
@@ -274,12 +311,16 @@ class AioS3Client:
         return PartPage(parts, int(next_marker) if truncated and next_marker else None)
 
     async def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]], *, if_absent: bool = False
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[PartEntry], *, if_absent: bool = False
     ) -> None:
+        completed = [
+            {"PartNumber": part.number, "ETag": part.etag}
+            | (_checksum_parameters(part.checksum) if part.checksum and part.checksum.algorithm != "md5" else {})
+            for part in parts
+        ]
         async with self._request("CompleteMultipartUpload", bucket, key, self._deadlines.complete):
             await self._client.complete_multipart_upload(
-                Bucket=bucket, Key=key, UploadId=upload_id,
-                MultipartUpload={"Parts": [{"PartNumber": number, "ETag": etag} for number, etag in parts]},
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": completed},
                 **({"IfNoneMatch": "*"} if if_absent else {}),
             )
 
@@ -287,9 +328,11 @@ class AioS3Client:
         async with self._request("AbortMultipartUpload", bucket, key):
             await self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
 
-    async def put_object(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
+    async def put_object(self, bucket: str, key: str, body: bytes, checksum: BodyChecksum | None) -> str:
         async with self._request("PutObject", bucket, key, self._deadlines.for_body(len(body))):
-            response = await self._client.put_object(Bucket=bucket, Key=key, Body=body, ContentMD5=content_md5)
+            response = await self._client.put_object(
+                Bucket=bucket, Key=key, Body=body, **_checksum_parameters(checksum)
+            )
         return str(response["ETag"])
 
     async def get_object(self, bucket: str, key: str) -> bytes:

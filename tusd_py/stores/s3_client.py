@@ -120,12 +120,25 @@ class ObjectPage:
 
 
 @dataclass(frozen=True, slots=True)
+class BodyChecksum:
+    """The integrity checksum of one request body, which S3 verifies: ``algorithm`` is
+    a ``store.s3.checksum`` value (``md5`` goes as Content-MD5, the others as
+    ``x-amz-checksum-<algorithm>``), ``value`` the base64 digest."""
+
+    algorithm: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
 class PartEntry:
     """One uploaded part of a multipart upload."""
 
     number: int
     size: int
     etag: str
+    checksum: BodyChecksum | None = None
+    """Its additional checksum (``x-amz-checksum-*``) as sent or as ListParts names it;
+    CompleteMultipartUpload must repeat it for uploads created with an algorithm."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,15 +176,18 @@ class S3Client(Protocol):
         """Check that the bucket exists and the credentials may use it."""
         ...
 
-    async def create_multipart_upload(self, bucket: str, key: str, content_type: str | None) -> str:
-        """Start a multipart upload of ``key``; returns its upload id."""
+    async def create_multipart_upload(
+        self, bucket: str, key: str, content_type: str | None, checksum_algorithm: str = ""
+    ) -> str:
+        """Start a multipart upload of ``key`` whose parts carry ``checksum_algorithm``
+        (a ``store.s3.checksum`` value; empty, md5 or none: no additional checksum);
+        returns its upload id."""
         ...
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
     ) -> str:
-        """Upload one part (``content_md5``: base64 MD5 of ``body``, checked by S3);
-        returns its ETag."""
+        """Upload one part (``checksum`` of ``body``, verified by S3); returns its ETag."""
         ...
 
     async def upload_part_copy(
@@ -192,18 +208,19 @@ class S3Client(Protocol):
         ...
 
     async def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]], *, if_absent: bool = False
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[PartEntry], *, if_absent: bool = False
     ) -> None:
-        """Assemble the object from ``(part number, ETag)`` pairs, in order; with
-        ``if_absent`` only where no object has the key (else ``S3PreconditionFailed``)."""
+        """Assemble the object from ``parts`` (number, ETag and additional checksum, if
+        any), in order; with ``if_absent`` only where no object has the key (else
+        ``S3PreconditionFailed``)."""
         ...
 
     async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
         """Abort a multipart upload and discard its parts."""
         ...
 
-    async def put_object(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
-        """Store a whole object (checked against ``content_md5``); returns its ETag."""
+    async def put_object(self, bucket: str, key: str, body: bytes, checksum: BodyChecksum | None) -> str:
+        """Store a whole object (verified by S3 against ``checksum``); returns its ETag."""
         ...
 
     async def get_object(self, bucket: str, key: str) -> bytes:
@@ -246,6 +263,6 @@ class S3Client(Protocol):
         ...
 
 
-def content_md5(body: bytes) -> str:
-    """The Content-MD5 header value of ``body`` (base64 of the binary digest)."""
-    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")
+def content_md5(body: bytes) -> BodyChecksum:
+    """The Content-MD5 checksum of ``body`` (base64 of the binary digest)."""
+    return BodyChecksum("md5", base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii"))
