@@ -6,6 +6,7 @@ request bodies and PATCH "requests" (bucket set-up and test data: ``helpers``; t
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -43,8 +44,16 @@ async def bucket_contents(endpoint: str, bucket: str) -> tuple[list[str], list[s
     )
 
 
+CHECKSUM_UNDER_TEST = os.environ.get("TUSD_PY_TEST_S3_CHECKSUM", "")
+"""``store.s3.checksum`` of every store the S3 store, crash and fault tests open (empty:
+the default). CI runs tests/test_s3_crash.py, test_s3_store.py and test_s3_robustness.py
+once more per other value (.ci/run)."""
+
+
 def s3_config(endpoint: str, bucket: str, **overrides: Any) -> S3StoreConfig:
     config = S3StoreConfig(bucket=bucket, endpoint_url=endpoint, part_size=Size(MiB))
+    if CHECKSUM_UNDER_TEST:
+        config.checksum = CHECKSUM_UNDER_TEST
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
