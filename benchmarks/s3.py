@@ -74,6 +74,7 @@ from benchmarks.ingest import (
     median_row,
     upload_to,
 )
+from benchmarks.loads import Concurrent, measure_concurrent
 from benchmarks.tls import tls_terminator
 
 BUCKET = "tusd-py-bench"
@@ -106,6 +107,8 @@ class Options:
     """Reach moto through nginx terminating TLS (a CA made by the benchmark)."""
     checksum: str = "crc32c"
     """store.s3.checksum of the server, and the limit's part checksum."""
+    concurrent: Concurrent | None = None
+    """Also all these uploads at once into tusd-py (peak RSS of the file spool)."""
 
 
 def _clean_environment() -> dict[str, str]:
@@ -433,10 +436,30 @@ def run_benchmark(options: Options) -> Results:
                         measurements.append(measurement)
                         print(format_row(run + 1, measurement) + f" {fmt_backend(measurement):>14}", flush=True)
                 results.runs.append(measurements)
+            if options.concurrent is not None and "tusd-py" in options.targets:
+                _measure_concurrent(targets, options.concurrent, results)
     finally:
         results.meta["server_exit_codes"] = targets.exit_codes
         results.meta["load_average_after"] = load_average()
     return results
+
+
+def _measure_concurrent(targets: S3Targets, load: Concurrent, results: Results) -> None:
+    """``load`` (all uploads at once) into a fresh tusd-py, ``runs`` times: its peak RSS
+    is what the spool ring and the part bodies in flight cost."""
+    rows = []
+    for run in range(targets.options.runs):
+        assert targets.bucket is not None
+        targets.bucket.empty()
+        server = targets.restart("tusd-py")
+        row = measure_concurrent(server, "s3", run + 1, load, targets.buffer, targets.options.timeout)
+        targets.bucket.empty()
+        rows.append(row)
+        print(f"  {run + 1}  {load.name}: {row.value:.0f} MB/s, server CPU {row.server_cpu or 0:.2f} s/GiB, "
+              f"peak RSS {row.peak_rss_mib or 0:.1f} MiB", flush=True)
+    results.meta["concurrent"] = [asdict(row) for row in rows]
+    print(f"med  {load.name}: peak RSS {median([row.peak_rss_mib or 0.0 for row in rows]):.1f} MiB, "
+          f"server CPU {median([row.server_cpu or 0.0 for row in rows]):.2f} s/GiB", flush=True)
 
 
 def fmt_backend(measurement: Measurement) -> str:
@@ -509,6 +532,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="reach moto through nginx terminating TLS (self-signed CA made here); traffic "
                              "counts stay on plain http (the counting proxy sits next to moto)")
     parser.add_argument("--checksum", default="crc32c", help="store.s3.checksum, also the limit's (default crc32c)")
+    parser.add_argument("--concurrent", default="", help="UPLOADSxSIZE, e.g. 16x64MiB: also that many uploads at "
+                        "once into tusd-py, each one PATCH (peak RSS)")
     parser.add_argument("--json", type=Path, help="write all per-run figures, medians and ratios here")
     return parser
 
@@ -534,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency, server_cmd=args.server_cmd, peer_cmd=args.peer_cmd,
         client_buffer=args.client_buffer, timeout=args.timeout, work_dir=work_dir, tls=args.tls,
         checksum=args.checksum,
+        concurrent=Concurrent(int(args.concurrent.split("x")[0]), parse_size(args.concurrent.split("x", 1)[1]))
+        if args.concurrent else None,
     )
     print(f"load average {load_average()}; part size {args.part_size}, concurrency {args.concurrency}")
     print(HEADER + f" {'moto CPU s/GiB':>14}")

@@ -44,7 +44,7 @@ async def bucket_contents(endpoint: str, bucket: str) -> tuple[list[str], list[s
     )
 
 
-CHECKSUM_UNDER_TEST = os.environ.get("TUSD_PY_TEST_S3_CHECKSUM", "")
+CHECKSUM_UNDER_TEST = os.environ.get("TUSDPY_TEST_S3_CHECKSUM", "")
 """``store.s3.checksum`` of every store the S3 store, crash and fault tests open (empty:
 the default). CI runs tests/test_s3_crash.py, test_s3_store.py and test_s3_robustness.py
 once more per other value (.ci/run)."""
