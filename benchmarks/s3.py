@@ -311,10 +311,12 @@ class S3Targets(ServerGroup):
                 "TUSD_PY_STORE_S3_PART_SIZE": str(self.options.part_size),
                 "TUSD_PY_STORE_S3_MAX_CONCURRENT_PART_UPLOADS": str(self.options.concurrency),
                 "TUSD_PY_STORE_S3_SPOOL_DIR": str(self.options.work_dir / "spool"),
-                "TUSD_PY_STORE_S3_CHECKSUM": self.options.checksum,
             }
+            # Only when asked, so that --server-cmd can run a tusd-py from before the key.
+            if self.options.checksum != "crc32c":
+                env["TUSD_PY_STORE_S3_CHECKSUM"] = self.options.checksum
             if self.ca_bundle is not None and endpoint.startswith("https"):
-                env["TUSD_PY_STORE_S3_CA_BUNDLE"] = str(self.ca_bundle)
+                env["AWS_CA_BUNDLE"] = str(self.ca_bundle)  # what store.s3.ca_bundle defaults to
         else:
             template, env = self.options.peer_cmd, self.env
         return ServerProcess(name, command_from_template(template, **values), HOST, port,
