@@ -95,6 +95,25 @@ class _BytesBody(aiohttp.payload.BytesPayload):
         aiohttp.payload.Payload.__init__(self, value, content_type="application/octet-stream")
         self._size = len(value)
 
+    async def write(self, writer: Any) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        # aiohttp sends the request head together with the first body write, joined
+        # into one new bytes (on Python < 3.12.9): a copy of a whole 8 MiB part, about
+        # 0.3 CPU s/GiB. A small first piece keeps that join small; the rest goes to
+        # the transport as a view of the body, not copied.
+        view = memoryview(self._value)
+        if content_length is not None:
+            view = view[:content_length]
+        await writer.write(view[:_FIRST_PIECE])
+        if len(view) > _FIRST_PIECE:
+            await writer.write(view[_FIRST_PIECE:])
+
+
+_FIRST_PIECE = 16 * 1024
+"""Body bytes sent joined with the request head (see ``_BytesBody.write_with_length``)."""
+
 
 def _bytes_body_before_send(request: Any, **_: Any) -> None:
     if isinstance(request.body, bytes) and len(request.body) > aiohttp.payload.TOO_LARGE_BYTES_BODY:
