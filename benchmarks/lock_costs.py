@@ -290,7 +290,7 @@ async def _count_s3_requests(endpoint: str, locks: int, hold: float) -> str:
     """The S3 requests of ``locks`` lock/release pairs and of one lock held ``hold``
     seconds (default lease 15 s, poll_interval 1 s), by the s3 locker in this process."""
     from tusd_py.lockers.s3 import S3Locker
-    from tusd_py.stores.s3_client import AioS3Client
+    from tusd_py.stores.s3_botocore import AioS3Client
 
     os.environ.update(MOTO_CREDENTIALS)
     raw = await AioS3Client.connect(endpoint_url=endpoint)

@@ -5,13 +5,15 @@ same bytes as PATCHes of ``--patch-size`` on one keep-alive connection), sent to
 
 - ``limit``: no tus server: the harness uploads the same bytes straight to the same
   endpoint with aiobotocore as one multipart upload (parts of ``--part-size``, at most
-  ``--concurrency`` UploadPart calls in flight, Content-MD5 on every part, as tusd-py's
+  ``--concurrency`` UploadPart calls in flight, the ``--checksum`` on every part and
+  the body signed or not, as tusd-py's
   S3 store sends them). The best any server in front of this endpoint could do.
 - ``tusd-py``: ``python -m tusd_py.cli --store s3`` with the same part size and
   concurrency.
 - ``peer`` (``--peer``): @tus/server + @tus/s3-store (``benchmarks/peers/tus_server.mjs``).
 
-The endpoint is moto in server mode on a loopback port. moto keeps objects in memory and
+The endpoint is moto in server mode on a loopback port; with ``--tls``, nginx terminating
+TLS in front of it (``benchmarks/tls.py``), as production reaches S3. moto keeps objects in memory and
 tops out near 100 MB/s, so absolute MB/s here say nothing about S3; the ratios to the
 limit say how much a server loses in front of a given endpoint, and the CPU and RSS
 columns are the server's own cost. The moto process's CPU is reported separately.
@@ -39,6 +41,7 @@ from typing import Any
 import botocore.session
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from awscrt import checksums as crt_checksums
 
 from benchmarks.common import (
     MB,
@@ -71,6 +74,8 @@ from benchmarks.ingest import (
     median_row,
     upload_to,
 )
+from benchmarks.loads import Concurrent, measure_concurrent
+from benchmarks.tls import tls_terminator
 
 BUCKET = "tusd-py-bench"
 REGION = "us-east-1"
@@ -98,6 +103,12 @@ class Options:
     client_buffer: int
     timeout: float
     work_dir: Path
+    tls: bool = False
+    """Reach moto through nginx terminating TLS (a CA made by the benchmark)."""
+    checksum: str = "crc32c"
+    """store.s3.checksum of the server, and the limit's part checksum."""
+    concurrent: Concurrent | None = None
+    """Also all these uploads at once into tusd-py (peak RSS of the file spool)."""
 
 
 def _clean_environment() -> dict[str, str]:
@@ -110,10 +121,10 @@ def _clean_environment() -> dict[str, str]:
 class Bucket:
     """Synchronous admin access to the benchmark bucket (create, empty, inspect)."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, ca_bundle: Path | None = None) -> None:
         session = botocore.session.get_session()
         self._client = session.create_client(
-            "s3", endpoint_url=endpoint, region_name=REGION,
+            "s3", endpoint_url=endpoint, region_name=REGION, verify=str(ca_bundle) if ca_bundle else None,
             aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
         )
@@ -153,13 +164,35 @@ def _repeat(buffer: memoryview, length: int) -> bytes:
     return bytes(buffer) * whole + bytes(buffer[:rest])
 
 
-async def _multipart_upload(endpoint: str, size: int, part_size: int, concurrency: int, buffer: memoryview) -> float:
-    """One multipart upload of ``size`` bytes; returns the seconds from
-    CreateMultipartUpload to CompleteMultipartUpload."""
+_CHECKSUM_NAMES = {"crc32c": "CRC32C", "crc32": "CRC32", "crc64nvme": "CRC64NVME", "sha256": "SHA256"}
+
+
+def _part_checksum(checksum: str, body: bytes) -> dict[str, str]:
+    """The UploadPart parameter carrying ``body``'s ``checksum`` (as tusd-py sends it)."""
+    if checksum == "none":
+        return {}
+    if checksum == "md5":
+        return {"ContentMD5": base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()}
+    if checksum == "sha256":
+        digest = hashlib.sha256(body).digest()
+    else:
+        size = 8 if checksum == "crc64nvme" else 4
+        digest = getattr(crt_checksums, checksum)(body).to_bytes(size, "big")
+    return {f"Checksum{_CHECKSUM_NAMES[checksum]}": base64.b64encode(digest).decode()}
+
+
+async def _multipart_upload(
+    endpoint: str, size: int, part_size: int, concurrency: int, buffer: memoryview,
+    checksum: str = "crc32c", ca_bundle: Path | None = None,
+) -> float:
+    """One multipart upload of ``size`` bytes with ``checksum`` on every part, body
+    signing as tusd-py's "auto" (not over https with a checksum); returns the seconds
+    from CreateMultipartUpload to CompleteMultipartUpload."""
+    sign = not (endpoint.startswith("https://") and checksum != "none")
     config = AioConfig(
-        s3={"addressing_style": "path"},
+        s3={"addressing_style": "path", "payload_signing_enabled": sign},
         max_pool_connections=concurrency,
-        # Content-MD5 is sent explicitly, as tusd-py does; no second (CRC32) hash.
+        # The checksum is sent explicitly, as tusd-py does; no second (CRC32) hash.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
@@ -170,23 +203,27 @@ async def _multipart_upload(endpoint: str, size: int, part_size: int, concurrenc
     session = get_session()
     async with session.create_client(
         "s3", endpoint_url=endpoint, region_name=REGION, config=config,
+        verify=str(ca_bundle) if ca_bundle else None,
         aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
     ) as client:
         start = time.perf_counter()
-        created = await client.create_multipart_upload(Bucket=BUCKET, Key="limit")
+        extra = {"ChecksumAlgorithm": _CHECKSUM_NAMES[checksum]} if checksum in _CHECKSUM_NAMES else {}
+        if checksum == "crc64nvme":
+            extra["ChecksumType"] = "FULL_OBJECT"
+        created = await client.create_multipart_upload(Bucket=BUCKET, Key="limit", **extra)
         upload_id = created["UploadId"]
         slots = asyncio.Semaphore(concurrency)
 
         async def upload_part(number: int, body: bytes) -> dict[str, Any]:
             async with slots:
                 # Hash per part like a server must (it cannot know the bytes in advance);
-                # in a thread, as hashlib releases the GIL on large buffers.
-                digest = await asyncio.to_thread(lambda: hashlib.md5(body, usedforsecurity=False).digest())
+                # in a thread, as hashlib and awscrt release the GIL on large buffers.
+                sent = await asyncio.to_thread(_part_checksum, checksum, body)
                 response = await client.upload_part(
-                    Bucket=BUCKET, Key="limit", UploadId=upload_id, PartNumber=number, Body=body,
-                    ContentMD5=base64.b64encode(digest).decode("ascii"),
+                    Bucket=BUCKET, Key="limit", UploadId=upload_id, PartNumber=number, Body=body, **sent,
                 )
-                return {"PartNumber": number, "ETag": response["ETag"]}
+                named = {key: value for key, value in sent.items() if key != "ContentMD5"}
+                return {"PartNumber": number, "ETag": response["ETag"], **named}
 
         parts = await asyncio.gather(*(
             upload_part(index + 1, bodies[length]) for index, length in enumerate(lengths)
@@ -199,11 +236,13 @@ async def _multipart_upload(endpoint: str, size: int, part_size: int, concurrenc
 
 def measure_limit(
     endpoint: str, moto: ServerProcess, workload: Workload, buffer: memoryview, options: Options,
+    ca_bundle: Path | None = None,
 ) -> Measurement:
     """The limit: the harness itself uploads the workload's bytes to the endpoint."""
     with accounted(None, moto.pid) as cost:
         seconds = asyncio.run(
-            _multipart_upload(endpoint, workload.size, options.part_size, options.concurrency, buffer)
+            _multipart_upload(endpoint, workload.size, options.part_size, options.concurrency, buffer,
+                              options.checksum, ca_bundle)
         )
     assert cost.backend is not None
     gib = workload.size / GiB
@@ -250,6 +289,11 @@ class S3Targets(ServerGroup):
         self.moto = ServerProcess("moto", command_from_template(MOTO_CMD, host=HOST, port=moto_port), HOST,
                                   moto_port, options.work_dir / "moto.log", env=self.env)
         (options.work_dir / "spool").mkdir(parents=True, exist_ok=True)
+        self.tls: ServerProcess | None = None
+        self.ca_bundle: Path | None = None
+        if options.tls:
+            self.tls, self.ca_bundle = tls_terminator(options.work_dir, HOST, moto_port)
+            self.endpoint = f"https://{HOST}:{self.tls.port}"
         self.servers = {target: self._server(target, self.endpoint) for target in options.targets
                         if target != "limit"}
         self.bucket: Bucket | None = None
@@ -268,6 +312,11 @@ class S3Targets(ServerGroup):
                 "TUSD_PY_STORE_S3_MAX_CONCURRENT_PART_UPLOADS": str(self.options.concurrency),
                 "TUSD_PY_STORE_S3_SPOOL_DIR": str(self.options.work_dir / "spool"),
             }
+            # Only when asked, so that --server-cmd can run a tusd-py from before the key.
+            if self.options.checksum != "crc32c":
+                env["TUSD_PY_STORE_S3_CHECKSUM"] = self.options.checksum
+            if self.ca_bundle is not None and endpoint.startswith("https"):
+                env["AWS_CA_BUNDLE"] = str(self.ca_bundle)  # what store.s3.ca_bundle defaults to
         else:
             template, env = self.options.peer_cmd, self.env
         return ServerProcess(name, command_from_template(template, **values), HOST, port,
@@ -277,7 +326,9 @@ class S3Targets(ServerGroup):
         # moto first: the servers check the bucket when they start.
         self.moto.start()
         try:
-            self.bucket = Bucket(self.endpoint)
+            if self.tls is not None:
+                self.tls.start()
+            self.bucket = Bucket(self.endpoint, self.ca_bundle)
             self.bucket.create()
             self.start_all()
             # Unmeasured warm-up of every target (imports, connection pools, moto's
@@ -292,6 +343,8 @@ class S3Targets(ServerGroup):
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop_all()
+        if self.tls is not None:
+            self.exit_codes["nginx-tls"] = self.tls.stop()
         self.exit_codes["moto"] = self.moto.stop()
 
     def restart(self, target: str) -> ServerProcess:
@@ -307,7 +360,7 @@ class S3Targets(ServerGroup):
         assert self.bucket is not None, "use S3Targets as a context manager"
         self.bucket.empty()
         if target == "limit":
-            measurement = measure_limit(self.endpoint, self.moto, workload, self.buffer, self.options)
+            measurement = measure_limit(self.endpoint, self.moto, workload, self.buffer, self.options, self.ca_bundle)
         else:
             measurement = measure_server(self.servers[target], workload, self.buffer, self.options.timeout,
                                          backend_pid=self.moto.pid)
@@ -331,7 +384,7 @@ class S3Targets(ServerGroup):
             log_start, up_start, down_start = _size_or_zero(self.moto.log_path), proxy.bytes_up, proxy.bytes_down
             if server is None:
                 asyncio.run(_multipart_upload(endpoint, workload.size, self.options.part_size,
-                                              self.options.concurrency, self.buffer))
+                                              self.options.concurrency, self.buffer, self.options.checksum))
             else:
                 upload_to(server, workload, self.buffer, self.options.timeout)
             bytes_up, bytes_down = proxy.bytes_up - up_start, proxy.bytes_down - down_start
@@ -385,10 +438,30 @@ def run_benchmark(options: Options) -> Results:
                         measurements.append(measurement)
                         print(format_row(run + 1, measurement) + f" {fmt_backend(measurement):>14}", flush=True)
                 results.runs.append(measurements)
+            if options.concurrent is not None and "tusd-py" in options.targets:
+                _measure_concurrent(targets, options.concurrent, results)
     finally:
         results.meta["server_exit_codes"] = targets.exit_codes
         results.meta["load_average_after"] = load_average()
     return results
+
+
+def _measure_concurrent(targets: S3Targets, load: Concurrent, results: Results) -> None:
+    """``load`` (all uploads at once) into a fresh tusd-py, ``runs`` times: its peak RSS
+    is what the spool ring and the part bodies in flight cost."""
+    rows = []
+    for run in range(targets.options.runs):
+        assert targets.bucket is not None
+        targets.bucket.empty()
+        server = targets.restart("tusd-py")
+        row = measure_concurrent(server, "s3", run + 1, load, targets.buffer, targets.options.timeout)
+        targets.bucket.empty()
+        rows.append(row)
+        print(f"  {run + 1}  {load.name}: {row.value:.0f} MB/s, server CPU {row.server_cpu or 0:.2f} s/GiB, "
+              f"peak RSS {row.peak_rss_mib or 0:.1f} MiB", flush=True)
+    results.meta["concurrent"] = [asdict(row) for row in rows]
+    print(f"med  {load.name}: peak RSS {median([row.peak_rss_mib or 0.0 for row in rows]):.1f} MiB, "
+          f"server CPU {median([row.server_cpu or 0.0 for row in rows]):.2f} s/GiB", flush=True)
 
 
 def fmt_backend(measurement: Measurement) -> str:
@@ -457,6 +530,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="peer command; {host}, {port}, {endpoint}, {bucket}, {part_size} are filled in")
     parser.add_argument("--client-buffer", type=parse_size, default=16 * MiB, help="the client's send buffer")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per request")
+    parser.add_argument("--tls", action="store_true",
+                        help="reach moto through nginx terminating TLS (self-signed CA made here); traffic "
+                             "counts stay on plain http (the counting proxy sits next to moto)")
+    parser.add_argument("--checksum", default="crc32c", help="store.s3.checksum, also the limit's (default crc32c)")
+    parser.add_argument("--concurrent", default="", help="UPLOADSxSIZE, e.g. 16x64MiB: also that many uploads at "
+                        "once into tusd-py, each one PATCH (peak RSS)")
     parser.add_argument("--json", type=Path, help="write all per-run figures, medians and ratios here")
     return parser
 
@@ -480,7 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(
         runs=args.runs, workloads=workloads, targets=targets, part_size=args.part_size,
         concurrency=args.concurrency, server_cmd=args.server_cmd, peer_cmd=args.peer_cmd,
-        client_buffer=args.client_buffer, timeout=args.timeout, work_dir=work_dir,
+        client_buffer=args.client_buffer, timeout=args.timeout, work_dir=work_dir, tls=args.tls,
+        checksum=args.checksum,
+        concurrent=Concurrent(int(args.concurrent.split("x")[0]), parse_size(args.concurrent.split("x", 1)[1]))
+        if args.concurrent else None,
     )
     print(f"load average {load_average()}; part size {args.part_size}, concurrency {args.concurrency}")
     print(HEADER + f" {'moto CPU s/GiB':>14}")

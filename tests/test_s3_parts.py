@@ -159,7 +159,8 @@ def test_tail_cache_is_bounded_and_checks_etag_and_size() -> None:
 
 
 def test_content_md5_is_base64_of_the_digest() -> None:
-    assert content_md5(b"abc") == base64.b64encode(hashlib.md5(b"abc").digest()).decode()
+    assert content_md5(b"abc").value == base64.b64encode(hashlib.md5(b"abc").digest()).decode()
+    assert content_md5(b"abc").algorithm == "md5"
 
 
 def test_retry_delays_grow_exponentially_with_full_jitter() -> None:

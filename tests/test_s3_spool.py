@@ -11,7 +11,7 @@ import pytest
 from botocore.handlers import convert_body_to_file_like_object
 
 from tusd_py.stores import s3_spool
-from tusd_py.stores.s3_client import _bytes_body_before_send, _BytesBody, _send_bodies_as_bytes
+from tusd_py.stores.s3_botocore import _bytes_body_before_send, _BytesBody, _send_bodies_as_bytes
 from tusd_py.stores.s3_spool import FileSlot, MemorySlot, SpoolRing
 
 

@@ -46,7 +46,7 @@ from tusd_py.stores.base import (
     new_upload_id,
 )
 from tusd_py.stores.s3 import S3Store
-from tusd_py.stores.s3_client import S3Client, S3Error, S3TransientError, content_md5
+from tusd_py.stores.s3_client import BodyChecksum, S3Client, S3Error, S3TransientError, content_md5
 from tusd_py.stores.s3_spool import SpoolRing, SpoolSlot
 
 KiB = 1024
@@ -475,13 +475,13 @@ class _PartFails(SeamWrapper):
         self.started: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
     ) -> str:
         self.started[part_number].set()
         if part_number == self.part_number:
             await self.started[part_number + 1].wait()  # let later parts get going
             raise S3TransientError("UploadPart", "InternalError", 500, "we encountered an internal error")
-        return await super().upload_part(bucket, key, upload_id, part_number, body, content_md5)
+        return await super().upload_part(bucket, key, upload_id, part_number, body, checksum)
 
 
 async def test_a_failed_part_is_kept_as_a_tail_segment_and_the_offset_stays_truthful(
@@ -536,10 +536,10 @@ class _GatedParts(SeamWrapper):
         self.gate = asyncio.Event()
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
     ) -> str:
         await self.gate.wait()
-        return await super().upload_part(bucket, key, upload_id, part_number, body, content_md5)
+        return await super().upload_part(bucket, key, upload_id, part_number, body, checksum)
 
 
 @pytest.mark.parametrize("spool", ["file", "memory"])

@@ -6,6 +6,7 @@ request bodies and PATCH "requests" (bucket set-up and test data: ``helpers``; t
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -14,11 +15,13 @@ from aiobotocore.session import get_session
 from tusd_py.config import S3StoreConfig, Size
 from tusd_py.stores.base import IteratedBody, UploadInfo
 from tusd_py.stores.s3 import S3Store
+from tusd_py.stores.s3_botocore import AioS3Client
 from tusd_py.stores.s3_client import (
-    AioS3Client,
+    BodyChecksum,
     MultipartPage,
     ObjectEntry,
     ObjectPage,
+    PartEntry,
     PartPage,
     S3Client,
 )
@@ -41,8 +44,16 @@ async def bucket_contents(endpoint: str, bucket: str) -> tuple[list[str], list[s
     )
 
 
+CHECKSUM_UNDER_TEST = os.environ.get("TUSDPY_TEST_S3_CHECKSUM", "")
+"""``store.s3.checksum`` of every store the S3 store, crash and fault tests open (empty:
+the default). CI runs tests/test_s3_crash.py, test_s3_store.py and test_s3_robustness.py
+once more per other value (.ci/run)."""
+
+
 def s3_config(endpoint: str, bucket: str, **overrides: Any) -> S3StoreConfig:
     config = S3StoreConfig(bucket=bucket, endpoint_url=endpoint, part_size=Size(MiB))
+    if CHECKSUM_UNDER_TEST:
+        config.checksum = CHECKSUM_UNDER_TEST
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
@@ -132,18 +143,21 @@ class SeamWrapper:
     async def head_bucket(self, bucket: str) -> None:
         await self._call("HeadBucket", lambda: self.inner.head_bucket(bucket))
 
-    async def create_multipart_upload(self, bucket: str, key: str, content_type: str | None) -> str:
+    async def create_multipart_upload(
+        self, bucket: str, key: str, content_type: str | None, checksum_algorithm: str = ""
+    ) -> str:
         result: str = await self._call(
-            "CreateMultipartUpload", lambda: self.inner.create_multipart_upload(bucket, key, content_type)
+            "CreateMultipartUpload",
+            lambda: self.inner.create_multipart_upload(bucket, key, content_type, checksum_algorithm),
         )
         return result
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
     ) -> str:
         result: str = await self._call(
             "UploadPart",
-            lambda: self.inner.upload_part(bucket, key, upload_id, part_number, body, content_md5),
+            lambda: self.inner.upload_part(bucket, key, upload_id, part_number, body, checksum),
             sent=len(body),
         )
         return result
@@ -170,7 +184,7 @@ class SeamWrapper:
         return result
 
     async def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]], *, if_absent: bool = False
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[PartEntry], *, if_absent: bool = False
     ) -> None:
         await self._call(
             "CompleteMultipartUpload",
@@ -180,9 +194,9 @@ class SeamWrapper:
     async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
         await self._call("AbortMultipartUpload", lambda: self.inner.abort_multipart_upload(bucket, key, upload_id))
 
-    async def put_object(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
+    async def put_object(self, bucket: str, key: str, body: bytes, checksum: BodyChecksum | None) -> str:
         result: str = await self._call(
-            "PutObject", lambda: self.inner.put_object(bucket, key, body, content_md5), sent=len(body)
+            "PutObject", lambda: self.inner.put_object(bucket, key, body, checksum), sent=len(body)
         )
         return result
 

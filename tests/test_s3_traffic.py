@@ -19,7 +19,7 @@ from test_s3_support import CountingClient, MiB, body, open_store, s3_config
 
 from tusd_py.config import Size
 from tusd_py.stores.base import UploadInfo, new_upload_id
-from tusd_py.stores.s3_client import S3Client
+from tusd_py.stores.s3_client import BodyChecksum, S3Client
 
 FILE_SIZE = 64 * MiB
 PATCH_SIZE = 1 * MiB
@@ -35,10 +35,10 @@ class _TrafficCounter(CountingClient):
     def info_bytes(self) -> int:
         return self.info_sent + self.info_received
 
-    async def put_object(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
+    async def put_object(self, bucket: str, key: str, body: bytes, checksum: BodyChecksum | None) -> str:
         if key.endswith(".info"):
             self.info_sent += len(body)
-        return await super().put_object(bucket, key, body, content_md5)
+        return await super().put_object(bucket, key, body, checksum)
 
     async def get_object(self, bucket: str, key: str) -> bytes:
         data = await super().get_object(bucket, key)

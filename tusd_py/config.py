@@ -189,6 +189,16 @@ class S3StoreConfig:
     it grows in proportion. 30 s carries an 8 MiB part at 2.2 Mbit/s (about
     280 KiB/s), far below any link a server should use to S3, while a stalled
     endpoint costs at most 30 s per attempt (5 attempts, then 503)."""
+    checksum: str = "crc32c"
+    """Integrity checksum sent with every UploadPart and PutObject, computed once
+    while the part is spooled: "crc64nvme", "crc32c", "crc32", "sha256", "md5"
+    (Content-MD5) or "none". S3 rejects a body that does not match it."""
+    payload_signing: str = "auto"
+    """"auto": SigV4 signs the body's SHA-256 over plain http, not over https with a
+    checksum (UNSIGNED-PAYLOAD); "always"; "never" (needs a checksum)."""
+    ca_bundle: str = ""
+    """PEM file of the CAs trusted for an https endpoint_url. Empty: AWS_CA_BUNDLE,
+    else the system's."""
 
 
 @dataclass

@@ -3,6 +3,7 @@ an operator can act on. ``config.load_config`` runs them after every source is r
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.parse
 
@@ -17,6 +18,7 @@ from tusd_py.config import (
     RedisLockConfig,
     S3StoreConfig,
 )
+from tusd_py.stores.s3_checksum import CHECKSUMS
 from tusd_py.stores.s3_keys import ObjectKeyTemplate
 
 
@@ -54,6 +56,7 @@ def validate(config: Config) -> None:
     if s3.deferred_length_ceiling and s3.deferred_length_ceiling < s3.part_size:
         raise ConfigError("store.s3.deferred_length_ceiling must be 0 (automatic) or at least store.s3.part_size")
     _validate_s3_endpoint(s3.endpoint_url)
+    _validate_s3_integrity(s3)
     problem = s3_keys_problem(s3)
     if problem:
         raise ConfigError(problem)
@@ -109,6 +112,21 @@ def _validate_s3_endpoint(url: str) -> None:
             f"store.s3.endpoint_url must be a URL starting with http:// or https:// "
             f"(e.g. http://127.0.0.1:9000), got {url!r}"
         )
+
+
+def _validate_s3_integrity(s3: S3StoreConfig) -> None:
+    if s3.checksum not in CHECKSUMS:
+        raise ConfigError(f"store.s3.checksum must be one of {', '.join(CHECKSUMS)}, got {s3.checksum!r}")
+    if s3.payload_signing not in {"auto", "always", "never"}:
+        raise ConfigError(
+            f"store.s3.payload_signing must be \"auto\", \"always\" or \"never\", got {s3.payload_signing!r}"
+        )
+    if s3.payload_signing == "never" and s3.checksum == "none":
+        raise ConfigError(
+            "store.s3.payload_signing = \"never\" needs a store.s3.checksum (nothing else would protect the bodies)"
+        )
+    if s3.ca_bundle and not os.path.isfile(s3.ca_bundle):
+        raise ConfigError(f"store.s3.ca_bundle {s3.ca_bundle!r} is not a file (a PEM bundle of CA certificates)")
 
 
 def _validate_hooks(hooks: HooksConfig) -> None:

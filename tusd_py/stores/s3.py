@@ -66,8 +66,9 @@ from tusd_py.stores.base import (
     UploadInfo,
     UploadTooLarge,
 )
+from tusd_py.stores.s3_botocore import AioS3Client
+from tusd_py.stores.s3_checksum import checksum_named, signs_payload
 from tusd_py.stores.s3_client import (
-    AioS3Client,
     Deadlines,
     S3Client,
     S3Error,
@@ -83,7 +84,6 @@ from tusd_py.stores.s3_objects import (
     S3Objects,
     UploadPartSink,
     content_type,
-    md5_hasher,
     store_errors,
 )
 from tusd_py.stores.s3_observed import ObservedS3Client, S3Observer
@@ -169,6 +169,7 @@ class S3Store:
             client, config.bucket, config.prefix,
             max_part_uploads=config.max_concurrent_part_uploads, tail_cache_size=config.tail_cache_size,
             metadata_prefix=config.metadata_prefix or None, object_key=ObjectKeyTemplate(config.object_key),
+            checksum=config.checksum,
         )
         self._context = _StoreContext(
             self._objects, config, observer.spool_in_use if observer is not None else None,
@@ -192,6 +193,8 @@ class S3Store:
                 max_pool_connections=config.max_concurrent_part_uploads * 2 + 8,
                 deadlines=Deadlines(config.request_timeout, config.part_size),
                 on_timeout=observer.s3_timeout if observer is not None else None,
+                sign_payload=signs_payload(config),
+                ca_bundle=config.ca_bundle,
             )
         except S3Error as error:
             raise StoreConfigError(f"S3 store: {error}") from error
@@ -254,9 +257,9 @@ class S3Store:
             multipart_id = None
             if info.length != 0:
                 multipart_id = await objects.client.create_multipart_upload(
-                    objects.bucket, keys.object, content_type(info)
+                    objects.bucket, keys.object, content_type(info), objects.checksum.name
                 )
-            fields = S3Fields(multipart_id, part_size, max_length)
+            fields = S3Fields(multipart_id, part_size, max_length, objects.checksum.name)
             created = fields.stored_in(dataclasses.replace(info, offset=0), objects.bucket, keys.object)
             try:
                 await objects.put_info(keys, created)
@@ -342,9 +345,11 @@ class S3Upload:
             info = self._info
             ring = SpoolRing(
                 config.max_buffered_parts, config.spool, config.spool_dir, self._context.spool_observer,
-                hasher=md5_hasher,
+                hasher=checksum_named(self._fields.checksum).hasher,
             )
-            sink = UploadPartSink(self._objects, self._keys, self._fields.multipart_upload_id or "")
+            sink = UploadPartSink(
+                self._objects, self._keys, self._fields.multipart_upload_id or "", self._fields.checksum
+            )
             writer = PatchWriter(
                 sink, ring, base, upload_id=info.id, length=info.length, limit=self._max_length()
             )
@@ -400,7 +405,7 @@ class S3Upload:
                     data = await objects.read_segments(layout.segments)
                     parts.append(await objects.upload_part(keys, multipart_id, len(parts) + 1, data))
                 try:
-                    await objects.complete(keys, multipart_id, parts)
+                    await objects.complete(keys, multipart_id, parts, self._fields.checksum)
                 except S3NotFound:
                     # A retried Complete whose first response was lost: fine if the
                     # object is there at full length.

@@ -12,10 +12,8 @@ persistent fields out of ``UploadInfo.storage``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -34,18 +32,19 @@ from tusd_py.stores.base import (
     UploadNotFound,
     is_valid_upload_id,
 )
+from tusd_py.stores.s3_checksum import CHECKSUMS, DEFAULT_CHECKSUM, LEGACY_CHECKSUM, Checksum, checksum_named
 from tusd_py.stores.s3_client import (
+    BodyChecksum,
     ObjectEntry,
     PartEntry,
     S3Client,
     S3Error,
     S3NotFound,
     S3PreconditionFailed,
-    content_md5,
 )
 from tusd_py.stores.s3_keys import DEFAULT_TEMPLATE, ObjectKeyTemplate, check_key
 from tusd_py.stores.s3_parts import Layout, Segment, TailCache, UploadKeys, resolve_layout
-from tusd_py.stores.s3_spool import Hasher, SpoolSlot
+from tusd_py.stores.s3_spool import SpoolSlot
 
 log = logging.getLogger("tusd_py.stores.s3")
 
@@ -56,9 +55,9 @@ DELETE_BATCH_SIZE = 1000
 MULTIPART_ID_CACHE_SIZE = 10_000
 """Upload id -> multipart upload id entries remembered (about 1 MB), so ``load`` can
 run ListParts in parallel with reading ``.info`` instead of after it."""
-MD5_IN_THREAD_SIZE = 1024 * 1024
-"""Bodies at least this large are hashed in a worker thread (hashlib releases the GIL),
-keeping the event loop free."""
+HASH_IN_THREAD_SIZE = 1024 * 1024
+"""Bodies at least this large are hashed in a worker thread (hashlib and awscrt release
+the GIL), keeping the event loop free."""
 STORAGE_TYPE = "s3store"
 """``storage["Type"]`` of an S3 upload (tusd's name)."""
 STORAGE_KEY = "Key"
@@ -79,6 +78,9 @@ class S3Fields:
     max_length: int | None
     """The largest length the upload may reach (None in a document written before
     the field existed: the store's deferred-length ceiling applies)."""
+    checksum: str = LEGACY_CHECKSUM
+    """The part checksum its multipart upload was created for (``store.s3.checksum``
+    then; md5 in a document written before the field existed)."""
 
     @classmethod
     def of(cls, storage: StorageFields) -> S3Fields:
@@ -86,19 +88,24 @@ class S3Fields:
         multipart_id = storage.get("multipart_upload_id")
         part_size = storage.get("part_size")
         max_length = storage.get("max_length")
+        checksum = str(storage.get("checksum", LEGACY_CHECKSUM))
         if part_size is None:
             raise ValueError("no part_size in the S3 storage fields")
+        if checksum not in CHECKSUMS:
+            raise ValueError(f"unknown checksum {checksum!r} in the S3 storage fields")
         return cls(
             multipart_upload_id=None if multipart_id is None else str(multipart_id),
             part_size=int(part_size),
             max_length=None if max_length is None else int(max_length),
+            checksum=checksum,
         )
 
     def stored_in(self, info: UploadInfo, bucket: str, key: str) -> UploadInfo:
         """``info`` with these fields and where its object goes (tusd's ``Type``,
         ``Bucket``, ``Key``) in its ``storage`` (other fields kept)."""
         fields = {"multipart_upload_id": self.multipart_upload_id, "part_size": self.part_size,
-                  "max_length": self.max_length, "Type": STORAGE_TYPE, "Bucket": bucket, STORAGE_KEY: key}
+                  "max_length": self.max_length, "checksum": self.checksum,
+                  "Type": STORAGE_TYPE, "Bucket": bucket, STORAGE_KEY: key}
         return dataclasses.replace(info, storage={**info.storage, **fields})
 
 
@@ -166,18 +173,10 @@ async def all_or_nothing(coroutines: Sequence[Coroutine[Any, Any, T]]) -> list[T
     return [task.result() for task in tasks]
 
 
-def md5_hasher() -> Hasher:
-    return hashlib.md5(usedforsecurity=False)
-
-
-def _b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode("ascii")
-
-
-async def _md5(body: bytes) -> str:
-    if len(body) >= MD5_IN_THREAD_SIZE:
-        return await asyncio.to_thread(content_md5, body)
-    return content_md5(body)
+async def _checksum_of(checksum: Checksum, body: bytes) -> BodyChecksum | None:
+    if len(body) >= HASH_IN_THREAD_SIZE and checksum.hasher is not None:
+        return await asyncio.to_thread(checksum.of, body)
+    return checksum.of(body)
 
 
 async def _nothing() -> None:
@@ -191,8 +190,11 @@ class S3Objects:
     def __init__(
         self, client: S3Client, bucket: str, prefix: str, *, max_part_uploads: int, tail_cache_size: int,
         metadata_prefix: str | None = None, object_key: ObjectKeyTemplate | None = None,
+        checksum: str = DEFAULT_CHECKSUM,
     ) -> None:
         self.client = client
+        self.checksum = checksum_named(checksum)
+        """Sent with new objects and the parts of new multipart uploads."""
         self.bucket = bucket
         self.prefix = prefix
         self.metadata_prefix = prefix if metadata_prefix is None else metadata_prefix
@@ -238,14 +240,23 @@ class S3Objects:
             return
         raise ObjectKeyTaken(f"an object named {keys.object!r} already exists")
 
-    async def complete(self, keys: UploadKeys, multipart_id: str, parts: Sequence[PartEntry]) -> None:
-        """CompleteMultipartUpload; for a named object only if no object has the key
-        (S3's ``If-None-Match: *``), so a completed upload is never overwritten by
-        another that chose the same key (``ObjectKeyTaken``)."""
+    async def complete(
+        self, keys: UploadKeys, multipart_id: str, parts: Sequence[PartEntry], checksum: str = LEGACY_CHECKSUM
+    ) -> None:
+        """CompleteMultipartUpload of a multipart upload created for ``checksum``
+        (only that algorithm's part checksums are named: S3 may list others); for a
+        named object only if no object has the key (S3's ``If-None-Match: *``), so a
+        completed upload is never overwritten by another that chose the same key
+        (``ObjectKeyTaken``)."""
+        named = checksum_named(checksum).names_parts
+        completed = [
+            part if named and part.checksum is not None and part.checksum.algorithm == checksum
+            else dataclasses.replace(part, checksum=None)
+            for part in parts
+        ]
         try:
             await self.client.complete_multipart_upload(
-                self.bucket, keys.object, multipart_id, [(part.number, part.etag) for part in parts],
-                if_absent=self.is_named(keys),
+                self.bucket, keys.object, multipart_id, completed, if_absent=self.is_named(keys),
             )
         except S3PreconditionFailed as error:
             raise ObjectKeyTaken(f"another upload completed an object named {keys.object!r} first") from error
@@ -253,7 +264,7 @@ class S3Objects:
     async def put_empty(self, keys: UploadKeys) -> None:
         """The object of a zero-length upload (only if absent, for a named one)."""
         if not self.is_named(keys):
-            await self.client.put_object(self.bucket, keys.object, b"", content_md5(b""))
+            await self.client.put_object(self.bucket, keys.object, b"", self.checksum.of(b""))
             return
         try:
             await self.client.put_object_if(self.bucket, keys.object, b"", if_match=None)
@@ -382,7 +393,7 @@ class S3Objects:
 
     async def put_info(self, keys: UploadKeys, info: UploadInfo) -> None:
         body = json.dumps(info.to_json(), separators=(",", ":")).encode()
-        await self.client.put_object(self.bucket, keys.info, body, content_md5(body))
+        await self.client.put_object(self.bucket, keys.info, body, self.checksum.of(body))
 
     # --- listings ----------------------------------------------------------------------
 
@@ -425,16 +436,20 @@ class S3Objects:
 
     async def put_segment(self, keys: UploadKeys, start: int, data: bytes) -> Segment:
         key = keys.segment(start)
-        etag = await self.client.put_object(self.bucket, key, data, await _md5(data))
+        etag = await self.client.put_object(self.bucket, key, data, await _checksum_of(self.checksum, data))
         self._tail_cache.put(key, etag, data)
         return Segment(key, start, len(data), etag)
 
     async def upload_part(
-        self, keys: UploadKeys, multipart_id: str, number: int, data: list[bytes], slot: SpoolSlot | None = None
+        self, keys: UploadKeys, multipart_id: str, number: int, data: list[bytes], slot: SpoolSlot | None = None,
+        checksum: str = LEGACY_CHECKSUM,
     ) -> PartEntry:
-        """UploadPart of ``data`` followed by the bytes of ``slot``. The slot is read
-        (from its spool file) only inside the global semaphore, so the part bodies in
-        memory are bounded by ``max_concurrent_part_uploads``."""
+        """UploadPart of ``data`` followed by the bytes of ``slot``, with the
+        ``checksum`` the multipart upload was created for (the slot's digest when it
+        hashed its bytes with it while spooling). The slot is read (from its spool
+        file) only inside the global semaphore, so the part bodies in memory are
+        bounded by ``max_concurrent_part_uploads``."""
+        algorithm = checksum_named(checksum)
         async with self.part_uploads:
             digest = None
             if slot is not None:
@@ -443,9 +458,9 @@ class S3Objects:
                 if whole_part:
                     digest = slot.digest()  # hashed while it was spooled, if the slot did
             body = data[0] if len(data) == 1 else b"".join(data)
-            checksum = _b64(digest) if digest is not None else await _md5(body)
-            etag = await self.client.upload_part(self.bucket, keys.object, multipart_id, number, body, checksum)
-            return PartEntry(number, len(body), etag)
+            sent = algorithm.of_digest(digest) if digest is not None else await _checksum_of(algorithm, body)
+            etag = await self.client.upload_part(self.bucket, keys.object, multipart_id, number, body, sent)
+            return PartEntry(number, len(body), etag, sent)
 
     # --- deleting ----------------------------------------------------------------------
 
@@ -486,9 +501,11 @@ class UploadPartSink:
     objects: S3Objects
     keys: UploadKeys
     multipart_id: str
+    checksum: str = LEGACY_CHECKSUM
+    """The part checksum the multipart upload was created for."""
 
     async def upload_part(self, number: int, data: list[bytes], slot: SpoolSlot | None) -> PartEntry:
-        return await self.objects.upload_part(self.keys, self.multipart_id, number, data, slot)
+        return await self.objects.upload_part(self.keys, self.multipart_id, number, data, slot, self.checksum)
 
     async def put_segment(self, start: int, data: bytes) -> Segment:
         return await self.objects.put_segment(self.keys, start, data)

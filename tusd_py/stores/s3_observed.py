@@ -12,9 +12,11 @@ from collections.abc import AsyncGenerator, Awaitable, Sequence
 from typing import Protocol, TypeVar
 
 from tusd_py.stores.s3_client import (
+    BodyChecksum,
     MultipartPage,
     ObjectEntry,
     ObjectPage,
+    PartEntry,
     PartPage,
     S3Client,
     S3NotFound,
@@ -66,16 +68,18 @@ class ObservedS3Client:
     async def head_bucket(self, bucket: str) -> None:
         await self._timed("HeadBucket", self._inner.head_bucket(bucket))
 
-    async def create_multipart_upload(self, bucket: str, key: str, content_type: str | None) -> str:
+    async def create_multipart_upload(
+        self, bucket: str, key: str, content_type: str | None, checksum_algorithm: str = ""
+    ) -> str:
         return await self._timed(
-            "CreateMultipartUpload", self._inner.create_multipart_upload(bucket, key, content_type)
+            "CreateMultipartUpload", self._inner.create_multipart_upload(bucket, key, content_type, checksum_algorithm)
         )
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
     ) -> str:
         return await self._timed(
-            "UploadPart", self._inner.upload_part(bucket, key, upload_id, part_number, body, content_md5)
+            "UploadPart", self._inner.upload_part(bucket, key, upload_id, part_number, body, checksum)
         )
 
     async def upload_part_copy(
@@ -97,7 +101,7 @@ class ObservedS3Client:
         )
 
     async def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]], *, if_absent: bool = False
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[PartEntry], *, if_absent: bool = False
     ) -> None:
         await self._timed(
             "CompleteMultipartUpload",
@@ -107,8 +111,8 @@ class ObservedS3Client:
     async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
         await self._timed("AbortMultipartUpload", self._inner.abort_multipart_upload(bucket, key, upload_id))
 
-    async def put_object(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
-        return await self._timed("PutObject", self._inner.put_object(bucket, key, body, content_md5))
+    async def put_object(self, bucket: str, key: str, body: bytes, checksum: BodyChecksum | None) -> str:
+        return await self._timed("PutObject", self._inner.put_object(bucket, key, body, checksum))
 
     async def get_object(self, bucket: str, key: str) -> bytes:
         return await self._timed("GetObject", self._inner.get_object(bucket, key))

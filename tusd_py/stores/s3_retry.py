@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from tusd_py.stores.s3_client import (
+    BodyChecksum,
     MultipartPage,
     ObjectEntry,
     ObjectPage,
+    PartEntry,
     PartPage,
     S3Client,
     S3Error,
@@ -79,7 +81,9 @@ class RetryingS3Client:
     async def head_bucket(self, bucket: str) -> None:
         await self._retry(lambda: self._inner.head_bucket(bucket))
 
-    async def create_multipart_upload(self, bucket: str, key: str, content_type: str | None) -> str:
+    async def create_multipart_upload(
+        self, bucket: str, key: str, content_type: str | None, checksum_algorithm: str = ""
+    ) -> str:
         """Start a multipart upload of ``key``. An attempt that failed may have
         created one all the same (S3 answered 500 after the fact, or the answer was
         lost): after a retry, every other multipart upload of ``key`` is aborted, so
@@ -89,7 +93,7 @@ class RetryingS3Client:
         async def create() -> str:
             nonlocal attempts
             attempts += 1
-            return await self._inner.create_multipart_upload(bucket, key, content_type)
+            return await self._inner.create_multipart_upload(bucket, key, content_type, checksum_algorithm)
 
         multipart_id = await self._retry(create)
         if attempts > 1:
@@ -115,10 +119,10 @@ class RetryingS3Client:
             log.warning("could not look for multipart uploads of %s left by a failed attempt: %s", key, error)
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, content_md5: str
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
     ) -> str:
         return await self._retry(
-            lambda: self._inner.upload_part(bucket, key, upload_id, part_number, body, content_md5)
+            lambda: self._inner.upload_part(bucket, key, upload_id, part_number, body, checksum)
         )
 
     async def upload_part_copy(
@@ -137,7 +141,7 @@ class RetryingS3Client:
         return await self._retry(lambda: self._inner.list_multipart_uploads(bucket, prefix, marker))
 
     async def complete_multipart_upload(
-        self, bucket: str, key: str, upload_id: str, parts: Sequence[tuple[int, str]], *, if_absent: bool = False
+        self, bucket: str, key: str, upload_id: str, parts: Sequence[PartEntry], *, if_absent: bool = False
     ) -> None:
         await self._retry(
             lambda: self._inner.complete_multipart_upload(bucket, key, upload_id, parts, if_absent=if_absent)
@@ -146,8 +150,8 @@ class RetryingS3Client:
     async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
         await self._retry(lambda: self._inner.abort_multipart_upload(bucket, key, upload_id))
 
-    async def put_object(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
-        return await self._retry(lambda: self._inner.put_object(bucket, key, body, content_md5))
+    async def put_object(self, bucket: str, key: str, body: bytes, checksum: BodyChecksum | None) -> str:
+        return await self._retry(lambda: self._inner.put_object(bucket, key, body, checksum))
 
     async def get_object(self, bucket: str, key: str) -> bytes:
         return await self._retry(lambda: self._inner.get_object(bucket, key))
