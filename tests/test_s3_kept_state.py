@@ -4,7 +4,9 @@ makes the next request read S3 again and see the right offset.
 
 "Instances" here are separate ``S3Store`` objects (each its own client and kept
 state) on one moto bucket, taking their locks from one lock service: a shared
-``MemoryLocker`` (one process), or one ``RedisLocker`` each on a real redis-server.
+``MemoryLocker`` (one process), one ``RedisLocker`` each on a real redis-server, or
+one ``S3Locker`` each (own client) on the same moto bucket. The lockers' own
+generation rules are tested here for memory and redis, in test_s3_locker.py for s3.
 S3 calls are counted at each store's client seam.
 """
 
@@ -26,9 +28,10 @@ from tusd_py.config import Size
 from tusd_py.lockers.base import Locker, LockGeneration, no_release_request
 from tusd_py.lockers.memory import MemoryLocker
 from tusd_py.lockers.redis import RedisLocker
+from tusd_py.lockers.s3 import S3Locker
 from tusd_py.stores.base import StoreError, UploadInfo, new_upload_id
 from tusd_py.stores.s3 import S3Store
-from tusd_py.stores.s3_client import S3Client
+from tusd_py.stores.s3_client import AioS3Client, S3Client
 
 BOUND = 10.0
 PART_SIZE = 4 * MiB
@@ -181,6 +184,21 @@ async def test_another_instance_writing_in_between_is_noticed_redis(
     finally:
         for locker in lockers:
             await locker.close()
+
+
+async def test_another_instance_writing_in_between_is_noticed_s3_locker(fast_moto: str, bucket: str) -> None:
+    clients = [await AioS3Client.connect(endpoint_url=fast_moto) for _ in range(2)]
+    lockers = [
+        S3Locker(client, bucket, "locks/", lease=3.0, poll_interval=0.1, request_timeout=1.0, acquire_timeout=BOUND)
+        for client in clients
+    ]
+    try:
+        await _another_instance_writes_in_between(fast_moto, bucket, *lockers)
+    finally:
+        for locker in lockers:
+            await locker.close()
+        for client in clients:
+            await client.close()
 
 
 async def test_a_failed_write_drops_the_kept_state(fast_moto: str, bucket: str, memory_locker: MemoryLocker) -> None:

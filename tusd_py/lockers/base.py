@@ -12,6 +12,11 @@ stops reading its body, stores what it received, answers its client and leaves t
 within the locker's acquire timeout gets ``LockTimeout``. This is what fixes the
 classic "423 Locked forever" after a client reconnects while its old, half-open
 connection still holds the lock.
+
+``held.generation`` (``LockGeneration``) says which hold this one directly follows,
+when the locker can vouch that it released cleanly and nobody held the lock since: the
+memory, redis and s3 lockers can; the file and consul lockers report None (nothing
+records the last release), and a store then reads the upload back.
 """
 
 from __future__ import annotations

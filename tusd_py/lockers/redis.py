@@ -23,6 +23,10 @@ Design (README, "Several instances"):
   raises ``LockUnavailable`` naming the server (password masked); the handler answers
   503 and writes nothing. Connections are re-made on the next call, so the locker
   recovers by itself when Redis is back.
+- Generation (``held.generation``): the acquire script also takes (reads and deletes)
+  ``<prefix>released:U``, which the release script sets to the releasing hold's token
+  (kept ``RELEASE_RECORD_MS``): a hold follows the one named there, and nothing when
+  the previous hold never released (its lease lapsed) or the record expired.
 - Requests of this process for the same id are serialized in-process first by a
   ``MemoryLocker``, so only one request per id and process talks to Redis at a time.
 

@@ -27,7 +27,9 @@ Invariants (every module of the S3 store keeps them; they are stated only here):
    byte and CompleteMultipartUpload makes the client resend the last bytes, and that
    PATCH finishes the upload.
 6. A write returns only once everything it counts is in S3; no local state is needed
-   between requests, so any instance can serve the next request of an upload.
+   between requests, so any instance can serve the next request of an upload. (An
+   instance may reuse the state its own last hold left, instead of reading it back,
+   only when the lock vouches that nobody held the upload since: ``s3_state``.)
 7. A stale writer (an instance that held the lock, stalled past its lease while
    another took over, and then goes on writing) cannot make the upload's bytes
    wrong; at worst it lowers the offset. Whatever it stores is bytes the client sent
@@ -40,7 +42,9 @@ Invariants (every module of the S3 store keeps them; they are stated only here):
    counted offset differs from the client's. After a Complete, its UploadPart finds
    no multipart upload and its segments are leftovers a finished upload ignores.
    Hence the lockers' ``held.lost`` (which stops the PATCH) is an optimisation here,
-   not what keeps the upload intact.
+   not what keeps the upload intact. A hold that took over from a stale writer follows
+   no clean release, so it reads S3 (``s3_state`` says why what the stale writer does
+   later cannot make kept state count a wrong byte either).
 
 Here: ``S3Store`` (creating and opening uploads) and ``S3Upload`` (one opened
 upload). A PATCH is carried out by ``s3_writer``; the S3 calls are in ``s3_objects``,
