@@ -152,9 +152,23 @@ class S3LockService(LockService):
         return s3_lock_settings()
 
     async def locks_left(self) -> list[str]:
+        """Lock objects and release requests, except released locks (free: their body
+        says so; kept as the record of that release until the sweep removes them)."""
+        left: list[str] = []
         async with s3_client(self.endpoint) as client:
             listing = await client.list_objects_v2(Bucket=self.bucket, Prefix=S3_LOCK_PREFIX)
-        return [str(item["Key"]) for item in listing.get("Contents", [])]
+            for item in listing.get("Contents", []):
+                key = str(item["Key"])
+                if not key.endswith(".release"):
+                    try:
+                        response = await client.get_object(Bucket=self.bucket, Key=key)
+                    except client.exceptions.NoSuchKey:
+                        continue
+                    async with response["Body"] as body:
+                        if json.loads(await body.read()).get("released") is True:
+                            continue
+                left.append(key)
+        return left
 
     def upload_of(self, lock: str) -> str:
         return lock[len(S3_LOCK_PREFIX):].removesuffix(".release")

@@ -23,7 +23,7 @@ import pytest
 from awscrt import checksums as crt_checksums
 
 from tests.helpers import data_of, make_bucket, object_bytes
-from tests.test_s3_support import FAST_RETRIES, MiB, s3_config, upload
+from tests.test_s3_support import FAST_RETRIES, MiB, body, s3_config, upload
 from tusd_py.config import Size
 from tusd_py.config_checks import validate
 from tusd_py.stores.base import UploadInfo, new_upload_id
@@ -141,6 +141,29 @@ async def test_complete_names_every_part_checksum_it_knows(fast_moto: str, sent:
     listed = [value.decode() for value in re.findall(rb"<ChecksumCRC32C>([^<]+)</ChecksumCRC32C>", complete.body)]
     parts.sort(key=lambda request: int(re.search(r"partNumber=(\d+)", request.url).group(1)))  # type: ignore[union-attr]
     assert len(parts) == 4 and listed == [_expected("crc32c", part.body) for part in parts]
+
+
+async def test_the_part_built_at_finish_carries_the_upload_checksum(fast_moto: str, sent: list[Sent]) -> None:
+    """A deferred length declared after the bytes: finish uploads the stored tail as
+    the last part, which must carry the upload's algorithm like every other part (AWS
+    rejects a part without it in a multipart upload created for an algorithm)."""
+    bucket = await make_bucket(fast_moto)
+    store = await _store_capturing(fast_moto, bucket, "crc32c", sent)
+    data = data_of(MiB + MiB // 2)
+    try:
+        created = await store.create(UploadInfo(id=new_upload_id(), length=None))
+        await created.write(0, body(data, 64 * 1024))
+        opened = await store.get(created.info.id)
+        await opened.declare_length(len(data))
+        await opened.finish()
+    finally:
+        await store.close()
+    assert await object_bytes(fast_moto, bucket, created.info.id) == data
+    parts = [request for request in sent if request.method == "PUT" and "partNumber=" in request.url]
+    assert len(parts) == 2
+    for part in parts:
+        assert "content-md5" not in part.headers, part.url
+        assert part.headers["x-amz-checksum-crc32c"] == _expected("crc32c", part.body), part.url
 
 
 def test_list_parts_reads_the_part_checksums_s3_names() -> None:

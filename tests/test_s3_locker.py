@@ -102,6 +102,17 @@ async def keys_under(endpoint: str, bucket: str, prefix: str) -> list[str]:
         return [str(item["Key"]) for item in response.get("Contents", [])]
 
 
+async def held_locks_under(endpoint: str, bucket: str, prefix: str) -> list[str]:
+    """Keys under ``prefix`` except released locks (a lock object whose body says its
+    holder released it: free, and kept until the sweep as the record of that release)."""
+    held = []
+    for key in await keys_under(endpoint, bucket, prefix):
+        body = None if key.endswith(".release") else await lock_body(endpoint, bucket, key)
+        if body is None or body.get("released") is not True:
+            held.append(key)
+    return held
+
+
 class Holder:
     """A request holding a lock in a task until asked (if it obeys) or told to let go."""
 
@@ -125,14 +136,41 @@ class Holder:
             await self.go.wait()
 
 
-async def test_acquire_writes_the_lock_object_and_release_deletes_it(hosts: Instance) -> None:
+async def test_acquire_writes_the_lock_object_and_release_marks_it_released(hosts: Instance) -> None:
     locker = await hosts.locker()
     async with locker.lock("up1", lambda: None) as held:
         body = await lock_body(hosts.endpoint, hosts.bucket)
         assert body is not None and body["lease"] == LEASE and body["instance"] == locker.instance_id
+        assert "released" not in body
         assert not held.lost.is_set()
-    assert await lock_body(hosts.endpoint, hosts.bucket) is None
-    assert await keys_under(hosts.endpoint, hosts.bucket, "") == []
+    body = await lock_body(hosts.endpoint, hosts.bucket)
+    assert body is not None and body["released"] is True and body["instance"] == locker.instance_id
+    assert await keys_under(hosts.endpoint, hosts.bucket, "") == [PREFIX + "up1"]
+    assert await held_locks_under(hosts.endpoint, hosts.bucket, "") == []
+
+
+async def test_generations_follow_clean_releases_only(hosts: Instance) -> None:
+    a, b = await hosts.locker(), await hosts.locker()
+    seen: list[Any] = []
+    for locker in (a, a, b, a):
+        async with locker.lock("up1", lambda: None) as held:
+            seen.append(held.generation)
+    first, second, third, fourth = seen
+    assert first is not None and first.follows is None  # a new lock object
+    assert len({generation.token for generation in seen}) == 4
+    assert second.follows == first.token  # our own release, its ETag unchanged
+    assert third.follows == second.token  # another host takes the released lock
+    assert fourth.follows == third.token  # and we follow it, not our own last hold
+    # A lock taken over after its lease ran out follows nothing.
+    stalled = await hosts.locker(renew_interval=3600, poll_interval=3600)
+    holder = Holder(stalled, obey=False)
+    await bounded(holder.acquired.wait())
+    assert holder.held is not None and holder.held.generation is not None
+    assert holder.held.generation.follows == fourth.token
+    async with b.lock("up1", lambda: None) as held:
+        assert held.generation is not None and held.generation.follows is None
+    holder.go.set()
+    await bounded(holder.task)
 
 
 async def test_a_waiter_on_another_host_asks_the_holder_to_release(hosts: Instance) -> None:
@@ -148,8 +186,10 @@ async def test_a_waiter_on_another_host_asks_the_holder_to_release(hosts: Instan
         assert loop.time() - started < LEASE
         assert holder.held is not None and not holder.held.lost.is_set()
     await bounded(holder.task)
-    # The holder deleted the release request before its lock: nothing is left.
-    assert await keys_under(hosts.endpoint, hosts.bucket, "") == []
+    # The holder deleted the release request before releasing its lock: only the
+    # released lock is left.
+    assert await keys_under(hosts.endpoint, hosts.bucket, "") == [PREFIX + "up1"]
+    assert await held_locks_under(hosts.endpoint, hosts.bucket, "") == []
 
 
 async def test_a_waiter_gives_up_after_the_acquire_timeout(hosts: Instance) -> None:
@@ -181,7 +221,7 @@ async def test_a_stalled_holder_is_taken_over_after_its_lease_by_s3s_clock(hosts
     assert waited >= LEASE
     holder.go.set()
     await bounded(holder.task)
-    assert await keys_under(hosts.endpoint, hosts.bucket, PREFIX) == []
+    assert await held_locks_under(hosts.endpoint, hosts.bucket, PREFIX) == []
 
 
 async def test_two_waiters_racing_for_an_expired_lease_exactly_one_wins(hosts: Instance) -> None:
@@ -353,7 +393,7 @@ async def test_a_stale_writer_cannot_corrupt_the_upload(
         await upload.write(offset, body_of(offset, length))
         await upload.finish()
     assert await object_bytes(fast_moto, bucket, "up/stale1") == data
-    assert await keys_under(fast_moto, bucket, "up/.locks/") == []
+    assert await held_locks_under(fast_moto, bucket, "up/.locks/") == []
 
 
 

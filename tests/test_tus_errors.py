@@ -26,11 +26,11 @@ class RecordingStore(FileStore):
         super().__init__(directory)
         self.touched: list[str] = []
 
-    async def get(self, upload_id: str) -> FileUpload:
+    async def get(self, upload_id: str, **_: object) -> FileUpload:
         self.touched.append(upload_id)
         return await super().get(upload_id)
 
-    async def create(self, info: UploadInfo) -> FileUpload:
+    async def create(self, info: UploadInfo, **_: object) -> FileUpload:
         self.touched.append(info.id)
         return await super().create(info)
 
@@ -122,7 +122,7 @@ class BrokenStore(FileStore):
         super().__init__(directory)
         self.error = error
 
-    async def get(self, upload_id: str) -> FileUpload:
+    async def get(self, upload_id: str, **_: object) -> FileUpload:
         raise self.error
 
 

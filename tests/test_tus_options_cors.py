@@ -89,13 +89,13 @@ class _CoreOnlyStore:
     def __init__(self) -> None:
         self.uploads: dict[str, UploadInfo] = {}
 
-    async def create(self, info: UploadInfo) -> _CoreOnlyUpload:
+    async def create(self, info: UploadInfo, **_: object) -> _CoreOnlyUpload:
         if info.id in self.uploads:
             raise UploadExists(info.id)
         info = self.uploads[info.id] = dataclasses.replace(info, offset=0)
         return _CoreOnlyUpload(self, info)
 
-    async def get(self, upload_id: str) -> _CoreOnlyUpload:
+    async def get(self, upload_id: str, **_: object) -> _CoreOnlyUpload:
         try:
             return _CoreOnlyUpload(self, self.uploads[upload_id])
         except KeyError:

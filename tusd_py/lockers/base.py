@@ -12,6 +12,11 @@ stops reading its body, stores what it received, answers its client and leaves t
 within the locker's acquire timeout gets ``LockTimeout``. This is what fixes the
 classic "423 Locked forever" after a client reconnects while its old, half-open
 connection still holds the lock.
+
+``held.generation`` (``LockGeneration``) says which hold this one directly follows,
+when the locker can vouch that it released cleanly and nobody held the lock since: the
+memory, redis and s3 lockers can; the file and consul lockers report None (nothing
+records the last release), and a store then reads the upload back.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 log = logging.getLogger("tusd_py.lockers")
@@ -52,15 +60,67 @@ class LockUnavailable(LockError):
     """The lock service cannot be reached (answer 503; nothing is written)."""
 
 
+@dataclass(frozen=True, slots=True)
+class LockGeneration:
+    """Who held a lock before: what a store needs to know whether the state it kept
+    from its own last hold of an upload is still true.
+
+    ``token`` names this hold (unique across instances and time). ``follows`` is the
+    token of the hold this one directly follows, when the lock service vouches that
+    that hold ended with a clean release and nobody acquired the lock in between;
+    None when it cannot tell (first hold it knows of, a lease taken over from a
+    holder that never released, a record that expired or was evicted). A store may
+    reuse the state it left at the end of hold ``T`` only when ``follows == T``.
+    """
+
+    token: str
+    follows: str | None
+
+
 class HeldLock:
     """A lock while it is held. ``lost`` is set when the locker can no longer
     guarantee exclusivity (session expired, lock service restarted); the holder must
-    stop writing as soon as it can."""
+    stop writing as soon as it can. ``generation`` is set by lockers that can tell
+    who held the lock before (None: this locker cannot vouch for anything)."""
 
-    __slots__ = ("lost",)
+    __slots__ = ("lost", "generation")
 
     def __init__(self) -> None:
         self.lost = asyncio.Event()
+        self.generation: LockGeneration | None = None
+
+
+RELEASE_RECORDS = 100_000
+"""Uploads whose last clean release an in-process locker remembers (about 10 MB)."""
+
+
+class ReleaseRecords:
+    """The in-process record behind ``LockGeneration`` (memory locker): the token of
+    the last clean release per upload, taken (removed) by the next acquisition, so
+    that ``follows`` is only ever the hold directly before. Bounded: an evicted
+    record makes the next hold vouch for nothing, which is always safe."""
+
+    def __init__(self, capacity: int = RELEASE_RECORDS) -> None:
+        self._capacity = capacity
+        self._released: OrderedDict[str, str] = OrderedDict()
+
+    def acquired(self, upload_id: str) -> LockGeneration:
+        """A new hold of ``upload_id``: its generation (the record is taken)."""
+        return LockGeneration(new_lock_token(), self._released.pop(upload_id, None))
+
+    def released(self, upload_id: str, generation: LockGeneration | None) -> None:
+        """The hold ``generation`` of ``upload_id`` ended cleanly."""
+        if generation is None:
+            return
+        self._released[upload_id] = generation.token
+        self._released.move_to_end(upload_id)
+        while len(self._released) > self._capacity:
+            self._released.popitem(last=False)
+
+
+def new_lock_token() -> str:
+    """A token naming one hold of a lock (128 random bits)."""
+    return secrets.token_hex(16)
 
 
 @runtime_checkable

@@ -22,6 +22,10 @@ Design (DESIGN.md, "Lockers"):
 - Requests of this process for the same id are first serialized in-process by a
   ``MemoryLocker`` (same queueing and release-request semantics), so only one request
   per id and process talks to Consul at a time.
+- ``held.generation`` is None: this locker does not vouch for who held a lock before
+  (not built yet: the value written on release could name the releasing hold, and an
+  acquire with ``cas=<ModifyIndex>`` of the released key, read first, would prove that
+  nobody held it in between, at one more Consul call per acquisition).
 
 Parts (one job each): ``consul_agent.ConsulAgent`` talks to the agent,
 ``consul_agent.ConsulSession`` keeps the instance's session alive, ``_ReleaseRequests``

@@ -26,7 +26,9 @@ Each worker process has its own ``FileLocker`` on the same directory.
 Lock-file operations (open, flock with LOCK_NB, a few-byte read or write) are local
 metadata system calls that never wait for another process, so they run on the event
 loop. A lock held by this locker cannot be lost while the process lives, so
-``held.lost`` is only set by ``close()``. Create the locker in the worker process
+``held.lost`` is only set by ``close()``. ``held.generation`` is None: the lock file is
+unlinked on release, so nothing records who held it last (a store reads the upload
+back on every request). Create the locker in the worker process
 (after any fork): a forked child shares its parent's lock descriptors.
 """
 

@@ -21,6 +21,7 @@ from tusd_py.lockers.base import (
     LockObserver,
     LockTimeout,
     LockUnavailable,
+    ReleaseRecords,
     ReleaseRequest,
     ask_to_release,
     observed,
@@ -78,6 +79,8 @@ class MemoryLocker:
         self._acquire_timeout = acquire_timeout
         self._observer = observer
         self._entries: dict[str, _Entry] = {}
+        self._records = ReleaseRecords()
+        """Who released each lock last (``held.generation``)."""
         self._closed = False
 
     def lock(self, upload_id: str, on_release_request: ReleaseRequest) -> AbstractAsyncContextManager[HeldLock]:
@@ -93,6 +96,7 @@ class MemoryLocker:
         entry = self._entries.get(upload_id)
         if entry is None:
             self._entries[upload_id] = _Entry(me)
+            me.held.generation = self._records.acquired(upload_id)
             return me
         me.granted = asyncio.get_running_loop().create_future()
         entry.waiters.append(me)
@@ -115,12 +119,14 @@ class MemoryLocker:
                     f"within {self._acquire_timeout:g}s"
                 ) from None
             raise
+        me.held.generation = self._records.acquired(upload_id)
         return me
 
     def _release(self, upload_id: str, holder: _Holder) -> None:
         entry = self._entries.get(upload_id)
         if entry is None or entry.holder is not holder:
             return  # already released (e.g. by close())
+        self._records.released(upload_id, holder.held.generation)
         while entry.waiters:
             successor = entry.waiters.popleft()
             assert successor.granted is not None

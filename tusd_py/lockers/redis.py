@@ -23,6 +23,10 @@ Design (README, "Several instances"):
   raises ``LockUnavailable`` naming the server (password masked); the handler answers
   503 and writes nothing. Connections are re-made on the next call, so the locker
   recovers by itself when Redis is back.
+- Generation (``held.generation``): the acquire script also takes (reads and deletes)
+  ``<prefix>released:U``, which the release script sets to the releasing hold's token
+  (kept ``RELEASE_RECORD_MS``): a hold follows the one named there, and nothing when
+  the previous hold never released (its lease lapsed) or the record expired.
 - Requests of this process for the same id are serialized in-process first by a
   ``MemoryLocker``, so only one request per id and process talks to Redis at a time.
 
@@ -54,6 +58,7 @@ from tusd_py.config import RedisLockConfig
 from tusd_py.lockers.base import (
     BackgroundWork,
     HeldLock,
+    LockGeneration,
     LockObserver,
     LockTimeout,
     LockUnavailable,
@@ -92,18 +97,37 @@ return 0
 """
 """Extend the lease only while the key holds our token."""
 
+_ACQUIRE = """
+if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return false
+end
+local previous = redis.call('get', KEYS[2])
+redis.call('del', KEYS[2])
+return previous or ''
+"""
+"""``SET NX PX`` the lock (KEYS[1]) with our token; when it was free, take the release
+record (KEYS[2]: the token of the hold that last released it, deleted so that only
+the very next hold can follow it) and answer it ('' when there is none). nil: the
+lock is held."""
+
 _RELEASE = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then
     return 0
 end
 redis.call('del', KEYS[1])
-for i = 3, #ARGV do
+redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[3])
+for i = 4, #ARGV do
     redis.call('publish', ARGV[i], ARGV[2])
 end
 return 1
 """
-"""Delete the key only while it holds our token, then tell each waiter that asked
-(ARGV[2] is the "released U" message, ARGV[3..] the waiters' channels)."""
+"""Delete the key only while it holds our token, record that our hold released it
+(KEYS[2], kept ARGV[3] ms), then tell each waiter that asked (ARGV[2] is the
+"released U" message, ARGV[4..] the waiters' channels)."""
+
+RELEASE_RECORD_MS = 24 * 3600 * 1000
+"""How long Redis keeps the record of a lock's last release (``held.generation``):
+an upload idle for longer is read back from its store by the next request."""
 
 
 def masked_url(url: str) -> str:
@@ -314,6 +338,10 @@ class RedisLocker:
     def _key(self, upload_id: str) -> str:
         return f"{self._prefix}lock:{upload_id}"
 
+    def _record_key(self, upload_id: str) -> str:
+        """The key naming the hold that last released the lock of ``upload_id``."""
+        return f"{self._prefix}released:{upload_id}"
+
     def _channel(self, instance_id: str) -> str:
         return f"{self._prefix}instance:{instance_id}"
 
@@ -365,8 +393,9 @@ class RedisLocker:
                 sent_at = loop.time()
                 released.clear()
                 try:
-                    setting = client.set(key, holding.token, nx=True, px=self._lease_ms)
-                    taken = await self._server.call("acquire lock", setting)
+                    setting = client.eval(_ACQUIRE, 2, key, self._record_key(upload_id), holding.token, self._lease_ms)
+                    previous = await self._server.call("acquire lock", setting)
+                    taken = previous is not None
                     value, remaining_ms = (None, -2) if taken else await self._read(key)
                 except BaseException:
                     # The SET may have happened although we got no answer: delete it
@@ -374,6 +403,9 @@ class RedisLocker:
                     self._background.start(self._delete(key, holding.token, []))
                     raise
                 if taken or value == holding.token:  # the latter: a retried SET
+                    # A retried SET lost the answer that named the previous hold.
+                    follows = str(previous) if taken and previous else None
+                    holding.held.generation = LockGeneration(holding.token, follows)
                     self._renewed(holding, sent_at)
                     holding.acquired = True
                     if holding.release_requested:
@@ -425,9 +457,11 @@ class RedisLocker:
 
     async def _delete(self, key: str, token: str, channels: list[str]) -> None:
         upload_id = key[len(self._prefix) + len("lock:"):]
-        await self._server.call(
-            "release lock", self._server.client.eval(_RELEASE, 1, key, token, f"released {upload_id}", *channels)
+        releasing = self._server.client.eval(
+            _RELEASE, 2, key, self._record_key(upload_id), token, f"released {upload_id}", RELEASE_RECORD_MS,
+            *channels,
         )
+        await self._server.call("release lock", releasing)
 
     # --- renewing --------------------------------------------------------------------
 

@@ -7,7 +7,15 @@ Design:
   (instance id, a token unique to this hold, the lease length and a write counter, so
   every write has a new ETag). Acquire = PutObject ``If-None-Match: *``; renew =
   PutObject ``If-Match: <last ETag>`` every ``renew_interval`` (lease/3); release =
-  DeleteObject ``If-Match: <last ETag>``. A failed condition is S3's 412.
+  PutObject ``If-Match: <last ETag>`` of a *released* body (the lock is free; the body
+  names the hold that released it). A failed condition is S3's 412.
+- A released lock is taken with ``If-Match`` on its ETag, and the new hold follows the
+  hold named in it (``held.generation``): the condition proves nobody wrote the lock
+  in between. The instance that released it tries exactly that first, with the ETag
+  of its own release (one request, as for a free lock); others find the released body
+  after ``If-None-Match`` fails. A lock taken over after its lease ran out, or created
+  anew, follows nothing. Released bodies are ordinary expired locks for the sweep
+  (``remove_expired``) once their lease has passed.
 - Expiry is judged by S3's clock only: a lock whose ``Last-Modified`` is at least
   ``lease + 1`` s older than the ``Date`` of the response that read it (both carry whole
   seconds) is expired, and a waiter takes it over with ``If-Match`` on the ETag it read,
@@ -39,6 +47,7 @@ import logging
 import os
 import socket
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -46,8 +55,10 @@ from typing import TypeVar
 
 from tusd_py.config import S3LockConfig
 from tusd_py.lockers.base import (
+    RELEASE_RECORDS,
     BackgroundWork,
     HeldLock,
+    LockGeneration,
     LockObserver,
     LockTimeout,
     LockUnavailable,
@@ -91,9 +102,15 @@ class _LockBody:
     token: str
     lease: float
     seq: int
+    released: bool = False
+    """The hold ``token`` released the lock cleanly: it is free."""
 
     def encode(self) -> bytes:
-        fields = {"instance": self.instance, "token": self.token, "lease": self.lease, "seq": self.seq}
+        fields: dict[str, object] = {
+            "instance": self.instance, "token": self.token, "lease": self.lease, "seq": self.seq,
+        }
+        if self.released:
+            fields["released"] = True
         return json.dumps(fields).encode()
 
     @staticmethod
@@ -102,7 +119,10 @@ class _LockBody:
         our own lease, so it is taken over once that lease passed."""
         try:
             fields = json.loads(data)
-            return _LockBody(str(fields["instance"]), str(fields["token"]), float(fields["lease"]), int(fields["seq"]))
+            return _LockBody(
+                str(fields["instance"]), str(fields["token"]), float(fields["lease"]), int(fields["seq"]),
+                fields.get("released") is True,
+            )
         except (ValueError, KeyError, TypeError):
             return _LockBody("?", "?", default_lease, 0)
 
@@ -175,6 +195,8 @@ class S3Locker:
         self._observer = observer
         self._local = MemoryLocker(acquire_timeout=acquire_timeout)
         self._holdings: dict[str, _Holding] = {}
+        self._releases: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        """Upload id -> (ETag, token) of this instance's last release of its lock."""
         self._background = BackgroundWork()
         self._closed = False
 
@@ -234,7 +256,14 @@ class S3Locker:
         loop = asyncio.get_running_loop()
         key = self.lock_key(holding.upload_id)
         asked: set[str] = set()
-        write, replace = True, ""  # first try to create it; replace: the expired ETag
+        # First try to create it, or to take our own release back (its ETag unchanged:
+        # nobody held it since). replace: the ETag to replace; follows: the hold that
+        # released it, if replacing that ETag succeeds.
+        write, replace, follows = True, "", None
+        took_over = False
+        ours = self._releases.pop(holding.upload_id, None)
+        if ours is not None:
+            replace, follows = ours
         first = True
         while True:
             if not first and loop.time() >= deadline:
@@ -246,9 +275,11 @@ class S3Locker:
             if write:
                 try:
                     await self._write(holding, key, replace or None)
+                    holding.held.generation = LockGeneration(holding.token, follows)
                     break
                 except (S3PreconditionFailed, S3NotFound):
                     pass  # someone else holds it or took it over first
+            follows = None
             stamped = await self._read(key, "read lock")
             if stamped is None:
                 write, replace = True, ""
@@ -256,12 +287,16 @@ class S3Locker:
             current = _LockBody.decode(stamped.body, self._lease)
             if current.token == holding.token:
                 # Our write went through although its answer was lost (a retry then
-                # failed its condition): the lock is ours.
+                # failed its condition): the lock is ours (following what, unknown).
                 holding.etag = stamped.etag
+                holding.held.generation = LockGeneration(holding.token, None)
                 break
+            if current.released:
+                write, replace, follows = True, stamped.etag, current.token
+                continue
             if stamped.date - stamped.last_modified >= current.lease + CLOCK_RESOLUTION_SECONDS:
                 log.info("taking over the expired lock of upload %s from %s", holding.upload_id, current.instance)
-                write, replace = True, stamped.etag
+                write, replace, took_over = True, stamped.etag, True
                 continue
             write = False
             if current.token not in asked:
@@ -272,18 +307,19 @@ class S3Locker:
                 await asyncio.sleep(wait)
         # A request we wrote to the previous holder (or one that a taken-over holder
         # never saw) would be left behind: delete it when releasing.
-        holding.request_seen = bool(asked) or bool(replace)
+        holding.request_seen = bool(asked) or took_over
         holding.acquired = True
         self._holdings[holding.upload_id] = holding
         holding.keeper = loop.create_task(self._keep(holding), name=f"s3-lock-{holding.upload_id}")
         if holding.release_requested:
             ask_to_release(holding.on_release_request)
 
-    async def _write(self, holding: _Holding, key: str, if_match: str | None) -> None:
+    async def _write(self, holding: _Holding, key: str, if_match: str | None, *, released: bool = False) -> None:
         """Write the lock object (create if ``if_match`` is None, else replace that
-        ETag); the lease counts from the moment the request is sent."""
+        ETag), held or ``released``; the lease counts from the moment the request is
+        sent."""
         holding.seq += 1
-        body = _LockBody(self._instance, holding.token, self._lease, holding.seq).encode()
+        body = _LockBody(self._instance, holding.token, self._lease, holding.seq, released).encode()
         sent = asyncio.get_running_loop().time()
         try:
             holding.etag = await self._call(
@@ -396,7 +432,8 @@ class S3Locker:
                 deleting = self._client.delete_objects(self._bucket, [request_key])
                 await self._call("delete release request", key, deleting)
             try:
-                await self._delete_lock(key, holding.etag)
+                await self._write(holding, key, holding.etag, released=True)
+                self._remember_release(holding)
             except S3PreconditionFailed:
                 # A renewal cut short by the release may have changed the ETag.
                 await self._remove_if_ours(key, holding.token)
@@ -405,6 +442,13 @@ class S3Locker:
         except LockUnavailable as error:
             log.warning("could not release the lock of upload %s; it expires after %gs: %s",
                         holding.upload_id, self._lease, error)
+
+    def _remember_release(self, holding: _Holding) -> None:
+        """Our release's ETag: the next hold here tries to replace exactly it."""
+        self._releases[holding.upload_id] = (holding.etag, holding.token)
+        self._releases.move_to_end(holding.upload_id)
+        while len(self._releases) > RELEASE_RECORDS:
+            self._releases.popitem(last=False)
 
     async def _remove_if_ours(self, key: str, token: str) -> None:
         """Delete the lock object ``key`` if it names our ``token`` (quietly)."""

@@ -28,6 +28,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
+from tusd_py.lockers.base import LockGeneration
 from tusd_py.stores.base import (
     FileTarget,
     StoreError,
@@ -295,9 +296,10 @@ class FileStore:
 
     # --- Store ------------------------------------------------------------------------
 
-    async def create(self, info: UploadInfo) -> FileUpload:
+    async def create(self, info: UploadInfo, *, generation: LockGeneration | None = None) -> FileUpload:
         """Create the empty data file, then the info document (a crash in between
-        leaves only an orphan data file, which ``get`` does not see)."""
+        leaves only an orphan data file, which ``get`` does not see). The file store
+        keeps no state between requests: ``generation`` is not needed."""
         info = dataclasses.replace(info, offset=0)
         identity = await self._directory.run(self._create_sync, info)
         return FileUpload(self._directory, info, identity)
@@ -314,7 +316,7 @@ class FileStore:
         self._directory.write_info_sync(info)
         return FileIdentity(created.st_dev, created.st_ino)
 
-    async def get(self, upload_id: str) -> FileUpload:
+    async def get(self, upload_id: str, *, generation: LockGeneration | None = None) -> FileUpload:
         """The upload with ``offset`` = size of the data file (capped at length)."""
         try:
             info, identity = await self._directory.run(self._directory.read_info_sync, upload_id)

@@ -27,7 +27,9 @@ Invariants (every module of the S3 store keeps them; they are stated only here):
    byte and CompleteMultipartUpload makes the client resend the last bytes, and that
    PATCH finishes the upload.
 6. A write returns only once everything it counts is in S3; no local state is needed
-   between requests, so any instance can serve the next request of an upload.
+   between requests, so any instance can serve the next request of an upload. (An
+   instance may reuse the state its own last hold left, instead of reading it back,
+   only when the lock vouches that nobody held the upload since: ``s3_state``.)
 7. A stale writer (an instance that held the lock, stalled past its lease while
    another took over, and then goes on writing) cannot make the upload's bytes
    wrong; at worst it lowers the offset. Whatever it stores is bytes the client sent
@@ -40,7 +42,9 @@ Invariants (every module of the S3 store keeps them; they are stated only here):
    counted offset differs from the client's. After a Complete, its UploadPart finds
    no multipart upload and its segments are leftovers a finished upload ignores.
    Hence the lockers' ``held.lost`` (which stops the PATCH) is an optimisation here,
-   not what keeps the upload intact.
+   not what keeps the upload intact. A hold that took over from a stale writer follows
+   no clean release, so it reads S3 (``s3_state`` says why what the stale writer does
+   later cannot make kept state count a wrong byte either).
 
 Here: ``S3Store`` (creating and opening uploads) and ``S3Upload`` (one opened
 upload). A PATCH is carried out by ``s3_writer``; the S3 calls are in ``s3_objects``,
@@ -55,10 +59,11 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from tusd_py.config import S3StoreConfig
+from tusd_py.lockers.base import LockGeneration
 from tusd_py.stores.base import (
     StoreConfigError,
     StoreError,
@@ -96,6 +101,7 @@ from tusd_py.stores.s3_parts import (
 )
 from tusd_py.stores.s3_retry import RetryingS3Client, RetryPolicy
 from tusd_py.stores.s3_spool import SpoolRing
+from tusd_py.stores.s3_state import KeptStates
 from tusd_py.stores.s3_sweep import S3Sweep
 from tusd_py.stores.s3_writer import PatchWriter
 
@@ -148,6 +154,8 @@ class _StoreContext:
     config: S3StoreConfig
     spool_observer: Callable[[int], None] | None
     deferred_ceiling: int
+    kept: KeptStates
+    """What each upload's last hold (on this instance) left (``s3_state``)."""
 
 
 class S3Store:
@@ -173,7 +181,7 @@ class S3Store:
         )
         self._context = _StoreContext(
             self._objects, config, observer.spool_in_use if observer is not None else None,
-            deferred_length_ceiling(config.deferred_length_ceiling, max_size, config.part_size),
+            deferred_length_ceiling(config.deferred_length_ceiling, max_size, config.part_size), KeptStates(),
         )
         self._sweep = S3Sweep(self._objects)
 
@@ -240,10 +248,11 @@ class S3Store:
 
     # --- Store -------------------------------------------------------------------------
 
-    async def create(self, info: UploadInfo) -> S3Upload:
+    async def create(self, info: UploadInfo, *, generation: LockGeneration | None = None) -> S3Upload:
         """Check that no ``.info`` has this id, start the multipart upload, then
         write ``.info`` (invariant 4: a crash in between leaves a multipart upload
-        nobody points to, which S3 lifecycle rules or ``remove_orphans`` clean up)."""
+        nobody points to, which S3 lifecycle rules or ``remove_orphans`` clean up).
+        ``generation``: the lock's, under which the new upload's state is kept."""
         if info.length is not None and info.length > MAX_OBJECT_SIZE:
             raise UploadTooLarge(f"upload length {info.length} exceeds S3's largest object ({MAX_OBJECT_SIZE} bytes)")
         objects = self._objects
@@ -269,12 +278,21 @@ class S3Store:
                 raise
         if multipart_id is not None:
             objects.remember_multipart_id(info.id, multipart_id, keys.object)
-        return S3Upload(self._context, Loaded(created, fields, Layout(part_size), Listing([], [])))
+        upload = S3Upload(self._context, Loaded(created, fields, Layout(part_size), Listing([], [])), generation)
+        upload.keep()
+        return upload
 
-    async def get(self, upload_id: str) -> S3Upload:
-        """Open the upload: its ``.info`` and what S3 lists of its bytes
-        (``S3Objects.load``); raises ``UploadNotFound``."""
-        return S3Upload(self._context, await self._objects.load(upload_id))
+    async def get(self, upload_id: str, *, generation: LockGeneration | None = None) -> S3Upload:
+        """Open the upload: the state this instance's last hold of it left, when the
+        lock's ``generation`` vouches that nobody held it since (``s3_state``); else
+        its ``.info`` and what S3 lists of its bytes (``S3Objects.load``). Raises
+        ``UploadNotFound``."""
+        loaded = self._context.kept.take(upload_id, generation)
+        if loaded is None:
+            loaded = await self._objects.load(upload_id)
+        upload = S3Upload(self._context, loaded, generation)
+        upload.keep()
+        return upload
 
     # --- SupportsConcatenation -----------------------------------------------------------
 
@@ -301,13 +319,37 @@ class S3Upload:
     changed them, so a write or finish after ``get`` lists nothing again. When a call
     ends in a way that leaves the stored bytes unknown (a cancelled write), the next
     call lists them again.
+
+    After every call it leaves its state with the store under the lock ``generation``
+    it was opened with (``keep``), or drops it when the call failed (``s3_state``).
     """
 
-    def __init__(self, context: _StoreContext, loaded: Loaded) -> None:
+    def __init__(self, context: _StoreContext, loaded: Loaded, generation: LockGeneration | None = None) -> None:
         self._context = context
         self._objects = context.objects
         self._keys = context.objects.keys_of(loaded.info)
+        self._generation = generation
         self._adopt(loaded)
+
+    def keep(self) -> None:
+        """Leave the current state for the next hold of the lock (when the stored
+        bytes are known; else drop what was kept)."""
+        if self._layout is None and not self._info.finished:
+            self._context.kept.forget(self._info.id)
+            return
+        self._context.kept.keep(
+            self._info.id, self._generation, Loaded(self._info, self._fields, self._layout, self._listing)
+        )
+
+    @contextlib.contextmanager
+    def _keeping(self) -> Iterator[None]:
+        """Around a call: keep the state it ends with, drop it when the call fails."""
+        try:
+            yield
+        except BaseException:
+            self._context.kept.forget(self._info.id)
+            raise
+        self.keep()
 
     def _adopt(self, loaded: Loaded) -> None:
         self._info = loaded.info
@@ -338,7 +380,7 @@ class S3Upload:
         if info.finished:
             return await self._write_nothing(offset, body)
         config = self._context.config
-        with store_errors(info.id):
+        with self._keeping(), store_errors(info.id):
             base = await self._current_layout()
             if offset != base.offset:
                 raise StoreError(f"upload {info.id}: stored offset is {base.offset}, not {offset}")
@@ -388,7 +430,7 @@ class S3Upload:
         if length is None:
             raise StoreError(f"upload {self._info.id}: cannot finish before its length is known")
         objects, keys = self._objects, self._keys
-        with store_errors(self._info.id):
+        with self._keeping(), store_errors(self._info.id):
             layout = await self._complete_layout()
             if layout is None:  # finished meanwhile (a retried finish after a crash)
                 return self._info
@@ -403,7 +445,9 @@ class S3Upload:
                 parts = list(layout.parts)
                 if layout.segments:
                     data = await objects.read_segments(layout.segments)
-                    parts.append(await objects.upload_part(keys, multipart_id, len(parts) + 1, data))
+                    parts.append(
+                        await objects.upload_part(keys, multipart_id, len(parts) + 1, data, self._fields.checksum)
+                    )
                 try:
                     await objects.complete(keys, multipart_id, parts, self._fields.checksum)
                 except S3NotFound:
@@ -422,6 +466,7 @@ class S3Upload:
         objects.forget_multipart_id(info.id)
         self._info = dataclasses.replace(finished, offset=length)
         self._layout, self._listing = None, None
+        self.keep()
         return self._info
 
     async def declare_length(self, length: int) -> UploadInfo:
@@ -441,9 +486,9 @@ class S3Upload:
                 "(store.s3.deferred_length_ceiling)"
             )
         declared = dataclasses.replace(info, length=length)
-        with store_errors(info.id):
+        with self._keeping(), store_errors(info.id):
             await self._objects.put_info(self._keys, declared)
-        self._info = declared
+            self._info = declared
         return declared
 
     async def terminate(self) -> None:
@@ -452,6 +497,7 @@ class S3Upload:
         crash can be repeated: until ``.info`` is gone, the upload is still found."""
         objects, keys, info = self._objects, self._keys, self._info
         multipart_id = self._fields.multipart_upload_id
+        self._context.kept.forget(info.id)
         with store_errors(info.id):
             if multipart_id is not None and not info.finished:
                 with contextlib.suppress(S3NotFound):

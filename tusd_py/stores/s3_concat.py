@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tusd_py.stores.base import StoreError, UploadInfo, UploadTooLarge
+from tusd_py.stores.s3_checksum import LEGACY_CHECKSUM
 from tusd_py.stores.s3_client import PartEntry
 from tusd_py.stores.s3_objects import S3Fields, S3Objects, all_or_nothing, content_type, store_errors
 from tusd_py.stores.s3_parts import MAX_OBJECT_SIZE, MAX_PARTS, UploadKeys
@@ -166,7 +167,7 @@ async def _build_part(
                 )
             return PartEntry(number, piece.size, etag)
         data = [await _download(objects, piece) for piece in part.ranges]
-        return await objects.upload_part(keys, multipart_id, number, data)
+        return await objects.upload_part(keys, multipart_id, number, data, LEGACY_CHECKSUM)
 
 
 async def _download(objects: S3Objects, piece: SourceRange) -> bytes:

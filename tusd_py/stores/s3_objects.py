@@ -441,8 +441,8 @@ class S3Objects:
         return Segment(key, start, len(data), etag)
 
     async def upload_part(
-        self, keys: UploadKeys, multipart_id: str, number: int, data: list[bytes], slot: SpoolSlot | None = None,
-        checksum: str = LEGACY_CHECKSUM,
+        self, keys: UploadKeys, multipart_id: str, number: int, data: list[bytes], checksum: str,
+        slot: SpoolSlot | None = None,
     ) -> PartEntry:
         """UploadPart of ``data`` followed by the bytes of ``slot``, with the
         ``checksum`` the multipart upload was created for (the slot's digest when it
@@ -505,7 +505,7 @@ class UploadPartSink:
     """The part checksum the multipart upload was created for."""
 
     async def upload_part(self, number: int, data: list[bytes], slot: SpoolSlot | None) -> PartEntry:
-        return await self.objects.upload_part(self.keys, self.multipart_id, number, data, slot, self.checksum)
+        return await self.objects.upload_part(self.keys, self.multipart_id, number, data, self.checksum, slot)
 
     async def put_segment(self, start: int, data: bytes) -> Segment:
         return await self.objects.put_segment(self.keys, start, data)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from tusd_py.http.types import Request
-from tusd_py.lockers.base import HeldLock
+from tusd_py.lockers.base import HeldLock, LockGeneration
 from tusd_py.stores.base import IteratedBody, Store, StoreUnavailable, Upload, UploadInfo
 from tusd_py.tus.body import EndReason, GuardedBody
 from tusd_py.tus.checksum import Checksum, ChecksumSpool
@@ -73,10 +73,10 @@ class UploadCore:
         """The clock (Unix time) upload expiry is measured with."""
         return self._clock()
 
-    async def load(self, upload_id: str) -> Upload:
-        """Open the upload; 410 once an unfinished upload's expiry time passed (it may
-        not have been swept yet)."""
-        upload = await self._store.get(upload_id)
+    async def load(self, upload_id: str, generation: LockGeneration | None = None) -> Upload:
+        """Open the upload (under a lock of ``generation``, see ``Store.get``); 410
+        once an unfinished upload's expiry time passed (it may not have been swept yet)."""
+        upload = await self._store.get(upload_id, generation=generation)
         if upload.info.is_expired(self._clock()):
             raise TusError(ERR_UPLOAD_EXPIRED)
         return upload

@@ -289,7 +289,7 @@ class TusHandler:
         location = upload_url(*origin, self._base_path, info.id)
         body = GuardedBody(request.body) if with_upload else None
         async with self._locker.lock(info.id, body.stop if body is not None else no_release_request) as held:
-            upload = await self._store.create(info)
+            upload = await self._store.create(info, generation=held.generation)
             info = upload.info
             log.info("upload created", extra={"upload_id": info.id, "request_id": request.request_id})
             self.events.created(info, request)
@@ -348,8 +348,8 @@ class TusHandler:
         return Response(201, [("Location", upload_url(*origin, self._base_path, info.id))])
 
     async def _head(self, request: Request, upload_id: str) -> Response:
-        async with self._locker.lock(upload_id, no_release_request):
-            info = await self._core.finish_if_complete(await self._core.load(upload_id), request)
+        async with self._locker.lock(upload_id, no_release_request) as held:
+            info = await self._core.finish_if_complete(await self._core.load(upload_id, held.generation), request)
         headers = [("Upload-Offset", str(info.offset)), ("Cache-Control", "no-store")]
         if info.length is None:
             headers.append(("Upload-Defer-Length", "1"))
@@ -375,7 +375,7 @@ class TusHandler:
 
         body = GuardedBody(request.body)
         async with self._locker.lock(upload_id, body.stop) as held:
-            upload = await self._core.load(upload_id)
+            upload = await self._core.load(upload_id, held.generation)
             info = upload.info
             if info.is_final:
                 raise TusError(ERR_MODIFY_FINAL)
@@ -401,8 +401,8 @@ class TusHandler:
         return Response(204)
 
     async def _get(self, request: Request, upload_id: str) -> Response:
-        async with self._locker.lock(upload_id, no_release_request):
-            upload = await self._core.load(upload_id)
+        async with self._locker.lock(upload_id, no_release_request) as held:
+            upload = await self._core.load(upload_id, held.generation)
             if not upload.info.is_complete:
                 raise TusError(ERR_UPLOAD_NOT_FINISHED)
             info = await self._core.finish_if_complete(upload, request)

@@ -302,7 +302,7 @@ class IetfHandler:
         location = upload_url(*origin, self._base_path, info.id)
         body = GuardedBody(request.body)
         async with self._locker.lock(info.id, body.stop) as held:
-            upload = await self._store.create(info)
+            upload = await self._store.create(info, generation=held.generation)
             log.info(
                 "upload created (IETF draft interop %d)",
                 draft.interop_version,
@@ -331,8 +331,8 @@ class IetfHandler:
     # --- offset retrieval, append, cancellation -----------------------------------
 
     async def _retrieve_offset(self, request: Request, upload_id: str, draft: Draft) -> Response:
-        async with self._locker.lock(upload_id, no_release_request):
-            info = await self._core.finish_if_complete(await self._core.load(upload_id), request)
+        async with self._locker.lock(upload_id, no_release_request) as held:
+            info = await self._core.finish_if_complete(await self._core.load(upload_id, held.generation), request)
         # Section "Offset Retrieval": Upload-Offset, Upload-Complete, Upload-Length when
         # known, Upload-Limit, and no-store so that no cache serves a stale offset.
         headers = self._state_headers(info, draft)
@@ -358,7 +358,7 @@ class IetfHandler:
 
         body = GuardedBody(request.body)
         async with self._locker.lock(upload_id, body.stop) as held:
-            upload = await self._core.load(upload_id)
+            upload = await self._core.load(upload_id, held.generation)
             info = upload.info
             if info.is_complete:
                 return await self._append_to_completed(request, upload, offset, complete, draft)
