@@ -168,8 +168,11 @@ def _row_from(measurement: Measurement, store: str, run: int, target: str) -> Ro
 class Suite:
     """Builds the list of steps for the chosen stores and sizes, then runs it."""
 
-    def __init__(self, sizes: Sizes, stores: list[str], peer: bool, work_dir: Path, results: SuiteResults) -> None:
+    def __init__(self, sizes: Sizes, stores: list[str], peer: bool, work_dir: Path, results: SuiteResults,
+                 only: list[str] | None = None) -> None:
         self.sizes = sizes
+        self.only = only
+        """Substrings of step labels to keep (None: every step)."""
         self.stores = stores
         self.peer = peer
         self.work_dir = work_dir
@@ -309,6 +312,11 @@ class Suite:
             phases.append((FILE, *self.file_phase()))
         if S3 in self.stores:
             phases.append((S3, *self.s3_phase()))
+        if self.only is not None:
+            only = self.only
+            phases = [(name, servers, [s for s in steps if any(o in s.label for o in only)])
+                      for name, servers, steps in phases]
+            phases = [phase for phase in phases if phase[2]]
         startup = 5.0  # seconds to start and warm up one phase's servers
         weights = [w for _name, _servers, steps in phases for w in (startup, *(s.seconds for s in steps))]
         progress = Progress(weights)
@@ -462,6 +470,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, help="runs; medians are reported (default 3, or 1 with --quick/--tiny)")
     parser.add_argument("--stores", default="file,s3", help="comma-separated: file, s3 (default both)")
     parser.add_argument("--no-peer", action="store_true", help="leave out @tus/server")
+    parser.add_argument("--only", help="comma-separated substrings of workload names to run (e.g. 'rate,idle'); "
+                                       "default every workload")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<date-time>)")
     return parser
 
@@ -497,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {_load(results.meta['load_average_before'])}; work dir {work_dir}; results to {out}",
           file=sys.stderr, flush=True)
     try:
-        Suite(sizes, stores, peer, work_dir, results).run()
+        only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
+        Suite(sizes, stores, peer, work_dir, results, only).run()
     except KeyboardInterrupt:
         results.failures.append("interrupted")
     except Exception:  # a bug in the harness: keep what was measured, and say so
