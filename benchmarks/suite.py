@@ -11,8 +11,9 @@ It measures, on the same client and in the same run, tusd-py, the limit and the 
 2. the same bytes in 8 MiB and in 1 MiB PATCHes;
 3. 200 concurrent uploads of 4 MiB (file store);
 4. HEAD and POST requests per second on 50 keep-alive connections (file store);
-5. 1,000 idle keep-alive connections plus 100 uploads sent at 100 KiB/s (file store):
-   peak RSS and RSS per connection;
+5. 10,000 idle keep-alive connections plus 100 uploads sent at 100 KiB/s (file store):
+   peak RSS and RSS per connection (the fd limit is raised to its hard limit, and
+   tusd-py's server.max_connections to 20,000, for 10,100 connections);
 
 plus, once, the S3 traffic (bytes to and from moto) of the 1 MiB-PATCH workload. It
 writes ``results.md`` (tables), ``results.png`` (one bar chart per workload) and
@@ -26,6 +27,8 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -113,7 +116,7 @@ FULL = Sizes(
     runs=3, file_size=GiB, s3_size=512 * MiB, patch_sizes=(8 * MiB, MiB),
     concurrent=Concurrent(uploads=200, size=4 * MiB),
     rates=(RequestRate("HEAD", 50, 5.0), RequestRate("POST", 50, 5.0)),
-    idle=IdleAndSlow(idle=1000, slow=100, bytes_per_second=100 * KiB, seconds=10.0),
+    idle=IdleAndSlow(idle=10_000, slow=100, bytes_per_second=100 * KiB, seconds=10.0),
 )
 QUICK = Sizes(
     runs=1, file_size=256 * MiB, s3_size=64 * MiB, patch_sizes=(8 * MiB, MiB),
@@ -434,8 +437,10 @@ def write_results(results: SuiteResults, sizes: Sizes, out: Path) -> None:
         text += ["## Failures", "", *(f"- {failure}" for failure in results.failures), ""]
     (out / "results.md").write_text("\n".join(text))
     if median_rows:
+        server_version = meta["peer_versions"].get("@tus/server")
         plot(median_rows, out / "results.png",
-             f"tusd-py suite {meta['date']} ({sizes.runs} run(s), medians; load {_load(meta['load_average_before'])})")
+             f"tusd-py suite {meta['date']} ({sizes.runs} run(s), medians; load {_load(meta['load_average_before'])})",
+             peer_label=f"@tus/server {server_version}" if server_version else PEER)
     document = {"meta": meta, "rows": [asdict(r) for r in results.rows],
                 "medians": [asdict(r) for r in median_rows],
                 "ratios": [asdict(r) for r in ratio_items],
@@ -476,9 +481,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+IDLE_MAX_CONNECTIONS = "20000"
+"""tusd-py's server.max_connections in the suite: above the idle workload's 10,100."""
+
+
+def _allow_many_connections() -> None:
+    """Raise the fd limit to the hard limit (the client and the servers it starts hold
+    10,100 sockets each in the idle workload) and let tusd-py accept that many."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    os.environ.setdefault("TUSD_PY_SERVER_MAX_CONNECTIONS", IDLE_MAX_CONNECTIONS)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; 0 when every measurement succeeded, 1 when some failed."""
     args = _parser().parse_args(argv)
+    _allow_many_connections()
     sizes = QUICK if args.quick else TINY if args.tiny else FULL
     if args.runs is not None:
         if args.runs < 1:
