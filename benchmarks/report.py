@@ -215,8 +215,13 @@ _COLORS = {TUSD_PY: "#1f77b4", PEER: "#ff7f0e"}
 _LIMIT_COLOR = "#7f7f7f"
 
 
-def plot(rows: Sequence[Row], path: Path, title: str) -> None:
-    """One bar chart per (store, workload) of the median primary figure of each target."""
+def plot(rows: Sequence[Row], path: Path, title: str, peer_label: str = PEER) -> None:
+    """One bar chart per (store, workload) of the median primary figure of each target;
+    the peer's bar is labelled ``peer_label`` (e.g. "@tus/server 2.4.5").
+
+    Request-rate panels leave the limit out of the bars and name its figure in the
+    title: a loopback sink answers ~100k req/s, a scale on which tusd-py and the peer
+    (a few thousand) cannot be told apart."""
     import matplotlib
 
     # Agg: no display on servers and in CI; must be chosen before pyplot is imported.
@@ -233,14 +238,20 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     for index, (store, workload) in enumerate(panels):
         axis = axes[index // columns][index % columns]
         panel_rows = [r for r in rows if (r.store, r.workload) == (store, workload)]
-        names = [r.target for r in panel_rows]
+        subtitle = ""
+        if panel_rows[0].unit == REQUESTS_PER_S:
+            limits = [r for r in panel_rows if r.target not in (TUSD_PY, PEER)]
+            if len(limits) < len(panel_rows):
+                panel_rows = [r for r in panel_rows if r.target in (TUSD_PY, PEER)]
+                subtitle = "".join(f"\n{r.target} {_fmt(r.value, 0)} {r.unit} (not drawn)" for r in limits)
+        names = [peer_label if r.target == PEER else r.target for r in panel_rows]
         values = [r.value for r in panel_rows]
-        colors = [_COLORS.get(name, _LIMIT_COLOR) for name in names]
+        colors = [_COLORS.get(r.target, _LIMIT_COLOR) for r in panel_rows]
         bars = axis.bar(names, values, color=colors)
         axis.bar_label(bars, labels=[_fmt(v, 0 if panel_rows[0].unit != RSS_MIB else 1) for v in values],
                        fontsize=8)
         better = "lower is better" if panel_rows[0].lower_is_better else "higher is better"
-        axis.set_title(f"{store}: {workload}", fontsize=9)
+        axis.set_title(f"{store}: {workload}{subtitle}", fontsize=9)
         axis.set_ylabel(f"{panel_rows[0].unit} ({better})", fontsize=8)
         axis.tick_params(axis="x", labelsize=8, labelrotation=20)
         axis.tick_params(axis="y", labelsize=8)

@@ -11,8 +11,9 @@ It measures, on the same client and in the same run, tusd-py, the limit and the 
 2. the same bytes in 8 MiB and in 1 MiB PATCHes;
 3. 200 concurrent uploads of 4 MiB (file store);
 4. HEAD and POST requests per second on 50 keep-alive connections (file store);
-5. 1,000 idle keep-alive connections plus 100 uploads sent at 100 KiB/s (file store):
-   peak RSS and RSS per connection;
+5. 10,000 idle keep-alive connections plus 100 uploads sent at 100 KiB/s (file store):
+   peak RSS and RSS per connection (the fd limit is raised to its hard limit, and
+   tusd-py's server.max_connections to 20,000, for 10,100 connections);
 
 plus, once, the S3 traffic (bytes to and from moto) of the 1 MiB-PATCH workload. It
 writes ``results.md`` (tables), ``results.png`` (one bar chart per workload) and
@@ -26,6 +27,8 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -113,7 +116,7 @@ FULL = Sizes(
     runs=3, file_size=GiB, s3_size=512 * MiB, patch_sizes=(8 * MiB, MiB),
     concurrent=Concurrent(uploads=200, size=4 * MiB),
     rates=(RequestRate("HEAD", 50, 5.0), RequestRate("POST", 50, 5.0)),
-    idle=IdleAndSlow(idle=1000, slow=100, bytes_per_second=100 * KiB, seconds=10.0),
+    idle=IdleAndSlow(idle=10_000, slow=100, bytes_per_second=100 * KiB, seconds=10.0),
 )
 QUICK = Sizes(
     runs=1, file_size=256 * MiB, s3_size=64 * MiB, patch_sizes=(8 * MiB, MiB),
@@ -168,8 +171,11 @@ def _row_from(measurement: Measurement, store: str, run: int, target: str) -> Ro
 class Suite:
     """Builds the list of steps for the chosen stores and sizes, then runs it."""
 
-    def __init__(self, sizes: Sizes, stores: list[str], peer: bool, work_dir: Path, results: SuiteResults) -> None:
+    def __init__(self, sizes: Sizes, stores: list[str], peer: bool, work_dir: Path, results: SuiteResults,
+                 only: list[str] | None = None) -> None:
         self.sizes = sizes
+        self.only = only
+        """Substrings of step labels to keep (None: every step)."""
         self.stores = stores
         self.peer = peer
         self.work_dir = work_dir
@@ -309,6 +315,11 @@ class Suite:
             phases.append((FILE, *self.file_phase()))
         if S3 in self.stores:
             phases.append((S3, *self.s3_phase()))
+        if self.only is not None:
+            only = self.only
+            phases = [(name, servers, [s for s in steps if any(o in s.label for o in only)])
+                      for name, servers, steps in phases]
+            phases = [phase for phase in phases if phase[2]]
         startup = 5.0  # seconds to start and warm up one phase's servers
         weights = [w for _name, _servers, steps in phases for w in (startup, *(s.seconds for s in steps))]
         progress = Progress(weights)
@@ -426,8 +437,10 @@ def write_results(results: SuiteResults, sizes: Sizes, out: Path) -> None:
         text += ["## Failures", "", *(f"- {failure}" for failure in results.failures), ""]
     (out / "results.md").write_text("\n".join(text))
     if median_rows:
+        server_version = meta["peer_versions"].get("@tus/server")
         plot(median_rows, out / "results.png",
-             f"tusd-py suite {meta['date']} ({sizes.runs} run(s), medians; load {_load(meta['load_average_before'])})")
+             f"tusd-py suite {meta['date']} ({sizes.runs} run(s), medians; load {_load(meta['load_average_before'])})",
+             peer_label=f"@tus/server {server_version}" if server_version else PEER)
     document = {"meta": meta, "rows": [asdict(r) for r in results.rows],
                 "medians": [asdict(r) for r in median_rows],
                 "ratios": [asdict(r) for r in ratio_items],
@@ -462,13 +475,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, help="runs; medians are reported (default 3, or 1 with --quick/--tiny)")
     parser.add_argument("--stores", default="file,s3", help="comma-separated: file, s3 (default both)")
     parser.add_argument("--no-peer", action="store_true", help="leave out @tus/server")
+    parser.add_argument("--only", help="comma-separated substrings of workload names to run (e.g. 'rate,idle'); "
+                                       "default every workload")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<date-time>)")
     return parser
+
+
+IDLE_MAX_CONNECTIONS = "20000"
+"""tusd-py's server.max_connections in the suite: above the idle workload's 10,100."""
+
+
+def _allow_many_connections() -> None:
+    """Raise the fd limit to the hard limit (the client and the servers it starts hold
+    10,100 sockets each in the idle workload) and let tusd-py accept that many."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    os.environ.setdefault("TUSD_PY_SERVER_MAX_CONNECTIONS", IDLE_MAX_CONNECTIONS)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; 0 when every measurement succeeded, 1 when some failed."""
     args = _parser().parse_args(argv)
+    _allow_many_connections()
     sizes = QUICK if args.quick else TINY if args.tiny else FULL
     if args.runs is not None:
         if args.runs < 1:
@@ -497,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {_load(results.meta['load_average_before'])}; work dir {work_dir}; results to {out}",
           file=sys.stderr, flush=True)
     try:
-        Suite(sizes, stores, peer, work_dir, results).run()
+        only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
+        Suite(sizes, stores, peer, work_dir, results, only).run()
     except KeyboardInterrupt:
         results.failures.append("interrupted")
     except Exception:  # a bug in the harness: keep what was measured, and say so

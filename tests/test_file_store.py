@@ -394,3 +394,36 @@ async def test_idle_kept_files_are_closed(store: FileStore, monkeypatch: pytest.
     await (await store.get("busy")).write(0, chunks([b"x"]))  # sweeps the idle one
     await closed_on_the_pool(store)
     assert [os.path.basename(path) for path in open_data_files(store.directory)] == ["busy"]
+
+
+async def test_unchanged_info_document_is_parsed_once(store: FileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    upload = await store.create(UploadInfo(id="cached", length=10, metadata={"a": "b"}))
+    await upload.write(0, chunks([b"abc"]))
+    parsed: list[object] = []
+    real_from_json = UploadInfo.from_json
+
+    def counting(document: Any) -> UploadInfo:
+        parsed.append(document)
+        return real_from_json(document)
+
+    monkeypatch.setattr(UploadInfo, "from_json", staticmethod(counting))
+    first = (await store.get("cached")).info
+    second = (await store.get("cached")).info
+    assert len(parsed) == 1
+    assert first == second and second.offset == 3 and second.metadata == {"a": "b"}
+
+
+async def test_info_document_replaced_elsewhere_is_read_again(store: FileStore, tmp_path: Path) -> None:
+    # Another worker (another FileStore on the same directory) declares the length:
+    # this store's cached document is stale and must not be used.
+    await store.create(UploadInfo(id="shared", length=None, metadata={}))
+    assert (await store.get("shared")).info.length is None
+    other = FileStore(store.directory)
+    try:
+        await (await other.get("shared")).declare_length(5)
+    finally:
+        await other.close()
+    assert (await store.get("shared")).info.length == 5
+    os.unlink(os.path.join(store.directory, "shared.info"))
+    with pytest.raises(UploadNotFound):
+        await store.get("shared")

@@ -17,6 +17,7 @@ info, write the body), not four.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -60,6 +62,9 @@ READ_CHUNK_SIZE = 256 * 1024
 """Bytes per chunk of a download."""
 IO_THREADS = 4
 """Threads of the store's pool: a few concurrent uploads' disk writes in flight."""
+INFO_CACHE_SIZE = 4096
+"""Parsed info documents kept (LRU), each valid while a stat of its file still matches:
+a HEAD or PATCH of an unchanged upload skips the open, read and JSON parse."""
 COPY_STEP_SIZE = 64 * 1024 * 1024
 """Bytes copied per executor call when concatenating: long enough to amortize the hop,
 short enough that concurrent uploads' writes get a thread in between."""
@@ -83,6 +88,9 @@ class _Directory:
             raise StoreUnavailable(f"cannot create store directory {self.path}: {error}") from error
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="tusd-file")
         self.open_files = OpenFiles(self._close_later)
+        self._info_cache: collections.OrderedDict[str, tuple[_StatKey, UploadInfo]] = collections.OrderedDict()
+        self._info_cache_lock = threading.Lock()
+        """The pool's threads share the cache."""
 
     def data_path(self, upload_id: str) -> str:
         # Defence in depth: the handler validated the id already, but an id that could
@@ -127,23 +135,52 @@ class _Directory:
 
     def read_info_sync(self, upload_id: str) -> tuple[UploadInfo, FileIdentity]:
         """The info document with ``offset`` = size of the data file (capped at the
-        length), and which data file that is."""
+        length), and which data file that is. The parsed document is reused while a
+        stat of its file matches (every change replaces the file: a new inode)."""
         info_path = self.info_path(upload_id)
         try:
-            with open(info_path, "rb", buffering=0) as file:
-                document = json.loads(file.read())
+            info = self._cached_info(upload_id, info_path)
             data = os.stat(self.data_path(upload_id))
         except FileNotFoundError as error:
+            with self._info_cache_lock:
+                self._info_cache.pop(upload_id, None)
             raise UploadNotFound(upload_id) from error
-        except (ValueError, UnicodeDecodeError) as error:
-            raise StoreError(f"corrupt info document {info_path}: {error}") from error
-        try:
-            info = UploadInfo.from_json(document)
-        except ValueError as error:
-            raise StoreError(f"corrupt info document {info_path}: {error}") from error
         size = data.st_size
         offset = size if info.length is None else min(size, info.length)
         return dataclasses.replace(info, offset=offset), FileIdentity(data.st_dev, data.st_ino)
+
+
+    def _cached_info(self, upload_id: str, info_path: str) -> UploadInfo:
+        cache, lock = self._info_cache, self._info_cache_lock
+        with lock:
+            cached = cache.get(upload_id)
+        if cached is not None and cached[0] == _stat_key(os.stat(info_path)):
+            with lock:
+                if upload_id in cache:
+                    cache.move_to_end(upload_id)
+            return cached[1]
+        with open(info_path, "rb", buffering=0) as file:
+            # The key of the file read, not of the path: a document replaced meanwhile
+            # is read again next time.
+            key = _stat_key(os.fstat(file.fileno()))
+            try:
+                info = UploadInfo.from_json(json.loads(file.read()))
+            except (ValueError, UnicodeDecodeError) as error:
+                raise StoreError(f"corrupt info document {info_path}: {error}") from error
+        with lock:
+            cache[upload_id] = (key, info)
+            cache.move_to_end(upload_id)
+            if len(cache) > INFO_CACHE_SIZE:
+                cache.popitem(last=False)
+        return info
+
+
+_StatKey = tuple[int, int, int, int]
+"""Inode, mtime and ctime (ns), size of an info document."""
+
+
+def _stat_key(stat: os.stat_result) -> _StatKey:
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
 
 
 class FileUpload:
