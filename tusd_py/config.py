@@ -330,8 +330,8 @@ class HooksConfig:
     user:password@ in the URL becomes Basic auth). Empty: no webhooks."""
     events: list[str] = field(default_factory=lambda: list(DEFAULT_HOOK_EVENTS))
     """Events POSTed to ``url``: pre-create, post-create, post-receive, pre-finish,
-    post-finish, pre-terminate, post-terminate. pre-finish and pre-terminate (blocking,
-    like pre-create) are off unless listed."""
+    post-finish, pre-terminate, post-terminate, pre-access. pre-finish, pre-terminate
+    and pre-access (blocking, like pre-create) are off unless listed."""
     timeout: float = 5.0
     """Seconds one delivery attempt may take. pre-create makes the creating request
     wait up to (retries + 1) x timeout plus the backoff delays."""

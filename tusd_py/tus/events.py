@@ -75,8 +75,8 @@ _MIN_PROGRESS_TICK_SECONDS = 0.05
 
 
 class HookError(Exception):
-    """A blocking hook (pre-create, pre-finish, pre-terminate) could not be consulted or
-    gave an invalid answer.
+    """A blocking hook (pre-create, pre-finish, pre-terminate, pre-access) could not be
+    consulted or gave an invalid answer.
 
     The handler answers ``status`` with a generic message (the details are logged, not
     sent to the client): 503 when the receiver was unreachable, timed out or failed
