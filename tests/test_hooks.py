@@ -190,7 +190,7 @@ def http_request(headers: list[tuple[str, str]], client: tuple[str, int] | None 
 # --- request context ------------------------------------------------------------------
 
 
-def test_request_context_drops_secrets_and_reads_proxy_address() -> None:
+def test_request_context_keeps_credentials_drops_stripped_headers_and_reads_proxy_address() -> None:
     request = http_request(
         [
             ("Host", "uploads.example"),
@@ -204,8 +204,13 @@ def test_request_context_drops_secrets_and_reads_proxy_address() -> None:
     direct = RequestContext.from_request(request)
     assert direct.remote_addr == "127.0.0.1"
     assert (direct.method, direct.uri, direct.request_id) == ("POST", "/files/?x=1", "rid-9")
-    assert "s3cr3t" not in json.dumps(direct.to_json())
-    assert [name for name, _ in direct.headers] == ["host", "x-forwarded-for", "x-forwarded-for"]
+    # Credentials reach the receiver (it authenticates the client with them) unless
+    # the operator strips them.
+    assert direct.to_json()["headers"]["authorization"] == ["Bearer s3cr3t"]
+    assert direct.to_json()["headers"]["cookie"] == ["session=s3cr3t"]
+    stripped = direct.to_json(frozenset({"authorization", "cookie", "proxy-authorization"}))
+    assert "s3cr3t" not in json.dumps(stripped)
+    assert list(stripped["headers"]) == ["host", "x-forwarded-for"]
     assert direct.to_json()["headers"]["host"] == ["uploads.example"]
     assert direct.to_json()["headers"]["x-forwarded-for"] == ["203.0.113.9, 198.51.100.1", "192.0.2.50"]
     # Behind our proxy, the last hop is the address the proxy saw; earlier ones may be forged.
@@ -252,6 +257,7 @@ async def test_post_events_are_delivered_as_json(receiver: Receiver) -> None:
         "created_at": info.created_at,
         "expires_at": None,
         "storage": {},
+        "owner": None,
     }
     assert created["request"] == {
         "method": "POST",
@@ -303,8 +309,10 @@ async def test_signature_and_basic_auth_from_url(receiver: Receiver) -> None:
 # --- pre-create --------------------------------------------------------------------------
 
 
-async def test_pre_create_sends_request_without_secrets_and_accepts_empty_answer(receiver: Receiver) -> None:
-    hooks = Hooks(config(receiver.url))
+async def test_pre_create_sends_request_without_stripped_headers_and_accepts_empty_answer(
+    receiver: Receiver,
+) -> None:
+    hooks = Hooks(config(receiver.url, strip_headers=["Authorization", "cookie"]))
     context = RequestContext.from_request(
         http_request([("Host", "h"), ("Authorization", "Bearer s3cr3t"), ("Cookie", "a=s3cr3t"), ("X-Custom", "1")])
     )
@@ -318,6 +326,17 @@ async def test_pre_create_sends_request_without_secrets_and_accepts_empty_answer
     assert request.json["upload"]["metadata"] == {"filename": "photo.jpg", "type": "image/jpeg"}
     assert request.json["request"]["headers"] == {"host": ["h"], "x-custom": ["1"]}
     assert b"s3cr3t" not in request.body
+
+
+async def test_pre_create_receives_the_client_credentials_by_default(receiver: Receiver) -> None:
+    hooks = Hooks(config(receiver.url))
+    context = RequestContext.from_request(
+        http_request([("Host", "h"), ("Authorization", "Bearer t0ken"), ("Cookie", "a=b")])
+    )
+    await hooks.pre_create(upload(), context)
+    await hooks.close()
+    [request] = receiver.requests
+    assert request.json["request"]["headers"] == {"host": ["h"], "authorization": ["Bearer t0ken"], "cookie": ["a=b"]}
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,8 @@ from tusd_py.lockers.redis import RedisLocker
 from tusd_py.lockers.s3 import S3Locker
 from tusd_py.stores.base import StoreError, UploadInfo, new_upload_id
 from tusd_py.stores.s3 import S3Store
-from tusd_py.stores.s3_client import AioS3Client, S3Client
+from tusd_py.stores.s3_botocore import AioS3Client
+from tusd_py.stores.s3_client import S3Client
 
 BOUND = 10.0
 PART_SIZE = 4 * MiB
@@ -141,6 +142,22 @@ async def test_head_after_a_patch_costs_no_request(fast_moto: str, bucket: str, 
         before = one.requests()
         assert await one.head(upload_id) == PATCH_SIZE
         assert one.requests() == before
+
+
+async def test_a_look_without_the_lock_keeps_the_state(
+    fast_moto: str, bucket: str, memory_locker: MemoryLocker
+) -> None:
+    """The pre-access hook's look at an upload before the lock (a get without a
+    generation) writes nothing, so the next hold still follows the last one and reuses
+    what it kept."""
+    async with instance(fast_moto, bucket, memory_locker) as one:
+        upload_id = await one.create(2 * PART_SIZE)
+        await one.patch(upload_id, 0, data_of(PATCH_SIZE))
+        looked = await one.store.get(upload_id)
+        assert looked.info.offset == PATCH_SIZE
+        loads = one.loads()
+        assert await one.patch(upload_id, PATCH_SIZE, data_of(PATCH_SIZE)) == 2 * PATCH_SIZE
+        assert one.loads() == loads
 
 
 async def _another_instance_writes_in_between(endpoint: str, bucket: str, first: Locker, second: Locker) -> None:

@@ -325,7 +325,8 @@ class MetricsConfig:
 
 
 HOOK_EVENT_NAMES = (
-    "pre-create", "post-create", "post-receive", "pre-finish", "post-finish", "pre-terminate", "post-terminate"
+    "pre-create", "post-create", "post-receive", "pre-finish", "post-finish", "pre-terminate", "post-terminate",
+    "pre-access",
 )
 # pre-finish and pre-terminate make requests wait for the receiver: opt-in (as in tusd),
 # so a receiver written for the other events is not suddenly asked to decide.
@@ -339,8 +340,8 @@ class HooksConfig:
     user:password@ in the URL becomes Basic auth). Empty: no webhooks."""
     events: list[str] = field(default_factory=lambda: list(DEFAULT_HOOK_EVENTS))
     """Events POSTed to ``url``: pre-create, post-create, post-receive, pre-finish,
-    post-finish, pre-terminate, post-terminate. pre-finish and pre-terminate (blocking,
-    like pre-create) are off unless listed."""
+    post-finish, pre-terminate, post-terminate, pre-access. pre-finish, pre-terminate
+    and pre-access (blocking, like pre-create) are off unless listed."""
     timeout: float = 5.0
     """Seconds one delivery attempt may take. pre-create makes the creating request
     wait up to (retries + 1) x timeout plus the backoff delays."""
@@ -360,6 +361,20 @@ class HooksConfig:
     max_concurrent_deliveries: int = 4
     """post-* deliveries in flight at once (they are not ordered; each event carries
     the upload's offset and an event_id)."""
+    strip_headers: list[str] = field(default_factory=list)
+    """Request headers (case-insensitive names) never sent to the webhook. Empty: the
+    receiver gets every header, Authorization and Cookie included, so that it can
+    authenticate the client (it is the operator's own backend; use https and
+    ``secret``)."""
+    access_cache_ttl: float = 5.0
+    """Seconds a pre-access "allow" is reused for the same upload, access mode and
+    credentials (``credential_headers``), so a client sending many chunks does not wait
+    for the receiver on every PATCH. 0: ask on every request. Rejections are never
+    reused; a DELETE or the upload's completion forgets its entries."""
+    credential_headers: list[str] = field(default_factory=lambda: ["authorization", "cookie"])
+    """The request headers that say who the client is: a cached pre-access "allow" is
+    reused only for a request whose values of these headers are the same. List every
+    header your receiver authenticates with (e.g. x-api-key)."""
 
 
 @dataclass

@@ -141,6 +141,12 @@ def _validate_hooks(hooks: HooksConfig) -> None:
         raise ConfigError("hooks.retries, hooks.retry_backoff and hooks.progress_interval must not be negative")
     if hooks.max_pending < 1 or hooks.max_concurrent_deliveries < 1:
         raise ConfigError("hooks.max_pending and hooks.max_concurrent_deliveries must be at least 1")
+    if hooks.access_cache_ttl < 0:
+        raise ConfigError("hooks.access_cache_ttl must not be negative")
+    for name in ("strip_headers", "credential_headers"):
+        bad = [header for header in getattr(hooks, name) if not _HEADER_NAME.fullmatch(header)]
+        if bad:
+            raise ConfigError(f"hooks.{name}: {bad[0]!r} is not an HTTP header name")
 
 
 def _validate_s3_lock(config: Config) -> None:

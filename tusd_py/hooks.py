@@ -16,6 +16,11 @@ Events, in the life of an upload:
   answers with the given 4xx status and message, an unreachable receiver with 503;
   nothing is deleted then.
 - ``post-terminate``: a client deleted the upload.
+- ``pre-access``: before a request touches an existing upload (HEAD, PATCH, GET,
+  DELETE, each partial of a concatenation), with the access mode (``read``/``write``).
+  A rejection answers with the given 4xx status and message, any failure with 503
+  (fail closed). Allows are cached per upload, mode and credentials for
+  ``hooks.access_cache_ttl`` seconds (``tusd_py.access``).
 
 ``post-*`` events never make a request wait: they go into a bounded queue that a few
 background tasks deliver. When the queue is full an event is dropped and logged (a
@@ -25,7 +30,9 @@ Failed deliveries are retried, then logged; they never raise into the handler.
 Two kinds of receivers, both optional:
 
 - An HTTP webhook (``hooks.url``): each enabled event (``hooks.events``) is POSTed as
-  JSON (see ``HookEvent.to_json``). Deliveries are at least once: a retry after a
+  JSON (see ``HookEvent.to_json``), with the request's headers, credentials included
+  (the receiver is the operator's own backend and may authenticate the client with
+  them), except those named in ``hooks.strip_headers``. Deliveries are at least once: a retry after a
   timeout may repeat an event the receiver already handled, so every event carries an
   ``event_id`` that stays the same across retries. With ``hooks.secret`` set, the body is
   signed: ``Tusd-Py-Signature: sha256=<hex HMAC-SHA256 of the body>``.
@@ -39,8 +46,9 @@ A pre-create answer (webhook JSON, or a ``PreCreateAnswer`` from a callable)::
     {"id": "invoice-42"}                           use this upload id
     {"metadata": {"owner": "alice", "tmp": null}}  set keys (text values), remove "tmp"
     {"storage": {"Key": "invoices/42.pdf"}}        S3 store: the final object's key
+    {"owner": "user-17"}                           kept with the upload, in later events
 
-A pre-finish or pre-terminate answer: ``{}`` (or an empty body) accepts, ``{"reject":
+A pre-finish, pre-terminate or pre-access answer: ``{}`` (or an empty body) accepts, ``{"reject":
 true, "status": 409, "message": "..."}`` refuses; a callable returns ``None`` or a
 ``Rejection(status, message)``.
 
@@ -63,6 +71,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from tusd_py.access import AccessCache
 from tusd_py.config import HOOK_EVENT_NAMES, HooksConfig
 from tusd_py.stores.base import UploadInfo, is_valid_upload_id
 
@@ -72,10 +81,12 @@ from tusd_py.tus.events import POST_CREATE as POST_CREATE
 from tusd_py.tus.events import POST_FINISH as POST_FINISH
 from tusd_py.tus.events import POST_RECEIVE as POST_RECEIVE
 from tusd_py.tus.events import POST_TERMINATE as POST_TERMINATE
+from tusd_py.tus.events import PRE_ACCESS as PRE_ACCESS
 from tusd_py.tus.events import PRE_CREATE as PRE_CREATE
 from tusd_py.tus.events import PRE_FINISH as PRE_FINISH
 from tusd_py.tus.events import PRE_TERMINATE as PRE_TERMINATE
-from tusd_py.tus.events import SECRET_HEADERS as SECRET_HEADERS
+from tusd_py.tus.events import READ as READ
+from tusd_py.tus.events import WRITE as WRITE
 from tusd_py.tus.events import HookError as HookError
 from tusd_py.tus.events import PreCreateResult as PreCreateResult
 from tusd_py.tus.events import Rejection as Rejection
@@ -88,12 +99,16 @@ if TYPE_CHECKING:  # only the type: the tus handler imports hooks, not prometheu
 log = logging.getLogger("tusd_py.hooks")
 
 HOOK_EVENTS: Final = HOOK_EVENT_NAMES
-assert HOOK_EVENTS == (PRE_CREATE, POST_CREATE, POST_RECEIVE, PRE_FINISH, POST_FINISH, PRE_TERMINATE, POST_TERMINATE)
+assert HOOK_EVENTS == (
+    PRE_CREATE, POST_CREATE, POST_RECEIVE, PRE_FINISH, POST_FINISH, PRE_TERMINATE, POST_TERMINATE, PRE_ACCESS
+)
 
 # The rejection message goes into the response body; keep it short.
 MAX_REJECT_MESSAGE_CHARS: Final = 1024
 DEFAULT_REJECT_STATUS: Final = 403
 DEFAULT_REJECT_MESSAGE: Final = "upload rejected by the server's pre-create hook"
+MAX_OWNER_CHARS: Final = 1024
+"""Longest ``owner`` a pre-create hook may set (it is stored with every upload)."""
 # post-receive throttling remembers one timestamp per upload with a PATCH in progress;
 # this bounds that table if a caller ever forgets the final event.
 MAX_TRACKED_PROGRESS: Final = 100_000
@@ -117,6 +132,7 @@ def upload_to_json(info: UploadInfo) -> dict[str, Any]:
         "created_at": info.created_at,
         "expires_at": info.expires_at,
         "storage": dict(info.storage),
+        "owner": info.owner,
     }
 
 
@@ -130,19 +146,26 @@ class HookEvent:
     request: RequestContext | None = None
     event_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     time: float = dataclasses.field(default_factory=time.time)
+    mode: str | None = None
+    """pre-access only: ``"read"`` (HEAD, GET, a concatenation's partial) or
+    ``"write"`` (PATCH, DELETE)."""
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self, strip_headers: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The JSON form; the request's headers without ``strip_headers`` (lower-case)."""
+        document = {
             "type": self.type,
             "event_id": self.event_id,
             "time": self.time,
             "upload": upload_to_json(self.upload),
-            "request": None if self.request is None else self.request.to_json(),
+            "request": None if self.request is None else self.request.to_json(strip_headers),
         }
+        if self.mode is not None:
+            document["mode"] = self.mode
+        return document
 
-    def body(self) -> bytes:
+    def body(self, strip_headers: frozenset[str] = frozenset()) -> bytes:
         """The webhook body. ``default=str`` keeps odd store fields from failing it."""
-        return json.dumps(self.to_json(), default=str, separators=(",", ":")).encode()
+        return json.dumps(self.to_json(strip_headers), default=str, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +183,9 @@ class PreCreateAnswer:
     storage_key: str | None = None
     """The final object's key under the store's prefix (S3 store; tusd's
     ``storage.Key``), checked by the store like a templated key."""
+    owner: str | None = None
+    """Opaque text (e.g. the uploader's user id) stored with the upload and passed to
+    every later hook (``upload.owner``), so pre-access can check "same user"."""
 
     @classmethod
     def from_json(cls, document: object) -> PreCreateAnswer:
@@ -176,6 +202,9 @@ class PreCreateAnswer:
         storage_key = storage.get("Key") if isinstance(storage, dict) else None
         if not isinstance(storage, dict) or (storage_key is not None and not isinstance(storage_key, str)):
             raise HookError("pre-create answer: \"storage\" must be an object with a string \"Key\"")
+        owner = document.get("owner")
+        if owner is not None and not isinstance(owner, str):
+            raise HookError("pre-create answer: \"owner\" must be a string")
         status = document.get("status", DEFAULT_REJECT_STATUS)
         message = document.get("message", DEFAULT_REJECT_MESSAGE)
         return cls(
@@ -185,6 +214,7 @@ class PreCreateAnswer:
             upload_id=upload_id,
             metadata=metadata,
             storage_key=storage_key,
+            owner=owner,
         )
 
 
@@ -219,13 +249,17 @@ def _apply_answer(info: UploadInfo, answer: PreCreateAnswer, source: str) -> Pre
         changes["metadata"] = metadata
     if answer.storage_key is not None:
         changes["storage"] = {**info.storage, "Key": answer.storage_key}
+    if answer.owner is not None:
+        if len(answer.owner) > MAX_OWNER_CHARS:
+            raise HookError(f"{source} answered an owner longer than {MAX_OWNER_CHARS} characters")
+        changes["owner"] = answer.owner
     return PreCreateResult(dataclasses.replace(info, **changes) if changes else info)
 
 
 HookCallable = Callable[[HookEvent], Awaitable[PreCreateAnswer | Rejection | None]]
 """An embedder's hook: ``async def fn(event) -> PreCreateAnswer | Rejection | None``.
-The return value matters only for pre-create (a ``PreCreateAnswer``) and for pre-finish
-and pre-terminate (a ``Rejection`` refuses)."""
+The return value matters only for pre-create (a ``PreCreateAnswer``) and for pre-finish,
+pre-terminate and pre-access (a ``Rejection`` refuses)."""
 
 
 def _rejection_from_json(document: object, event_type: str) -> Rejection | None:
@@ -256,7 +290,7 @@ class Hooks:
     """The hook events of one server: a webhook sender and registered callables.
 
     Create one per server with the ``[hooks]`` config; the tus handler calls
-    ``pre_create``, ``pre_finish`` and ``pre_terminate`` (awaited) and the ``post_*``
+    ``pre_create``, ``pre_finish``, ``pre_terminate`` and ``pre_access`` (awaited) and the ``post_*``
     methods (plain calls that never block); ``close`` at shutdown delivers what is pending, within a time limit.
     """
 
@@ -282,6 +316,8 @@ class Hooks:
                 secret=config.secret,
             )
         self._webhook_events = frozenset(config.events) if self._sender is not None else frozenset()
+        self._strip_headers = frozenset(name.lower() for name in config.strip_headers)
+        self._access = AccessCache(config.access_cache_ttl, config.credential_headers, clock=clock)
         self._callables: dict[str, list[HookCallable]] = {event: [] for event in HOOK_EVENTS}
         self._queue: asyncio.Queue[HookEvent] = asyncio.Queue(maxsize=config.max_pending)
         self._workers: list[asyncio.Task[None]] = []
@@ -331,7 +367,7 @@ class Hooks:
         if self._sender is not None and PRE_CREATE in self._webhook_events:
             event = HookEvent(PRE_CREATE, result.info, request)
             try:
-                raw = await self._sender.send(PRE_CREATE, event.body())
+                raw = await self._sender.send(PRE_CREATE, event.body(self._strip_headers))
                 try:
                     document = json.loads(raw) if raw.strip() else {}
                 except ValueError as error:
@@ -357,10 +393,33 @@ class Hooks:
         deletes nothing unless this returns ``None``."""
         return await self._decide(PRE_TERMINATE, info, request)
 
-    async def _decide(self, event_type: str, info: UploadInfo, request: RequestContext | None) -> Rejection | None:
+    # --- pre-access: who may touch an existing upload --------------------------------
+
+    def access_allowed(self, upload_id: str, mode: str, request: RequestContext) -> bool:
+        """True when pre-access allowed this upload, mode and credentials less than
+        ``hooks.access_cache_ttl`` seconds ago (``tusd_py.access``)."""
+        return self._access.allowed(upload_id, mode, self._access.credentials_digest(request.headers))
+
+    async def pre_access(self, info: UploadInfo, mode: str, request: RequestContext) -> Rejection | None:
+        """Ask whether ``request`` may touch ``info`` in ``mode`` (``READ`` or
+        ``WRITE``), as ``pre_finish`` asks; an allow is cached, a rejection is not.
+        Raises ``HookError`` when the webhook is unreachable, a callable raised or an
+        answer is invalid (the caller refuses the request)."""
+        rejection = await self._decide(PRE_ACCESS, info, request, mode)
+        if rejection is None:
+            self._access.remember(info.id, mode, self._access.credentials_digest(request.headers))
+        return rejection
+
+    def forget_access(self, upload_id: str) -> None:
+        """Drop the cached pre-access allows of ``upload_id`` (deleted or complete)."""
+        self._access.forget(upload_id)
+
+    async def _decide(
+        self, event_type: str, info: UploadInfo, request: RequestContext | None, mode: str | None = None
+    ) -> Rejection | None:
         """Callables in registration order, then the webhook; the first rejection wins.
         Same timeout, retries and signature as every webhook delivery."""
-        event = HookEvent(event_type, info, request)
+        event = HookEvent(event_type, info, request, mode=mode)
         for fn in self._callables[event_type]:
             try:
                 answer = await fn(event)
@@ -376,7 +435,7 @@ class Hooks:
         if self._sender is None or event_type not in self._webhook_events:
             return None
         try:
-            raw = await self._sender.send(event_type, event.body())
+            raw = await self._sender.send(event_type, event.body(self._strip_headers))
             try:
                 document = json.loads(raw) if raw.strip() else {}
             except ValueError as error:
@@ -471,7 +530,7 @@ class Hooks:
                 log.exception("%s hook %r raised", event.type, fn, extra={"upload_id": upload_id})
         if self._sender is not None and event.type in self._webhook_events:
             try:
-                await self._sender.send(event.type, event.body())
+                await self._sender.send(event.type, event.body(self._strip_headers))
             except HookError as error:
                 log.warning("%s hook failed: %s", event.type, error, extra={"upload_id": upload_id})
                 self._count(event.type, "failed")

@@ -6,7 +6,7 @@
 //   chunkSize (bytes, default: whole file), cutAt (upload offset at which the
 //   connection of the request carrying that byte is cut mid-body; the upload is then
 //   resumed from its URL with a new Upload), uploadDataDuringCreation,
-//   uploadLengthDeferred.
+//   uploadLengthDeferred, headers (sent with every request, e.g. Authorization).
 // Prints one JSON line:
 //   { url, exchanges: [{ phase, method, status, request, response, milliseconds }] }
 // (milliseconds: from the request being sent to its response's head).
@@ -51,6 +51,7 @@ function options(phase, extra) {
     // No automatic retries: every failure must reach the test.
     retryDelays: null,
     metadata: { filename: 'data.bin', filetype: 'application/octet-stream' },
+    headers: config.headers || {},
     onBeforeRequest(req) {
       sentAt.set(req, performance.now())
     },

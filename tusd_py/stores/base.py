@@ -123,6 +123,9 @@ class UploadInfo:
     """True once the store finished the upload (all bytes received, object complete)."""
     storage: StorageFields = field(default_factory=dict)
     """Store-specific persistent fields (see ``StorageFields``)."""
+    owner: str | None = None
+    """An opaque text the pre-create hook chose (e.g. the uploader's user id), kept
+    with the upload and passed to every later hook; never sent to clients."""
 
     @property
     def is_final(self) -> bool:
@@ -156,6 +159,7 @@ class UploadInfo:
             "partial_ids": None if self.partial_ids is None else list(self.partial_ids),
             "finished": self.finished,
             "storage": dict(self.storage),
+            "owner": self.owner,
         }
 
     @classmethod
@@ -178,6 +182,7 @@ class UploadInfo:
                 partial_ids=None if data.get("partial_ids") is None else tuple(str(p) for p in data["partial_ids"]),
                 finished=bool(data.get("finished", False)),
                 storage=storage,
+                owner=None if data.get("owner") is None else str(data["owner"]),
             )
         except (KeyError, TypeError) as error:
             raise ValueError(f"malformed upload info: {error}") from error

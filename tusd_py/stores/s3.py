@@ -291,7 +291,8 @@ class S3Store:
         if loaded is None:
             loaded = await self._objects.load(upload_id)
         upload = S3Upload(self._context, loaded, generation)
-        upload.keep()
+        if generation is not None:  # a look without the lock leaves the last hold's state
+            upload.keep()
         return upload
 
     # --- SupportsConcatenation -----------------------------------------------------------

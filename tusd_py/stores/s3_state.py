@@ -54,10 +54,15 @@ class KeptStates:
 
     def take(self, upload_id: str, generation: LockGeneration | None) -> Loaded | None:
         """The kept state of ``upload_id`` if ``generation`` directly follows the hold
-        that left it, else None. Either way the entry is removed: the current hold
-        leaves its own state (``keep``) or none."""
+        that left it, else None. A hold removes the entry either way (it leaves its
+        own state, ``keep``, or none); a read without a generation (the pre-access
+        hook's look before the lock, a sweep) leaves it for the hold that follows,
+        since it writes nothing (a write under no generation ends in ``keep``, which
+        drops the entry)."""
+        if generation is None:
+            return None
         kept = self._entries.pop(upload_id, None)
-        if kept is None or generation is None or generation.follows is None:
+        if kept is None or generation.follows is None:
             return None
         return kept.loaded if kept.token == generation.follows else None
 

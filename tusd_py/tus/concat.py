@@ -44,7 +44,7 @@ from tusd_py.tus.errors import (
     ERR_PARTIAL_NOT_FOUND,
     TusError,
 )
-from tusd_py.tus.events import UploadEvents
+from tusd_py.tus.events import READ, UploadEvents
 from tusd_py.tus.urls import upload_url
 
 MAX_PARTIALS = 1000
@@ -142,6 +142,7 @@ async def create_final(
     *,
     check_length: Callable[[int], None],
     finish_if_complete: Callable[[Upload, Request], Awaitable[UploadInfo]],
+    authorize: Callable[[str, str, Request], Awaitable[None]],
 ) -> UploadInfo:
     """Create the final upload ``final`` (metadata set, ``partial_ids`` set, length
     unset) from its partial uploads and return it, finished.
@@ -149,9 +150,15 @@ async def create_final(
     Every partial upload is locked (in id order, so two concatenations of the same
     partials cannot deadlock) for the whole operation: none can be terminated or
     changed while its bytes are copied. ``check_length`` sees the summed length
-    before the pre-create hook and the store run.
+    before the pre-create hook and the store run. ``authorize`` (the pre-access
+    check, mode read) is asked for each partial before any lock is taken.
     """
     assert final.partial_ids is not None
+    for upload_id in dict.fromkeys(final.partial_ids):
+        try:
+            await authorize(upload_id, READ, request)
+        except UploadNotFound:
+            raise TusError(ERR_PARTIAL_NOT_FOUND, f"no upload {upload_id}") from None
     async with contextlib.AsyncExitStack() as locks:
         for upload_id in sorted(set(final.partial_ids)):
             await locks.enter_async_context(locker.lock(upload_id, no_release_request))

@@ -73,6 +73,22 @@ class UploadCore:
         """The clock (Unix time) upload expiry is measured with."""
         return self._clock()
 
+    async def authorize(self, upload_id: str, mode: str, request: Request) -> None:
+        """Ask the pre-access hook (when one is configured) whether ``request`` may
+        touch the upload in ``mode`` (``events.READ``/``WRITE``); raises ``TusError``
+        when not (404 when there is no such upload).
+
+        Called before the upload's lock is taken: a refused request must not even ask
+        a running PATCH to let go. A cached allow costs no store read; otherwise the
+        upload is read (not written) for the hook to see, and read again under the
+        lock by the request itself.
+        """
+        events = self.events
+        if not events.guards_access or events.access_cached(upload_id, mode, request):
+            return
+        upload = await self._store.get(upload_id)
+        await events.pre_access(upload.info, mode, request)
+
     async def load(self, upload_id: str, generation: LockGeneration | None = None) -> Upload:
         """Open the upload (under a lock of ``generation``, see ``Store.get``); 410
         once an unfinished upload's expiry time passed (it may not have been swept yet)."""

@@ -144,6 +144,12 @@ ERR_TERMINATION_HOOK_UNAVAILABLE = ErrorKind(
 ERR_TERMINATION_HOOK_FAILED = ErrorKind(
     "ERR_HOOK_FAILED", 500, "the pre-terminate hook gave an invalid answer; nothing was deleted"
 )
+ERR_ACCESS_DENIED = ErrorKind("ERR_ACCESS_DENIED", 403, "access to the upload denied by the server's pre-access hook")
+"""Template: a rejection answers the hook's own 4xx status and message with this code."""
+ERR_ACCESS_HOOK_UNAVAILABLE = ErrorKind(
+    "ERR_HOOK_UNAVAILABLE", 503, "access to the upload could not be checked (pre-access hook failed); retry later"
+)
+"""Fail closed: an unreachable receiver or an invalid answer grants nothing."""
 ERR_INTERNAL = ErrorKind("ERR_INTERNAL", 500, "internal server error")
 
 

@@ -20,6 +20,11 @@ When each event fires (all after the store call succeeded):
 - ``pre_terminate``: under the lock, before ``terminate``. A rejection or an unusable
   hook becomes a ``TusError`` and nothing is deleted.
 - ``terminated``: after ``terminate``.
+- ``pre_access``: before a request touches an existing upload (HEAD, PATCH, GET,
+  DELETE, the partials of a concatenation; ``tus.core.UploadCore.authorize``), outside
+  the lock, so that a refused client cannot even make a running PATCH let go. A
+  rejection becomes a ``TusError`` with the hook's status and message; an unusable hook
+  503 (fail closed). ``access_cached`` lets a cached allow skip the store read.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from tusd_py.http.types import Request
 from tusd_py.stores.base import UploadInfo
 from tusd_py.tus.body import GuardedBody
 from tusd_py.tus.errors import (
+    ERR_ACCESS_DENIED,
+    ERR_ACCESS_HOOK_UNAVAILABLE,
     ERR_FINISH_HOOK_FAILED,
     ERR_FINISH_REJECTED,
     ERR_HOOK_FAILED,
@@ -55,9 +62,12 @@ PRE_FINISH: Final = "pre-finish"
 POST_FINISH: Final = "post-finish"
 PRE_TERMINATE: Final = "pre-terminate"
 POST_TERMINATE: Final = "post-terminate"
+PRE_ACCESS: Final = "pre-access"
 
-# Request headers never forwarded to a hook receiver: credentials of the client.
-SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
+READ: Final = "read"
+"""pre-access mode of HEAD, GET and a concatenation's partials."""
+WRITE: Final = "write"
+"""pre-access mode of PATCH and DELETE."""
 
 # The progress timer never ticks faster than this, even with progress_interval = 0
 # ("as often as possible"): a zero-delay timer would spin the event loop.
@@ -65,8 +75,8 @@ _MIN_PROGRESS_TICK_SECONDS = 0.05
 
 
 class HookError(Exception):
-    """A blocking hook (pre-create, pre-finish, pre-terminate) could not be consulted or
-    gave an invalid answer.
+    """A blocking hook (pre-create, pre-finish, pre-terminate, pre-access) could not be
+    consulted or gave an invalid answer.
 
     The handler answers ``status`` with a generic message (the details are logged, not
     sent to the client): 503 when the receiver was unreachable, timed out or failed
@@ -88,7 +98,8 @@ class RequestContext:
     remote_addr: str
     """The client's address; behind a trusted proxy, the last X-Forwarded-For entry."""
     headers: tuple[tuple[str, str], ...] = ()
-    """Lower-case names, in arrival order, without ``SECRET_HEADERS``."""
+    """Lower-case names, in arrival order; all of them, credentials included (the
+    webhook drops ``hooks.strip_headers`` when it sends them)."""
     request_id: str = ""
 
     @classmethod
@@ -97,14 +108,14 @@ class RequestContext:
         X-Forwarded-For header the proxy appended (``server.behind_proxy``; see
         ``urls.client_view``)."""
         remote_addr = client_view(request.headers, request.client, behind_proxy).remote_addr
-        headers = tuple((name, value) for name, value in request.headers if name not in SECRET_HEADERS)
-        return cls(request.method, request.target, remote_addr, headers, request.request_id)
+        return cls(request.method, request.target, remote_addr, tuple(request.headers), request.request_id)
 
-    def to_json(self) -> dict[str, Any]:
-        """The JSON form: headers as ``{name: [values]}`` (like Go's http.Header)."""
+    def to_json(self, strip_headers: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The JSON form: headers as ``{name: [values]}`` (like Go's http.Header),
+        without those named (lower-case) in ``strip_headers``."""
         headers: dict[str, list[str]] = {}
         for name, value in self.headers:
-            if name.lower() not in SECRET_HEADERS:
+            if name.lower() not in strip_headers:
                 headers.setdefault(name.lower(), []).append(value)
         return {
             "method": self.method,
@@ -163,6 +174,21 @@ class UploadHooks(Protocol):
     async def pre_terminate(self, info: UploadInfo, request: RequestContext | None = None) -> Rejection | None:
         """Whether ``info`` may be deleted (``None``); raises ``HookError`` when that
         cannot be decided (the upload is then not deleted)."""
+        ...
+
+    def access_allowed(self, upload_id: str, mode: str, request: RequestContext) -> bool:
+        """True when a pre-access "allow" for this upload, mode and credentials is
+        still cached: the request may proceed without asking (or reading the upload)."""
+        ...
+
+    async def pre_access(self, info: UploadInfo, mode: str, request: RequestContext) -> Rejection | None:
+        """Whether ``request`` may touch ``info`` in ``mode`` (``READ``/``WRITE``):
+        ``None`` allows (and is cached); raises ``HookError`` when that cannot be
+        decided (the request is then refused)."""
+        ...
+
+    def forget_access(self, upload_id: str) -> None:
+        """Drop the cached pre-access answers of ``upload_id`` (deleted or complete)."""
         ...
 
     def post_receive(self, info: UploadInfo, *, final: bool = False, request: RequestContext | None = None) -> None:
@@ -282,6 +308,8 @@ class UploadEvents:
             self._observer.upload_finished()
         if self._hooks is None:
             return
+        # A complete upload is used differently (read, not written): ask again.
+        self._hooks.forget_access(info.id)
         context = self._context(request)
         if self._wants(PRE_FINISH):
             stored = [("Upload-Offset", str(info.offset))]
@@ -315,5 +343,35 @@ class UploadEvents:
     def terminated(self, info: UploadInfo, request: Request) -> None:
         if self._observer is not None:
             self._observer.upload_terminated()
-        if self._hooks is not None and self._wants(POST_TERMINATE):
-            self._hooks.post_terminate(info, self._context(request))
+        if self._hooks is not None:
+            self._hooks.forget_access(info.id)
+            if self._wants(POST_TERMINATE):
+                self._hooks.post_terminate(info, self._context(request))
+
+    @property
+    def guards_access(self) -> bool:
+        """True when a pre-access hook decides who may touch existing uploads."""
+        return self._wants(PRE_ACCESS)
+
+    def access_cached(self, upload_id: str, mode: str, request: Request) -> bool:
+        """True when a cached pre-access "allow" covers this request (see
+        ``UploadHooks.access_allowed``)."""
+        assert self._hooks is not None
+        return self._hooks.access_allowed(upload_id, mode, RequestContext.from_request(request, behind_proxy=False))
+
+    async def pre_access(self, info: UploadInfo, mode: str, request: Request) -> None:
+        """Ask the pre-access hook whether ``request`` may touch ``info`` in ``mode``.
+
+        Raises ``TusError``: with the hook's status and message when it refused, 503
+        when it could not be asked or answered something invalid (fail closed; the
+        hooks log why).
+        """
+        assert self._hooks is not None
+        context = self._context(request)
+        assert context is not None
+        try:
+            rejection = await self._hooks.pre_access(info, mode, context)
+        except HookError as error:
+            raise TusError(ERR_ACCESS_HOOK_UNAVAILABLE) from error
+        if rejection is not None:
+            raise TusError(ErrorKind(ERR_ACCESS_DENIED.code, rejection.status, rejection.message))

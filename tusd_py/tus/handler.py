@@ -78,7 +78,7 @@ from tusd_py.tus.errors import (
     TusError,
     error_response,
 )
-from tusd_py.tus.events import UploadEvents, UploadHooks, UploadObserver
+from tusd_py.tus.events import READ, WRITE, UploadEvents, UploadHooks, UploadObserver
 from tusd_py.tus.headers import (
     TUS_VERSION,
     RangeNotSatisfiable,
@@ -342,12 +342,14 @@ class TusHandler:
             info,
             check_length=self._check_max_size,
             finish_if_complete=self._core.finish_if_complete,
+            authorize=self._core.authorize,
         )
         log.info("final upload created from %d partial uploads", len(concat.partial_ids),
                  extra={"upload_id": info.id, "request_id": request.request_id})
         return Response(201, [("Location", upload_url(*origin, self._base_path, info.id))])
 
     async def _head(self, request: Request, upload_id: str) -> Response:
+        await self._core.authorize(upload_id, READ, request)
         async with self._locker.lock(upload_id, no_release_request) as held:
             info = await self._core.finish_if_complete(await self._core.load(upload_id, held.generation), request)
         headers = [("Upload-Offset", str(info.offset)), ("Cache-Control", "no-store")]
@@ -373,6 +375,7 @@ class TusHandler:
         if self._core.shutting_down:
             raise TusError(ERR_SHUTTING_DOWN)
 
+        await self._core.authorize(upload_id, WRITE, request)
         body = GuardedBody(request.body)
         async with self._locker.lock(upload_id, body.stop) as held:
             upload = await self._core.load(upload_id, held.generation)
@@ -390,6 +393,7 @@ class TusHandler:
         return Response(204, [("Upload-Offset", str(info.offset)), *self._expires_header(info)])
 
     async def _delete(self, request: Request, upload_id: str) -> Response:
+        await self._core.authorize(upload_id, WRITE, request)
         async with self._locker.lock(upload_id, no_release_request):
             upload = await self._store.get(upload_id)
             # Under the lock: what the hook approves is what gets deleted.
@@ -401,6 +405,7 @@ class TusHandler:
         return Response(204)
 
     async def _get(self, request: Request, upload_id: str) -> Response:
+        await self._core.authorize(upload_id, READ, request)
         async with self._locker.lock(upload_id, no_release_request) as held:
             upload = await self._core.load(upload_id, held.generation)
             if not upload.info.is_complete:

@@ -62,6 +62,7 @@ from tusd_py.tus.errors import (
     ErrorKind,
     TusError,
 )
+from tusd_py.tus.events import READ, WRITE
 from tusd_py.tus.headers import OFFSET_OCTET_STREAM, media_type
 from tusd_py.tus.ietf_problems import (
     COMPLETED_UPLOAD,
@@ -331,6 +332,7 @@ class IetfHandler:
     # --- offset retrieval, append, cancellation -----------------------------------
 
     async def _retrieve_offset(self, request: Request, upload_id: str, draft: Draft) -> Response:
+        await self._core.authorize(upload_id, READ, request)
         async with self._locker.lock(upload_id, no_release_request) as held:
             info = await self._core.finish_if_complete(await self._core.load(upload_id, held.generation), request)
         # Section "Offset Retrieval": Upload-Offset, Upload-Complete, Upload-Length when
@@ -356,6 +358,7 @@ class IetfHandler:
             raise TusError(ERR_SHUTTING_DOWN)
         content_length = request.body.length
 
+        await self._core.authorize(upload_id, WRITE, request)
         body = GuardedBody(request.body)
         async with self._locker.lock(upload_id, body.stop) as held:
             upload = await self._core.load(upload_id, held.generation)
@@ -395,6 +398,7 @@ class IetfHandler:
     async def _cancel(self, request: Request, upload_id: str) -> Response:
         # Section "Upload Cancellation": in-flight requests are stopped first; taking
         # the lock asks a running append to stop, store what it has and answer.
+        await self._core.authorize(upload_id, WRITE, request)
         async with self._locker.lock(upload_id, no_release_request):
             upload = await self._store.get(upload_id)
             # Under the lock: what the hook approves is what gets deleted.
