@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -126,6 +127,11 @@ class _Directory:
             with open(temp, "wb") as file:
                 file.write(data)
                 file.flush()
+                # A unique mtime, to the nanosecond: the file system's own stamp is as
+                # coarse as the kernel tick, and a freed inode may be reused by the next
+                # document, which then must not look like the one _cached_info parsed.
+                stamp = _unique_stamp()
+                os.utime(file.fileno(), ns=(stamp, stamp))
                 os.fsync(file.fileno())
             os.replace(temp, path)
         except BaseException:
@@ -173,6 +179,22 @@ class _Directory:
             if len(cache) > INFO_CACHE_SIZE:
                 cache.popitem(last=False)
         return info
+
+
+class _Stamps:
+    """Now in ns, strictly after every stamp this process gave before."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        with self._lock:
+            self._last = max(time.time_ns(), self._last + 1)
+            return self._last
+
+
+_unique_stamp = _Stamps().next
 
 
 _StatKey = tuple[int, int, int, int]
