@@ -28,7 +28,7 @@ from tusd_py.stores.base import UploadInfo
 from tusd_py.stores.file import FileStore
 from tusd_py.stores.s3 import S3Store
 from tusd_py.stores.s3_botocore import AioS3Client
-from tusd_py.stores.s3_client import BodyChecksum, S3Client
+from tusd_py.stores.s3_client import BodyChecksum, PartBody, S3Client
 
 BOUND = 15.0
 """Upper bound for an expected event (a bound, never a delay)."""
@@ -338,7 +338,7 @@ class PartsSeen:
         return getattr(self._inner, name)
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: PartBody, checksum: BodyChecksum | None
     ) -> str:
         etag = await self._inner.upload_part(bucket, key, upload_id, part_number, body, checksum)
         self.parts.put_nowait(part_number)

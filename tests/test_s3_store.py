@@ -46,7 +46,7 @@ from tusd_py.stores.base import (
     new_upload_id,
 )
 from tusd_py.stores.s3 import S3Store
-from tusd_py.stores.s3_client import BodyChecksum, S3Client, S3Error, S3TransientError, content_md5
+from tusd_py.stores.s3_client import BodyChecksum, PartBody, S3Client, S3Error, S3TransientError, content_md5
 from tusd_py.stores.s3_spool import SpoolRing, SpoolSlot
 
 KiB = 1024
@@ -475,7 +475,7 @@ class _PartFails(SeamWrapper):
         self.started: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: PartBody, checksum: BodyChecksum | None
     ) -> str:
         self.started[part_number].set()
         if part_number == self.part_number:
@@ -536,7 +536,7 @@ class _GatedParts(SeamWrapper):
         self.gate = asyncio.Event()
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: PartBody, checksum: BodyChecksum | None
     ) -> str:
         await self.gate.wait()
         return await super().upload_part(bucket, key, upload_id, part_number, body, checksum)

@@ -16,11 +16,13 @@ from tusd_py.config import S3StoreConfig, Size
 from tusd_py.stores.base import IteratedBody, UploadInfo
 from tusd_py.stores.s3 import S3Store
 from tusd_py.stores.s3_botocore import AioS3Client
+from tusd_py.stores.s3_checksum import signs_payload
 from tusd_py.stores.s3_client import (
     BodyChecksum,
     MultipartPage,
     ObjectEntry,
     ObjectPage,
+    PartBody,
     PartEntry,
     PartPage,
     S3Client,
@@ -48,12 +50,17 @@ CHECKSUM_UNDER_TEST = os.environ.get("TUSDPY_TEST_S3_CHECKSUM", "")
 """``store.s3.checksum`` of every store the S3 store, crash and fault tests open (empty:
 the default). CI runs tests/test_s3_crash.py, test_s3_store.py and test_s3_robustness.py
 once more per other value (.ci/run)."""
+PAYLOAD_SIGNING_UNDER_TEST = os.environ.get("TUSDPY_TEST_S3_PAYLOAD_SIGNING", "")
+"""``never``: parts go unsigned over moto's http, so whole spooled parts are streamed
+(``StreamedBody``) as they are to AWS over https."""
 
 
 def s3_config(endpoint: str, bucket: str, **overrides: Any) -> S3StoreConfig:
     config = S3StoreConfig(bucket=bucket, endpoint_url=endpoint, part_size=Size(MiB))
     if CHECKSUM_UNDER_TEST:
         config.checksum = CHECKSUM_UNDER_TEST
+    if PAYLOAD_SIGNING_UNDER_TEST:
+        config.payload_signing = PAYLOAD_SIGNING_UNDER_TEST
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
@@ -68,7 +75,7 @@ async def open_store(
     """An S3Store over a real aiobotocore client with fast retries. ``wrap`` goes
     outside the retry layer (faults it raises are final, like a crash), ``inner_wrap``
     inside it (faults it raises are retried)."""
-    raw: S3Client = await AioS3Client.connect(endpoint_url=config.endpoint_url)
+    raw: S3Client = await AioS3Client.connect(endpoint_url=config.endpoint_url, sign_payload=signs_payload(config))
     if inner_wrap is not None:
         raw = inner_wrap(raw)
     client: S3Client = RetryingS3Client(raw, FAST_RETRIES)
@@ -153,7 +160,7 @@ class SeamWrapper:
         return result
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: PartBody, checksum: BodyChecksum | None
     ) -> str:
         result: str = await self._call(
             "UploadPart",

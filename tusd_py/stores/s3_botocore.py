@@ -32,6 +32,7 @@ from tusd_py.stores.s3_client import (
     MultipartPage,
     ObjectEntry,
     ObjectPage,
+    PartBody,
     PartEntry,
     PartPage,
     S3Error,
@@ -40,6 +41,7 @@ from tusd_py.stores.s3_client import (
     S3Timeout,
     S3TransientError,
     StampedObject,
+    StreamedBody,
 )
 
 log = logging.getLogger("tusd_py.stores.s3")
@@ -115,8 +117,60 @@ _FIRST_PIECE = 16 * 1024
 """Body bytes sent joined with the request head (see ``_BytesBody.write_with_length``)."""
 
 
+class _StreamedParameter:
+    """A ``StreamedBody`` as botocore's ``Body`` parameter: botocore checks that a
+    body it does not know has ``read`` and measures it with ``len``; it must not read
+    it (it would only to sign it, and a streamed body goes unsigned): ``before-send``
+    puts the ``_StreamedPayload`` in its place."""
+
+    def __init__(self, body: StreamedBody) -> None:
+        self.body = body
+
+    def __len__(self) -> int:
+        return len(self.body)
+
+    def read(self, *_: Any) -> bytes:
+        raise RuntimeError("a streamed part body was to be read whole by botocore")
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """For botocore's CRT signer, which wraps a body with ``seek`` as a stream
+        and, for an unsigned payload, never reads it."""
+        return 0
+
+
+class _StreamedPayload(aiohttp.payload.Payload):
+    """A ``StreamedBody`` sent piece by piece, each written once the transport took
+    the last (aiohttp's writer drains above 64 KiB): the memory of one part in flight
+    is one piece, not the part."""
+
+    def __init__(self, body: StreamedBody) -> None:
+        aiohttp.payload.Payload.__init__(self, body, content_type="application/octet-stream")
+        self._size = len(body)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a streamed part body is not text")
+
+    async def write(self, writer: Any) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        first = True
+        async with contextlib.aclosing(self._value.pieces()) as pieces:
+            async for piece in pieces:
+                view = memoryview(piece)
+                if first:  # keep the join with the request head small (see _BytesBody)
+                    first = False
+                    await writer.write(view[:_FIRST_PIECE])
+                    view = view[_FIRST_PIECE:]
+                if view:
+                    await writer.write(view)
+
+
 def _bytes_body_before_send(request: Any, **_: Any) -> None:
-    if isinstance(request.body, bytes) and len(request.body) > aiohttp.payload.TOO_LARGE_BYTES_BODY:
+    if isinstance(request.body, _StreamedParameter):
+        request.body = _StreamedPayload(request.body.body)
+        del request.headers["Expect"]  # botocore asks for 100-continue for bodies with ``read``
+    elif isinstance(request.body, bytes) and len(request.body) > aiohttp.payload.TOO_LARGE_BYTES_BODY:
         request.body = _BytesBody(request.body)
 
 
@@ -181,12 +235,16 @@ class AioS3Client:
         *,
         deadlines: Deadlines | None = None,
         on_timeout: Callable[[str], None] | None = None,
+        streams_bodies: bool = False,
     ) -> None:
-        """``on_timeout`` hears the operation of every request that ran out of time."""
+        """``on_timeout`` hears the operation of every request that ran out of time.
+        ``streams_bodies``: send a ``StreamedBody`` in pieces (only when bodies are not
+        signed: SigV4 hashes the whole body before the request goes out)."""
         self._client = client
         self._exit_stack = exit_stack
         self._deadlines = deadlines or Deadlines()
         self._on_timeout = on_timeout
+        self._streams_bodies = streams_bodies
 
     @contextlib.asynccontextmanager
     async def _request(
@@ -264,7 +322,7 @@ class AioS3Client:
             )
         )
         _send_bodies_as_bytes(client)
-        return cls(client, exit_stack, deadlines=deadlines, on_timeout=on_timeout)
+        return cls(client, exit_stack, deadlines=deadlines, on_timeout=on_timeout, streams_bodies=not sign_payload)
 
     async def head_bucket(self, bucket: str) -> None:
         async with self._request("HeadBucket", bucket):
@@ -283,12 +341,15 @@ class AioS3Client:
         return str(response["UploadId"])
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: PartBody, checksum: BodyChecksum | None
     ) -> str:
+        if not isinstance(body, bytes) and not self._streams_bodies:
+            body = await body.read_all()  # to be signed, the body must be whole first
+        sent: bytes | _StreamedParameter = body if isinstance(body, bytes) else _StreamedParameter(body)
         async with self._request("UploadPart", bucket, key, self._deadlines.for_body(len(body))):
             response = await self._client.upload_part(
-                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=part_number, Body=body,
-                **_checksum_parameters(checksum),
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=part_number, Body=sent,
+                ContentLength=len(body), **_checksum_parameters(checksum),
             )
         return str(response["ETag"])
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -129,6 +129,23 @@ class BodyChecksum:
     value: str
 
 
+class StreamedBody(Protocol):
+    """A part body read, while it is sent, in pieces from where it waits (a spool
+    file): a part is then never whole in memory. ``pieces`` starts over at the first
+    byte on every call (one call per attempt); ``read_all`` is for a client that
+    must see the whole body before sending (to sign it)."""
+
+    def __len__(self) -> int: ...
+
+    def pieces(self) -> AsyncIterator[bytes]: ...
+
+    async def read_all(self) -> bytes: ...
+
+
+PartBody = bytes | StreamedBody
+"""What ``S3Client.upload_part`` sends."""
+
+
 @dataclass(frozen=True, slots=True)
 class PartEntry:
     """One uploaded part of a multipart upload."""
@@ -185,7 +202,7 @@ class S3Client(Protocol):
         ...
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: PartBody, checksum: BodyChecksum | None
     ) -> str:
         """Upload one part (``checksum`` of ``body``, verified by S3); returns its ETag."""
         ...

@@ -448,9 +448,20 @@ class S3Objects:
         ``checksum`` the multipart upload was created for (the slot's digest when it
         hashed its bytes with it while spooling). The slot is read (from its spool
         file) only inside the global semaphore, so the part bodies in memory are
-        bounded by ``max_concurrent_part_uploads``."""
+        bounded by ``max_concurrent_part_uploads``; a whole part in a spool file goes
+        as a ``StreamedBody``, which the client sends in pieces when it does not sign
+        bodies (then a part in flight holds one piece in memory)."""
         algorithm = checksum_named(checksum)
         async with self.part_uploads:
+            if slot is not None and not data:
+                streamed = await slot.streamed()
+                digest = slot.digest()
+                if streamed is not None and (digest is not None or algorithm.hasher is None):
+                    # The whole part is in the spool file and its checksum is known:
+                    # it goes to S3 in pieces read from the file (``StreamedBody``).
+                    sent = algorithm.of_digest(digest) if digest is not None else None
+                    etag = await self.client.upload_part(self.bucket, keys.object, multipart_id, number, streamed, sent)
+                    return PartEntry(number, len(streamed), etag, sent)
             digest = None
             if slot is not None:
                 whole_part = not data

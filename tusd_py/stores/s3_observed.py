@@ -16,6 +16,7 @@ from tusd_py.stores.s3_client import (
     MultipartPage,
     ObjectEntry,
     ObjectPage,
+    PartBody,
     PartEntry,
     PartPage,
     S3Client,
@@ -76,7 +77,7 @@ class ObservedS3Client:
         )
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: PartBody, checksum: BodyChecksum | None
     ) -> str:
         return await self._timed(
             "UploadPart", self._inner.upload_part(bucket, key, upload_id, part_number, body, checksum)

@@ -16,6 +16,7 @@ from tusd_py.stores.s3_client import (
     MultipartPage,
     ObjectEntry,
     ObjectPage,
+    PartBody,
     PartEntry,
     PartPage,
     S3Client,
@@ -119,7 +120,7 @@ class RetryingS3Client:
             log.warning("could not look for multipart uploads of %s left by a failed attempt: %s", key, error)
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, part_number: int, body: bytes, checksum: BodyChecksum | None
+        self, bucket: str, key: str, upload_id: str, part_number: int, body: PartBody, checksum: BodyChecksum | None
     ) -> str:
         return await self._retry(
             lambda: self._inner.upload_part(bucket, key, upload_id, part_number, body, checksum)

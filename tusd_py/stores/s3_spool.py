@@ -18,16 +18,22 @@ trip too). Memory slots keep the chunks as received.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import IO, Any, Protocol, TypeVar
+
+from tusd_py.stores.s3_client import StreamedBody
 
 T = TypeVar("T")
 
 FILE_FLUSH_SIZE = 1024 * 1024
 """A file slot writes to disk in batches of about this many bytes: one thread hop per
 MiB instead of one per (possibly tiny) body chunk."""
+STREAM_PIECE_SIZE = 1024 * 1024
+"""A part streamed from its spool file (``FileSlot.streamed``) is read in pieces of
+this size: the memory of a part in flight, and one thread hop per piece."""
 WRITEV_MAX_BUFFERS = 512
 """Chunks per ``os.writev`` call (well below Linux's IOV_MAX of 1024)."""
 
@@ -56,9 +62,15 @@ class SpoolSlot(Protocol):
         """Everything appended, as a list of byte strings (joined by the caller)."""
         ...
 
+    async def streamed(self) -> StreamedBody | None:
+        """Everything appended, as a body read in pieces while it is sent; None when
+        the bytes are not all where the slot can read them back piece by piece."""
+        ...
+
     def digest(self) -> bytes | None:
-        """After ``read_chunks``: the digest of everything appended, when the slot
-        hashed its bytes on the way in; None when it did not (the caller hashes)."""
+        """After ``read_chunks`` or ``streamed``: the digest of everything appended,
+        when the slot hashed its bytes on the way in; None when it did not (the caller
+        hashes)."""
         ...
 
     async def close(self) -> None:
@@ -83,6 +95,9 @@ class MemorySlot:
 
     async def read_chunks(self) -> list[bytes]:
         return list(self._chunks)
+
+    async def streamed(self) -> StreamedBody | None:
+        return None  # already in memory: read_chunks costs no copy
 
     def digest(self) -> bytes | None:
         return None
@@ -156,18 +171,26 @@ class FileSlot:
         await self._flush()
         return [await self._in_thread(self._read_all)]
 
+    async def streamed(self) -> StreamedBody | None:
+        if self._file is None:
+            return None
+        await self._flush()
+        return _SpoolFileBody(self)
+
     def digest(self) -> bytes | None:
         if self._hash is None or self._file is None or self._pending:
             return None  # bytes that never went through the file were not hashed
         return self._hash.digest()
 
     def _read_all(self) -> bytes:
+        return self._read(0, self._size)
+
+    def _read(self, start: int, stop: int) -> bytes:
         assert self._file is not None
-        self._file.flush()
         pieces: list[bytes] = []
-        position = 0
-        while position < self._size:  # one pread returns at most ~2 GiB on Linux
-            piece = os.pread(self._file.fileno(), self._size - position, position)
+        position = start
+        while position < stop:  # one pread returns at most ~2 GiB on Linux
+            piece = os.pread(self._file.fileno(), stop - position, position)
             if not piece:
                 raise OSError(f"spool file shorter than expected ({position} of {self._size} bytes)")
             pieces.append(piece)
@@ -183,6 +206,27 @@ class FileSlot:
         if self._file is not None:
             file, self._file = self._file, None
             await self._in_thread(file.close)
+
+
+class _SpoolFileBody:
+    """A file slot's bytes (all in its file) as a ``StreamedBody``: read back in
+    ``STREAM_PIECE_SIZE`` pieces, each in a worker thread."""
+
+    def __init__(self, slot: FileSlot) -> None:
+        self._slot = slot
+        self._size = slot.size
+
+    def __len__(self) -> int:
+        return self._size
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        slot = self._slot
+        for start in range(0, self._size, STREAM_PIECE_SIZE):
+            stop = min(start + STREAM_PIECE_SIZE, self._size)
+            yield await slot._in_thread(functools.partial(slot._read, start, stop))
+
+    async def read_all(self) -> bytes:
+        return await self._slot._in_thread(self._slot._read_all)
 
 
 class _CountedSlot:
@@ -202,6 +246,9 @@ class _CountedSlot:
 
     async def read_chunks(self) -> list[bytes]:
         return await self._inner.read_chunks()
+
+    async def streamed(self) -> StreamedBody | None:
+        return await self._inner.streamed()
 
     def digest(self) -> bytes | None:
         return self._inner.digest()

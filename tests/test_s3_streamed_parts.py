@@ -1,0 +1,156 @@
+"""Whole parts waiting in a spool file go to S3 in pieces read from the file while the
+request is sent (``StreamedBody``), when bodies are not signed (over https with a
+checksum, or ``payload_signing = "never"``): a part in flight then holds one piece in
+memory, not the part. Here over moto's plain http with ``payload_signing = "never"``.
+"""
+
+from __future__ import annotations
+
+import base64
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+from awscrt import checksums as crt_checksums
+
+from tests.helpers import data_of, make_bucket, object_bytes
+from tests.test_s3_support import FAST_RETRIES, MiB, SeamWrapper, s3_config, upload
+from tusd_py.config import Size
+from tusd_py.stores.base import UploadInfo, new_upload_id
+from tusd_py.stores.s3 import S3Store
+from tusd_py.stores.s3_botocore import AioS3Client
+from tusd_py.stores.s3_client import S3Client, S3TransientError
+from tusd_py.stores.s3_retry import RetryingS3Client
+from tusd_py.stores.s3_spool import STREAM_PIECE_SIZE
+
+
+def _crc32c(data: bytes) -> str:
+    return base64.b64encode(crt_checksums.crc32c(data).to_bytes(4, "big")).decode()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def _store(
+    endpoint: str, bucket: str, *, sign: bool, part_size: int, seen: list[Any] | None = None,
+    inner_wrap: Callable[[S3Client], S3Client] | None = None, **overrides: Any,
+) -> S3Store:
+    raw = await AioS3Client.connect(endpoint_url=endpoint, sign_payload=sign)
+    if seen is not None:
+        def capture(request: Any, **_: Any) -> None:
+            if "partNumber=" in request.url:
+                seen.append(request)
+
+        raw._client.meta.events.register("before-send.s3", capture)
+    client: S3Client = raw if inner_wrap is None else inner_wrap(raw)
+    config = s3_config(
+        endpoint, bucket, checksum="crc32c", payload_signing="always" if sign else "never",
+        part_size=Size(part_size), **overrides,
+    )
+    return S3Store(RetryingS3Client(client, FAST_RETRIES), config)
+
+
+async def test_whole_spooled_parts_are_streamed_when_unsigned(fast_moto: str) -> None:
+    bucket = await make_bucket(fast_moto)
+    seen: list[Any] = []
+    part = 3 * MiB  # three pieces each
+    store = await _store(fast_moto, bucket, sign=False, part_size=part, seen=seen)
+    data = data_of(3 * part + 1000)
+    try:
+        created = await store.create(UploadInfo(id=new_upload_id(), length=len(data)))
+        await upload(store, created.info, data, patch_size=len(data))
+    finally:
+        await store.close()
+    assert await object_bytes(fast_moto, bucket, created.info.id) == data
+
+    streamed = [request for request in seen if type(request.body).__name__ == "_StreamedPayload"]
+    # The last 1000 bytes never reached the spool file: sent from memory.
+    assert len(streamed) == 3 and len(seen) == 4, [(type(r.body).__name__, r.headers["Content-Length"]) for r in seen]
+    for request in streamed:
+        number = int(request.url.split("partNumber=")[1].split("&")[0])
+        expected = data[(number - 1) * part:number * part]
+        assert _text(request.headers["Content-Length"]) == str(len(expected))
+        assert "Expect" not in request.headers
+        assert _text(request.headers["x-amz-checksum-crc32c"]) == _crc32c(expected)
+
+
+async def test_signed_parts_are_sent_whole(fast_moto: str) -> None:
+    """SigV4 hashes the body before the request goes out: no streaming then."""
+    bucket = await make_bucket(fast_moto)
+    seen: list[Any] = []
+    store = await _store(fast_moto, bucket, sign=True, part_size=2 * MiB, seen=seen)
+    data = data_of(4 * MiB + 3)
+    try:
+        created = await store.create(UploadInfo(id=new_upload_id(), length=len(data)))
+        await upload(store, created.info, data, patch_size=len(data))
+    finally:
+        await store.close()
+    assert await object_bytes(fast_moto, bucket, created.info.id) == data
+    assert seen and not any(type(request.body).__name__ == "_StreamedPayload" for request in seen)
+
+
+class _FailsMidBody(SeamWrapper):
+    """The first UploadPart attempt reads part of its streamed body, then fails like a
+    connection reset; the retry must send the body from its first byte."""
+
+    def __init__(self, inner: S3Client) -> None:
+        super().__init__(inner)
+        self.failed = False
+
+    async def upload_part(self, bucket: str, key: str, upload_id: str, part_number: int, body: Any,
+                          checksum: Any) -> str:
+        if not self.failed and not isinstance(body, bytes):
+            self.failed = True
+            async for _ in body.pieces():
+                break  # one piece went out
+            raise S3TransientError("UploadPart", "ConnectionError", 0, "connection reset mid-body")
+        return await self.inner.upload_part(bucket, key, upload_id, part_number, body, checksum)
+
+
+async def test_a_retried_streamed_part_is_sent_from_its_start(fast_moto: str) -> None:
+    bucket = await make_bucket(fast_moto)
+    wrappers: list[_FailsMidBody] = []
+
+    def wrap(inner: S3Client) -> S3Client:
+        wrappers.append(_FailsMidBody(inner))
+        return wrappers[-1]
+
+    store = await _store(fast_moto, bucket, sign=False, part_size=3 * STREAM_PIECE_SIZE, inner_wrap=wrap)
+    data = data_of(6 * STREAM_PIECE_SIZE + 7)
+    try:
+        created = await store.create(UploadInfo(id=new_upload_id(), length=len(data)))
+        await upload(store, created.info, data, patch_size=len(data))
+    finally:
+        await store.close()
+    assert wrappers[0].failed
+    assert await object_bytes(fast_moto, bucket, created.info.id) == data
+
+
+async def _peak_traced_while_uploading(endpoint: str, *, sign: bool) -> int:
+    bucket = await make_bucket(endpoint)
+    part = 8 * MiB
+    store = await _store(endpoint, bucket, sign=sign, part_size=part, max_concurrent_part_uploads=2)
+    data = data_of(4 * part)
+    try:
+        created = await store.create(UploadInfo(id=new_upload_id(), length=len(data)))
+        tracemalloc.start()
+        try:
+            await upload(store, created.info, data, patch_size=len(data))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        await store.close()
+    assert await object_bytes(endpoint, bucket, created.info.id) == data
+    return peak
+
+
+async def test_a_streamed_part_in_flight_holds_pieces_not_the_part(fast_moto: str) -> None:
+    """Python allocations while 4 parts of 8 MiB go out, 2 at a time: whole bodies
+    (signed) need at least one 8 MiB part in memory; streamed, a few 1 MiB pieces."""
+    streamed = await _peak_traced_while_uploading(fast_moto, sign=False)
+    whole = await _peak_traced_while_uploading(fast_moto, sign=True)
+    print(f"\npeak traced: streamed {streamed / MiB:.1f} MiB, whole {whole / MiB:.1f} MiB")
+    assert whole >= 8 * MiB
+    assert streamed < 6 * MiB
