@@ -108,10 +108,13 @@ class RequestRate:
     method: str
     connections: int
     seconds: float
+    held_idle: int = 0
+    """Idle keep-alive connections opened first and held while the rate is measured."""
 
     @property
     def name(self) -> str:
-        return f"{self.method} rate, {self.connections} conns"
+        held = f", {self.held_idle:,} idle held" if self.held_idle else ""
+        return f"{self.method} rate, {self.connections} conns{held}"
 
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)", re.IGNORECASE)
@@ -208,11 +211,14 @@ async def _request_rate(port: int, load: RequestRate, request_timeout: float) ->
     else:
         raise ValueError(f"no request-rate plan for {load.method}")
     latencies: list[float] = []
-    start = time.perf_counter()
-    deadline = start + load.seconds
     transports: list[asyncio.BaseTransport] = []
     finished: list[asyncio.Future[None]] = []
+    held = [RawConnection(HOST, port, timeout=request_timeout) for _ in range(load.held_idle)]
     try:
+        for first in range(0, len(held), _CONNECT_BATCH):
+            await asyncio.gather(*(_open_idle(c) for c in held[first:first + _CONNECT_BATCH]))
+        start = time.perf_counter()
+        deadline = start + load.seconds
         for requests, status, head_only in plans:
             done: asyncio.Future[None] = loop.create_future()
             protocol = partial(_RateProtocol, requests, status, head_only, deadline, latencies, done)
@@ -221,10 +227,16 @@ async def _request_rate(port: int, load: RequestRate, request_timeout: float) ->
             finished.append(done)
         async with asyncio.timeout(load.seconds + request_timeout):
             await asyncio.gather(*finished)
-        return time.perf_counter() - start, latencies
+        seconds = time.perf_counter() - start
+        dropped = sum(c.reconnects for c in held)
+        if dropped:
+            raise HTTPError(f"the server closed {dropped} of {len(held)} held idle connections")
+        return seconds, latencies
     finally:
         for opened in transports:
             opened.close()
+        for connection in held:
+            connection.close()
 
 
 def measure_request_rate(server: ServerProcess, store: str, run: int, load: RequestRate,
@@ -264,18 +276,19 @@ class IdleAndSlow:
 _CONNECT_BATCH = 50
 
 
+async def _open_idle(connection: RawConnection) -> None:
+    # One request, so the connection is an idle keep-alive connection (governed by the
+    # keep-alive timeout) rather than one that never sent a head.
+    response = await connection.request("OPTIONS", BASE_PATH, {"Tus-Resumable": TUS_VERSION})
+    if response.status not in (200, 204):
+        raise HTTPError(f"OPTIONS {BASE_PATH}: {response.status}")
+
+
 async def _idle_and_slow(port: int, load: IdleAndSlow, buffer: memoryview, request_timeout: float,
                          idle_opened: Callable[[], None]) -> None:
     idle = [RawConnection(HOST, port, timeout=request_timeout) for _ in range(load.idle)]
     slow = [RawConnection(HOST, port, timeout=request_timeout) for _ in range(load.slow)]
     size = int(load.bytes_per_second * load.seconds)
-
-    async def open_idle(connection: RawConnection) -> None:
-        # One request, so the connection is an idle keep-alive connection (governed by
-        # the keep-alive timeout) rather than one that never sent a head.
-        response = await connection.request("OPTIONS", BASE_PATH, {"Tus-Resumable": TUS_VERSION})
-        if response.status not in (200, 204):
-            raise HTTPError(f"OPTIONS {BASE_PATH}: {response.status}")
 
     async def slow_upload(connection: RawConnection) -> None:
         path = await create_upload(connection, BASE_PATH, size)
@@ -289,13 +302,13 @@ async def _idle_and_slow(port: int, load: IdleAndSlow, buffer: memoryview, reque
 
     try:
         for first in range(0, len(idle), _CONNECT_BATCH):
-            await asyncio.gather(*(open_idle(c) for c in idle[first:first + _CONNECT_BATCH]))
+            await asyncio.gather(*(_open_idle(c) for c in idle[first:first + _CONNECT_BATCH]))
         idle_opened()
         await asyncio.gather(*(slow_upload(c) for c in slow))
         # Every idle connection must still be open: a server that dropped them would
         # look cheap. One more request on each proves it (reconnects count drops).
         for first in range(0, len(idle), _CONNECT_BATCH):
-            await asyncio.gather(*(open_idle(c) for c in idle[first:first + _CONNECT_BATCH]))
+            await asyncio.gather(*(_open_idle(c) for c in idle[first:first + _CONNECT_BATCH]))
         dropped = sum(c.reconnects for c in idle)
         if dropped:
             raise HTTPError(f"the server closed {dropped} of {len(idle)} idle connections")

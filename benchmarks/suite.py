@@ -10,7 +10,8 @@ It measures, on the same client and in the same run, tusd-py, the limit and the 
 1. one large upload in one PATCH (file store 1 GiB; S3 store 512 MiB on moto);
 2. the same bytes in 8 MiB and in 1 MiB PATCHes;
 3. 200 concurrent uploads of 4 MiB (file store);
-4. HEAD and POST requests per second on 50 keep-alive connections (file store);
+4. HEAD and POST requests per second on 50 keep-alive connections (file store), and
+   HEADs again while 10,000 idle keep-alive connections are held open;
 5. 10,000 idle keep-alive connections plus 100 uploads sent at 100 KiB/s (file store):
    peak RSS and RSS per connection (the fd limit is raised to its hard limit, and
    tusd-py's server.max_connections to 20,000, for 10,100 connections);
@@ -115,19 +116,19 @@ class Sizes:
 FULL = Sizes(
     runs=3, file_size=GiB, s3_size=512 * MiB, patch_sizes=(8 * MiB, MiB),
     concurrent=Concurrent(uploads=200, size=4 * MiB),
-    rates=(RequestRate("HEAD", 50, 5.0), RequestRate("POST", 50, 5.0)),
+    rates=(RequestRate("HEAD", 50, 5.0), RequestRate("POST", 50, 5.0), RequestRate("HEAD", 50, 5.0, 10_000)),
     idle=IdleAndSlow(idle=10_000, slow=100, bytes_per_second=100 * KiB, seconds=10.0),
 )
 QUICK = Sizes(
     runs=1, file_size=256 * MiB, s3_size=64 * MiB, patch_sizes=(8 * MiB, MiB),
     concurrent=Concurrent(uploads=200, size=MiB),
-    rates=(RequestRate("HEAD", 50, 2.0), RequestRate("POST", 50, 2.0)),
+    rates=(RequestRate("HEAD", 50, 2.0), RequestRate("POST", 50, 2.0), RequestRate("HEAD", 50, 2.0, 1000)),
     idle=IdleAndSlow(idle=1000, slow=100, bytes_per_second=100 * KiB, seconds=3.0),
 )
 TINY = Sizes(
     runs=1, file_size=16 * MiB, s3_size=16 * MiB, patch_sizes=(8 * MiB, MiB),
     concurrent=Concurrent(uploads=8, size=MiB),
-    rates=(RequestRate("HEAD", 4, 0.5), RequestRate("POST", 4, 0.5)),
+    rates=(RequestRate("HEAD", 4, 0.5), RequestRate("POST", 4, 0.5), RequestRate("HEAD", 4, 0.5, 20)),
     idle=IdleAndSlow(idle=20, slow=4, bytes_per_second=100 * KiB, seconds=1.0),
 )
 
@@ -251,7 +252,7 @@ class Suite:
             for rate in sizes.rates:
                 for target in connection_targets:
                     measure = partial(measure_request_rate, store=FILE, run=run, load=rate)
-                    steps.append(Step(f"file {rate.name} {target} ({tag})", rate.seconds + 2.5,
+                    steps.append(Step(f"file {rate.name} {target} ({tag})", rate.seconds + 2.5 + rate.held_idle / 2000,
                                       on_server(target, 0, measure)))
             for target in connection_targets:
                 measure = partial(measure_idle_and_slow, store=FILE, run=run, load=idle, buffer=self.buffer)
