@@ -319,6 +319,8 @@ class S3Targets(ServerGroup):
                 env["AWS_CA_BUNDLE"] = str(self.ca_bundle)  # what store.s3.ca_bundle defaults to
         else:
             template, env = self.options.peer_cmd, self.env
+            if self.ca_bundle is not None and endpoint.startswith("https"):
+                env = {**env, "NODE_EXTRA_CA_CERTS": str(self.ca_bundle)}  # the AWS SDK for JavaScript's trust
         return ServerProcess(name, command_from_template(template, **values), HOST, port,
                              self.options.work_dir / f"{name}.log", env=env)
 

@@ -30,7 +30,9 @@ from tusd_py.stores.base import UploadInfo, new_upload_id
 from tusd_py.stores.s3 import S3Store
 from tusd_py.stores.s3_botocore import AioS3Client
 from tusd_py.stores.s3_checksum import CHECKSUMS, signs_payload
+from tusd_py.stores.s3_client import ChunksBody
 from tusd_py.stores.s3_retry import RetryingS3Client
+from tusd_py.stores.s3_spool import _SpoolFileBody
 
 HEADERS = {
     "md5": "Content-MD5", "crc32": "x-amz-checksum-crc32", "crc32c": "x-amz-checksum-crc32c",
@@ -57,6 +59,8 @@ class Sent:
     url: str
     headers: dict[str, str]
     body: bytes
+    kind: str = ""
+    """The body's type as the connection gets it."""
 
 
 def _body_bytes(body: Any) -> bytes:
@@ -64,17 +68,23 @@ def _body_bytes(body: Any) -> bytes:
         return b""
     if isinstance(body, bytes | bytearray):
         return bytes(body)
-    value = getattr(body, "_value", None)  # aiohttp payload wrapping the bytes
+    value = getattr(body, "_value", None)  # aiohttp payload wrapping the bytes or a StreamedBody
+    if isinstance(value, ChunksBody):
+        return b"".join(value._chunks)
+    if isinstance(value, _SpoolFileBody):
+        return value._slot._read_all()  # the spool file, as the pieces will read it
     return bytes(value) if value is not None else b""
 
 
-async def _store_capturing(endpoint: str, bucket: str, checksum: str, sent: list[Sent]) -> S3Store:
-    raw = await AioS3Client.connect(endpoint_url=endpoint)
+async def _store_capturing(
+    endpoint: str, bucket: str, checksum: str, sent: list[Sent], *, sign: bool = True
+) -> S3Store:
+    raw = await AioS3Client.connect(endpoint_url=endpoint, sign_payload=sign)
 
     def capture(request: Any, **_: Any) -> None:
         headers = {key.lower(): value.decode() if isinstance(value, bytes) else value
                    for key, value in request.headers.items()}
-        sent.append(Sent(request.method, request.url, headers, _body_bytes(request.body)))
+        sent.append(Sent(request.method, request.url, headers, _body_bytes(request.body), type(request.body).__name__))
 
     raw._client.meta.events.register("before-send.s3", capture)
     config = s3_config(endpoint, bucket, checksum=checksum, part_size=Size(MiB))
@@ -86,10 +96,19 @@ def sent() -> Iterator[list[Sent]]:
     yield []
 
 
-@pytest.mark.parametrize("checksum", CHECKSUMS)
-async def test_every_body_carries_the_configured_checksum(fast_moto: str, checksum: str, sent: list[Sent]) -> None:
+@pytest.mark.parametrize(
+    ("checksum", "sign"),
+    [(checksum, True) for checksum in CHECKSUMS] + [("crc32c", False), ("sha256", False), ("md5", False)],
+    ids=[*CHECKSUMS, "crc32c-unsigned", "sha256-unsigned", "md5-unsigned"],
+)
+async def test_every_body_carries_the_configured_checksum(
+    fast_moto: str, checksum: str, sign: bool, sent: list[Sent]
+) -> None:
+    """Signed, bodies go whole; unsigned, parts go as StreamedBody (from the spool
+    file, or chunk by chunk when a tail segment starts them): the checksum must be
+    that of the bytes sent either way."""
     bucket = await make_bucket(fast_moto)
-    store = await _store_capturing(fast_moto, bucket, checksum, sent)
+    store = await _store_capturing(fast_moto, bucket, checksum, sent, sign=sign)
     data = data_of(3 * MiB + 700 * 1024)
     try:
         created = await store.create(UploadInfo(id=new_upload_id(), length=len(data)))
@@ -104,6 +123,8 @@ async def test_every_body_carries_the_configured_checksum(fast_moto: str, checks
     bodies = [request for request in sent if request.method == "PUT" and request.body]
     parts = [request for request in bodies if "partNumber=" in request.url]
     assert len(parts) == 4 and any(".tail/" in request.url for request in bodies)
+    streamed = sum(request.kind == "_StreamedPayload" for request in parts)
+    assert streamed == (0 if sign else len(parts)), [request.kind for request in parts]
     for request in bodies:
         present = [name for name in HEADERS.values() if name.lower() in request.headers]
         if header is None:

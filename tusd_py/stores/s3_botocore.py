@@ -90,8 +90,9 @@ class _BytesBody(aiohttp.payload.BytesPayload):
     """A request body sent straight from its ``bytes``: aiohttp's ``BytesPayload``
     without the ResourceWarning it raises for bodies over 1 MiB (which suggests
     ``io.BytesIO`` instead; that route costs the copies ``_send_bodies_as_bytes``
-    avoids). One write hands the whole body to the transport, which keeps a reference
-    to what the socket did not take at once instead of copying it."""
+    avoids), and without joining all of it with the request head. One write hands the
+    rest of the body to the transport, which keeps a reference to what the socket did
+    not take at once instead of copying it."""
 
     def __init__(self, value: bytes) -> None:
         aiohttp.payload.Payload.__init__(self, value, content_type="application/octet-stream")
@@ -170,7 +171,7 @@ def _bytes_body_before_send(request: Any, **_: Any) -> None:
     if isinstance(request.body, _StreamedParameter):
         request.body = _StreamedPayload(request.body.body)
         del request.headers["Expect"]  # botocore asks for 100-continue for bodies with ``read``
-    elif isinstance(request.body, bytes) and len(request.body) > aiohttp.payload.TOO_LARGE_BYTES_BODY:
+    elif isinstance(request.body, bytes) and len(request.body) > _FIRST_PIECE:
         request.body = _BytesBody(request.body)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from awscrt import checksums as crt_checksums
@@ -73,10 +73,15 @@ class Checksum:
 
     def of(self, body: bytes) -> BodyChecksum | None:
         """The request checksum of ``body`` (None for ``none``)."""
+        return self.of_chunks((body,))
+
+    def of_chunks(self, chunks: Iterable[bytes]) -> BodyChecksum | None:
+        """The request checksum of the body made of ``chunks`` (None for ``none``)."""
         if self._hasher is None:
             return None
         hasher = self._hasher()
-        hasher.update(body)
+        for chunk in chunks:
+            hasher.update(chunk)
         return self.of_digest(hasher.digest())
 
     @property

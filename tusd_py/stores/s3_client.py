@@ -142,6 +142,25 @@ class StreamedBody(Protocol):
     async def read_all(self) -> bytes: ...
 
 
+class ChunksBody:
+    """A body already in memory in several chunks, as a ``StreamedBody``: sent chunk by
+    chunk instead of joined into one new bytes first (a copy of the whole part)."""
+
+    def __init__(self, chunks: Sequence[bytes]) -> None:
+        self._chunks = chunks
+        self._size = sum(len(chunk) for chunk in chunks)
+
+    def __len__(self) -> int:
+        return self._size
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            yield chunk
+
+    async def read_all(self) -> bytes:
+        return b"".join(self._chunks)
+
+
 PartBody = bytes | StreamedBody
 """What ``S3Client.upload_part`` sends."""
 

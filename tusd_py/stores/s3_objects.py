@@ -35,7 +35,9 @@ from tusd_py.stores.base import (
 from tusd_py.stores.s3_checksum import CHECKSUMS, DEFAULT_CHECKSUM, LEGACY_CHECKSUM, Checksum, checksum_named
 from tusd_py.stores.s3_client import (
     BodyChecksum,
+    ChunksBody,
     ObjectEntry,
+    PartBody,
     PartEntry,
     S3Client,
     S3Error,
@@ -173,10 +175,12 @@ async def all_or_nothing(coroutines: Sequence[Coroutine[Any, Any, T]]) -> list[T
     return [task.result() for task in tasks]
 
 
-async def _checksum_of(checksum: Checksum, body: bytes) -> BodyChecksum | None:
-    if len(body) >= HASH_IN_THREAD_SIZE and checksum.hasher is not None:
-        return await asyncio.to_thread(checksum.of, body)
-    return checksum.of(body)
+async def _checksum_of(checksum: Checksum, body: bytes | Sequence[bytes]) -> BodyChecksum | None:
+    """The checksum of ``body`` (or of its chunks, in order), in a thread when large."""
+    chunks = [body] if isinstance(body, bytes) else body
+    if sum(len(chunk) for chunk in chunks) >= HASH_IN_THREAD_SIZE and checksum.hasher is not None:
+        return await asyncio.to_thread(checksum.of_chunks, chunks)
+    return checksum.of_chunks(chunks)
 
 
 async def _nothing() -> None:
@@ -468,8 +472,8 @@ class S3Objects:
                 data = data + await slot.read_chunks()
                 if whole_part:
                     digest = slot.digest()  # hashed while it was spooled, if the slot did
-            body = data[0] if len(data) == 1 else b"".join(data)
-            sent = algorithm.of_digest(digest) if digest is not None else await _checksum_of(algorithm, body)
+            body: PartBody = data[0] if len(data) == 1 else ChunksBody(data)
+            sent = algorithm.of_digest(digest) if digest is not None else await _checksum_of(algorithm, data)
             etag = await self.client.upload_part(self.bucket, keys.object, multipart_id, number, body, sent)
             return PartEntry(number, len(body), etag, sent)
 
