@@ -29,8 +29,8 @@ from tusd_py.stores.s3_client import StreamedBody
 T = TypeVar("T")
 
 FILE_FLUSH_SIZE = 1024 * 1024
-"""A file slot writes to disk in batches of about this many bytes: one thread hop per
-MiB instead of one per (possibly tiny) body chunk."""
+"""A file slot writes to disk in batches of at most this many bytes (or one larger
+chunk): one thread hop per MiB instead of one per (possibly tiny) body chunk."""
 STREAM_PIECE_SIZE = 1024 * 1024
 """A part streamed from its spool file (``FileSlot.streamed``) is read in pieces of
 this size: the memory of a part in flight, and one thread hop per piece."""
@@ -133,10 +133,15 @@ class FileSlot:
         return self._size
 
     async def append(self, data: bytes) -> None:
+        # Write what is pending before it would grow past FILE_FLUSH_SIZE, not once it
+        # has: bytes that end up no more than that (a 1 MiB PATCH's tail) are read
+        # back from memory, never written to the file and read again.
+        if self._pending and self._pending_size + len(data) > FILE_FLUSH_SIZE:
+            await self._flush()
         self._pending.append(data)
         self._pending_size += len(data)
         self._size += len(data)
-        if self._pending_size >= FILE_FLUSH_SIZE:
+        if self._pending_size > FILE_FLUSH_SIZE:  # one chunk larger than a batch
             await self._flush()
 
     async def _flush(self) -> None:
