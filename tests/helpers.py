@@ -10,9 +10,10 @@ import urllib.request
 import uuid
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiobotocore.session import AioSession, get_session
+from aiohttp import web
 from rawhttp import RawResponse, request
 from tusclient import client as tus_client
 
@@ -160,3 +161,32 @@ async def object_bytes(endpoint: str, bucket: str, key: str) -> bytes:
         response = await client.get_object(Bucket=bucket, Key=key)
         async with response["Body"] as body:
             return bytes(await body.read())
+
+
+class HookReceiver:
+    """A webhook receiver on 127.0.0.1 (``port``, 0: a free one, kept to restart on)
+    that hands every POST to /hook to ``handle``, which a subclass defines."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def handle(self, http_request: web.Request) -> web.Response:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def __aenter__(self) -> Self:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from helpers import file_store_config, path_of, tuspy_upload, upload_id_of
+from helpers import HookReceiver, file_store_config, path_of, tuspy_upload, upload_id_of
 
 from tests.conftest import free_port
 from tests.rawhttp import RawConnection, RawResponse, request
@@ -32,16 +32,15 @@ BOB = {"Authorization": "Bearer bob-token"}
 OCTETS = "application/offset+octet-stream"
 
 
-class TokenReceiver:
+class TokenReceiver(HookReceiver):
     """A hook receiver that authenticates bearer tokens: pre-create answers the user as
     the upload's owner (no token: 401), pre-access allows only the owner (403 else).
     ``allow_everyone`` turns the ownership check off. Records every event."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.events: list[dict[str, Any]] = []
         self.allow_everyone = False
-        self.port = 0
-        self._runner: web.AppRunner | None = None
 
     async def handle(self, http_request: web.Request) -> web.Response:
         event = await http_request.json()
@@ -58,23 +57,6 @@ class TokenReceiver:
 
     def accesses(self, mode: str | None = None) -> list[dict[str, Any]]:
         return [event for event in self.events if event["type"] == "pre-access" and mode in (None, event["mode"])]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    async def __aenter__(self) -> TokenReceiver:
-        app = web.Application()
-        app.router.add_post("/hook", self.handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 @pytest.fixture

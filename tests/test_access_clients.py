@@ -22,7 +22,7 @@ from test_ietf_js_client import NODE, run_client
 
 from tests.conftest import free_port, stop_process, wait_for_port
 from tests.nginx_support import RunningNginx, run_nginx
-from tests.rawhttp import RawConnection, RawResponse
+from tests.rawhttp import request
 from tusd_py.cli import Running, serving
 from tusd_py.config import Config, MiB
 
@@ -66,23 +66,14 @@ def access_config(tmp_path: Path, url: str, **overrides: object) -> Config:
     )
 
 
-async def call(port: int, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> RawResponse:
-    connection = await RawConnection.open(port)
-    try:
-        await connection.send_request(method, path, headers, body)
-        return await connection.read_response(method)
-    finally:
-        await connection.close()
-
-
 async def assert_others_refused(port: int, path: str, length: int) -> None:
     """Bob gets 403 on every verb; no token gets 401; alice still sees everything."""
     patch = {"Content-Type": "application/offset+octet-stream", "Upload-Offset": str(length)}
     for token, status in ((BOB, 403), ({}, 401)):
         for method, extra, body in (("HEAD", {}, b""), ("PATCH", patch, b"x"), ("GET", {}, b""), ("DELETE", {}, b"")):
-            refused = await call(port, method, path, {**extra, **token}, body)
+            refused = await request(port, method, path, {**extra, **token}, body)
             assert refused.status == status, (method, token, refused)
-    head = await call(port, "HEAD", path, ALICE)
+    head = await request(port, "HEAD", path, ALICE)
     assert head.status == 200 and head.header("upload-offset") == str(length)
 
 
@@ -108,7 +99,7 @@ async def test_tus_js_client_with_the_right_token(server: Running, tmp_path: Pat
     )
     assert [exchange["status"] for exchange in result["exchanges"]][0] == 201
     path = path_of(result["url"])
-    downloaded = await call(server.port, "GET", path, ALICE)
+    downloaded = await request(server.port, "GET", path, ALICE)
     assert downloaded.status == 200 and downloaded.body == data
     await assert_others_refused(server.port, path, len(data))
 
@@ -118,9 +109,9 @@ async def test_tuspy_with_the_right_token_and_without(server: Running, tmp_path:
     source = tmp_path / "source.bin"
     source.write_bytes(data)
     url = await asyncio.to_thread(tuspy_upload, f"{server.url}/files/", source, 256 * 1024, headers=ALICE)
-    assert (await call(server.port, "GET", path_of(url), ALICE)).body == data
+    assert (await request(server.port, "GET", path_of(url), ALICE)).body == data
     await assert_others_refused(server.port, path_of(url), len(data))
-    refused = await call(server.port, "POST", "/files/", {"Upload-Length": "5"})
+    refused = await request(server.port, "POST", "/files/", {"Upload-Length": "5"})
     assert refused.status == 401 and b"log in first" in refused.body
 
 
@@ -141,7 +132,7 @@ async def test_credentials_pass_nginx(server: Running, nginx: RunningNginx, tmp_
     assert url.startswith(f"{nginx.url}/files/")
     await assert_others_refused(nginx.port, path_of(url), len(data))
     assert await asyncio.to_thread(_download_with, url, ALICE) == data
-    refused = await call(nginx.port, "POST", "/files/", {"Upload-Length": "5"})
+    refused = await request(nginx.port, "POST", "/files/", {"Upload-Length": "5"})
     assert refused.status == 401 and b"log in first" in refused.body
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from helpers import file_store_config, object_bytes, path_of
+from helpers import HookReceiver, file_store_config, object_bytes, path_of
 
 from tests.conftest import free_port
 from tests.rawhttp import RawConnection, RawResponse, request
@@ -33,15 +33,14 @@ from tusd_py.stores.file import FileStore
 SECRET = "blocking-hook-secret"
 
 
-class Receiver:
+class Receiver(HookReceiver):
     """A webhook receiver answering per event (``answers[Hook-Name] = (status,
     document)``; default ``200 {}``) and recording every delivery."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.answers: dict[str, tuple[int, object]] = {}
         self.deliveries: list[tuple[dict[str, str], bytes]] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
 
     async def handle(self, http_request: web.Request) -> web.Response:
         body = await http_request.read()
@@ -51,24 +50,6 @@ class Receiver:
 
     def of(self, event: str) -> list[dict[str, Any]]:
         return [json.loads(body) for headers, body in self.deliveries if headers["Hook-Name"] == event]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    async def __aenter__(self) -> Receiver:
-        app = web.Application()
-        app.router.add_post("/hook", self.handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 @pytest.fixture

@@ -51,18 +51,24 @@ async def _store(
     return S3Store(RetryingS3Client(client, FAST_RETRIES), config)
 
 
+async def _upload_all(store: S3Store, data: bytes) -> str:
+    """Upload ``data`` in one PATCH, then close ``store``; the upload's id."""
+    try:
+        created = await store.create(UploadInfo(id=new_upload_id(), length=len(data)))
+        await upload(store, created.info, data, patch_size=len(data))
+    finally:
+        await store.close()
+    return created.info.id
+
+
 async def test_whole_spooled_parts_are_streamed_when_unsigned(fast_moto: str) -> None:
     bucket = await make_bucket(fast_moto)
     seen: list[Any] = []
     part = 3 * MiB  # three pieces each
     store = await _store(fast_moto, bucket, sign=False, part_size=part, seen=seen)
     data = data_of(3 * part + 1000)
-    try:
-        created = await store.create(UploadInfo(id=new_upload_id(), length=len(data)))
-        await upload(store, created.info, data, patch_size=len(data))
-    finally:
-        await store.close()
-    assert await object_bytes(fast_moto, bucket, created.info.id) == data
+    upload_id = await _upload_all(store, data)
+    assert await object_bytes(fast_moto, bucket, upload_id) == data
 
     streamed = [request for request in seen if type(request.body).__name__ == "_StreamedPayload"]
     # The last 1000 bytes never reached the spool file: sent from memory.
@@ -81,12 +87,8 @@ async def test_signed_parts_are_sent_whole(fast_moto: str) -> None:
     seen: list[Any] = []
     store = await _store(fast_moto, bucket, sign=True, part_size=2 * MiB, seen=seen)
     data = data_of(4 * MiB + 3)
-    try:
-        created = await store.create(UploadInfo(id=new_upload_id(), length=len(data)))
-        await upload(store, created.info, data, patch_size=len(data))
-    finally:
-        await store.close()
-    assert await object_bytes(fast_moto, bucket, created.info.id) == data
+    upload_id = await _upload_all(store, data)
+    assert await object_bytes(fast_moto, bucket, upload_id) == data
     assert seen and not any(type(request.body).__name__ == "_StreamedPayload" for request in seen)
 
 
@@ -118,13 +120,9 @@ async def test_a_retried_streamed_part_is_sent_from_its_start(fast_moto: str) ->
 
     store = await _store(fast_moto, bucket, sign=False, part_size=3 * STREAM_PIECE_SIZE, inner_wrap=wrap)
     data = data_of(6 * STREAM_PIECE_SIZE + 7)
-    try:
-        created = await store.create(UploadInfo(id=new_upload_id(), length=len(data)))
-        await upload(store, created.info, data, patch_size=len(data))
-    finally:
-        await store.close()
+    upload_id = await _upload_all(store, data)
     assert wrappers[0].failed
-    assert await object_bytes(fast_moto, bucket, created.info.id) == data
+    assert await object_bytes(fast_moto, bucket, upload_id) == data
 
 
 async def _peak_traced_while_uploading(endpoint: str, *, sign: bool) -> int:
