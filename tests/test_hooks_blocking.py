@@ -165,12 +165,16 @@ async def test_pre_finish_answers_the_head_that_finishes_an_interrupted_completi
     receiver.answers["pre-finish"] = (200, {"reject": True, "status": 422, "message": "too late"})
     async with serving(hooked_config(tmp_path, receiver.url)) as server:
         path = await create(server.port, 3)
-        # Every byte stored but the finish never ran (as after a crash between the two):
-        # written through a second store over the same directory.
-        store = FileStore(str(tmp_path / "data"))
+    # Every byte stored but the finish never ran (as after a crash between the two):
+    # written through a store over the same directory while no server runs.
+    store = FileStore(str(tmp_path / "data"))
+    try:
         stored = await store.get(path.rsplit("/", 1)[1])
         await stored.write(0, IteratedBody(one_chunk(b"abc")))
-        assert receiver.of("pre-finish") == []
+    finally:
+        await store.close()
+    assert receiver.of("pre-finish") == []
+    async with serving(hooked_config(tmp_path, receiver.url)) as server:
         head = await request(server.port, "HEAD", path)
         assert head.status == 422  # HEAD: the status, no body
         assert head.header("upload-offset") == "3"

@@ -1,4 +1,4 @@
-"""The S3 store's kept state (``tusd_py.stores.s3_state``): consecutive PATCHes of one
+"""The S3 store's kept state (``tusd_py.stores.kept``): consecutive PATCHes of one
 upload on one instance read nothing back from S3, and a hold by anyone else in between
 makes the next request read S3 again and see the right offset.
 

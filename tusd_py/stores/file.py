@@ -28,7 +28,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from tusd_py.lockers.base import LockGeneration
@@ -53,6 +53,7 @@ from tusd_py.stores.file_io import (
     unlink_quietly,
     wait_uncancellable,
 )
+from tusd_py.stores.kept import KeptStates
 
 T = TypeVar("T")
 
@@ -89,6 +90,9 @@ class _Directory:
             raise StoreUnavailable(f"cannot create store directory {self.path}: {error}") from error
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="tusd-file")
         self.open_files = OpenFiles(self._close_later)
+        self.kept: KeptStates[tuple[UploadInfo, FileIdentity | None]] = KeptStates()
+        """Each upload's info (offset included) and data file as this instance's last
+        hold of its lock left them (``kept``); used on the event loop only."""
         self._info_cache: collections.OrderedDict[str, tuple[_StatKey, UploadInfo]] = collections.OrderedDict()
         self._info_cache_lock = threading.Lock()
         """The pool's threads share the cache."""
@@ -208,14 +212,34 @@ def _stat_key(stat: os.stat_result) -> _StatKey:
 class FileUpload:
     """One upload of a ``FileStore``, open while the caller holds its lock (see
     ``stores.base.Upload``). It remembers which data file it found, so a kept
-    descriptor is reused only for that very file."""
+    descriptor is reused only for that very file. After every call it leaves its state
+    for the next hold of the lock ``generation`` it was opened with (``keep``), or
+    drops it when the call failed (``kept``)."""
 
-    __slots__ = ("_directory", "_info", "_identity")
+    __slots__ = ("_directory", "_info", "_identity", "_generation")
 
-    def __init__(self, directory: _Directory, info: UploadInfo, identity: FileIdentity | None) -> None:
+    def __init__(
+        self, directory: _Directory, info: UploadInfo, identity: FileIdentity | None,
+        generation: LockGeneration | None = None,
+    ) -> None:
         self._directory = directory
         self._info = info
         self._identity = identity
+        self._generation = generation
+
+    def keep(self) -> None:
+        """Leave the current state for the next hold of the lock."""
+        self._directory.kept.keep(self._info.id, self._generation, (self._info, self._identity))
+
+    @contextlib.contextmanager
+    def _keeping(self) -> Iterator[None]:
+        """Around a call: keep the state it ends with, drop it when the call fails."""
+        try:
+            yield
+        except BaseException:
+            self._directory.kept.forget(self._info.id)
+            raise
+        self.keep()
 
     @property
     def info(self) -> UploadInfo:
@@ -230,6 +254,10 @@ class FileUpload:
         reach the file in order and its size (the offset) never counts a gap; after a
         failed write nothing more is written and the error is raised.
         """
+        with self._keeping():
+            return await self._write(offset, body)
+
+    async def _write(self, offset: int, body: UploadBody) -> UploadInfo:
         info = self._info
         if offset != info.offset:
             raise StoreError(f"upload {info.id}: write at {offset}, but {info.offset} bytes are stored")
@@ -291,22 +319,25 @@ class FileUpload:
     async def finish(self) -> UploadInfo:
         """Mark the upload finished in its info document (idempotent)."""
         self._directory.open_files.forget(self._info.id)
-        if not self._info.finished:
-            finished = dataclasses.replace(self._info, finished=True)
-            await self._directory.run(self._directory.write_info_sync, finished)
-            self._info = finished
+        with self._keeping():
+            if not self._info.finished:
+                finished = dataclasses.replace(self._info, finished=True)
+                await self._directory.run(self._directory.write_info_sync, finished)
+                self._info = finished
         return self._info
 
     async def declare_length(self, length: int) -> UploadInfo:
         """Persist the now-known length."""
-        declared = dataclasses.replace(self._info, length=length)
-        await self._directory.run(self._directory.write_info_sync, declared)
-        self._info = declared
+        with self._keeping():
+            declared = dataclasses.replace(self._info, length=length)
+            await self._directory.run(self._directory.write_info_sync, declared)
+            self._info = declared
         return declared
 
     async def terminate(self) -> None:
         """Delete the info document, then the data (a crash in between leaves an
         orphan data file that no request can reach)."""
+        self._directory.kept.forget(self._info.id)
         self._directory.open_files.forget(self._info.id)
         await self._directory.run(self._terminate_sync)
 
@@ -357,11 +388,13 @@ class FileStore:
 
     async def create(self, info: UploadInfo, *, generation: LockGeneration | None = None) -> FileUpload:
         """Create the empty data file, then the info document (a crash in between
-        leaves only an orphan data file, which ``get`` does not see). The file store
-        keeps no state between requests: ``generation`` is not needed."""
+        leaves only an orphan data file, which ``get`` does not see). ``generation``:
+        the lock's, under which the new upload's state is kept."""
         info = dataclasses.replace(info, offset=0)
         identity = await self._directory.run(self._create_sync, info)
-        return FileUpload(self._directory, info, identity)
+        upload = FileUpload(self._directory, info, identity, generation)
+        upload.keep()
+        return upload
 
     def _create_sync(self, info: UploadInfo) -> FileIdentity:
         try:
@@ -376,13 +409,21 @@ class FileStore:
         return FileIdentity(created.st_dev, created.st_ino)
 
     async def get(self, upload_id: str, *, generation: LockGeneration | None = None) -> FileUpload:
-        """The upload with ``offset`` = size of the data file (capped at length)."""
-        try:
-            info, identity = await self._directory.run(self._directory.read_info_sync, upload_id)
-        except UploadNotFound:
-            self._directory.open_files.forget(upload_id)  # deleted, maybe by another instance
-            raise
-        return FileUpload(self._directory, info, identity)
+        """The upload with ``offset`` = size of the data file (capped at length): as
+        this instance's last hold of its lock left it, when the lock's ``generation``
+        vouches that nobody held it since (``kept``; no thread hand-off), else read
+        from the files."""
+        kept = self._directory.kept.take(upload_id, generation)
+        if kept is None:
+            try:
+                kept = await self._directory.run(self._directory.read_info_sync, upload_id)
+            except UploadNotFound:
+                self._directory.open_files.forget(upload_id)  # deleted, maybe by another instance
+                raise
+        upload = FileUpload(self._directory, kept[0], kept[1], generation)
+        if generation is not None:  # a look without the lock leaves the last hold's state
+            upload.keep()
+        return upload
 
     async def close(self) -> None:
         """Close the kept data files and stop the thread pool once running file

@@ -29,7 +29,7 @@ Invariants (every module of the S3 store keeps them; they are stated only here):
 6. A write returns only once everything it counts is in S3; no local state is needed
    between requests, so any instance can serve the next request of an upload. (An
    instance may reuse the state its own last hold left, instead of reading it back,
-   only when the lock vouches that nobody held the upload since: ``s3_state``.)
+   only when the lock vouches that nobody held the upload since: ``kept``.)
 7. A stale writer (an instance that held the lock, stalled past its lease while
    another took over, and then goes on writing) cannot make the upload's bytes
    wrong; at worst it lowers the offset. Whatever it stores is bytes the client sent
@@ -43,7 +43,7 @@ Invariants (every module of the S3 store keeps them; they are stated only here):
    no multipart upload and its segments are leftovers a finished upload ignores.
    Hence the lockers' ``held.lost`` (which stops the PATCH) is an optimisation here,
    not what keeps the upload intact. A hold that took over from a stale writer follows
-   no clean release, so it reads S3 (``s3_state`` says why what the stale writer does
+   no clean release, so it reads S3 (``kept`` says why what the stale writer does
    later cannot make kept state count a wrong byte either).
 
 Here: ``S3Store`` (creating and opening uploads) and ``S3Upload`` (one opened
@@ -71,6 +71,7 @@ from tusd_py.stores.base import (
     UploadInfo,
     UploadTooLarge,
 )
+from tusd_py.stores.kept import KeptStates
 from tusd_py.stores.s3_botocore import AioS3Client
 from tusd_py.stores.s3_checksum import checksum_named, signs_payload
 from tusd_py.stores.s3_client import (
@@ -101,7 +102,6 @@ from tusd_py.stores.s3_parts import (
 )
 from tusd_py.stores.s3_retry import RetryingS3Client, RetryPolicy
 from tusd_py.stores.s3_spool import SpoolRing
-from tusd_py.stores.s3_state import KeptStates
 from tusd_py.stores.s3_sweep import S3Sweep
 from tusd_py.stores.s3_writer import PatchWriter
 
@@ -154,8 +154,8 @@ class _StoreContext:
     config: S3StoreConfig
     spool_observer: Callable[[int], None] | None
     deferred_ceiling: int
-    kept: KeptStates
-    """What each upload's last hold (on this instance) left (``s3_state``)."""
+    kept: KeptStates[Loaded]
+    """What each upload's last hold (on this instance) left (``kept``)."""
 
 
 class S3Store:
@@ -284,7 +284,7 @@ class S3Store:
 
     async def get(self, upload_id: str, *, generation: LockGeneration | None = None) -> S3Upload:
         """Open the upload: the state this instance's last hold of it left, when the
-        lock's ``generation`` vouches that nobody held it since (``s3_state``); else
+        lock's ``generation`` vouches that nobody held it since (``kept``); else
         its ``.info`` and what S3 lists of its bytes (``S3Objects.load``). Raises
         ``UploadNotFound``."""
         loaded = self._context.kept.take(upload_id, generation)
@@ -322,7 +322,7 @@ class S3Upload:
     call lists them again.
 
     After every call it leaves its state with the store under the lock ``generation``
-    it was opened with (``keep``), or drops it when the call failed (``s3_state``).
+    it was opened with (``keep``), or drops it when the call failed (``kept``).
     """
 
     def __init__(self, context: _StoreContext, loaded: Loaded, generation: LockGeneration | None = None) -> None:
