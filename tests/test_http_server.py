@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import h11
 import pytest
 
 from tusd_py.http.body import RequestBody
 from tusd_py.http.protocol import BODY_READ_SIZE, READ_SIZE, HTTPProtocol
+from tusd_py.http.response import _plainly_valid
 from tusd_py.http.server import HTTPLimits, HTTPServer
 from tusd_py.http.types import BodyTimeout, ClientDisconnected, Request, Response
 
@@ -762,3 +765,39 @@ async def test_stop_aborts_requests_still_running_after_the_timeout() -> None:
         assert cancelled.done()
         assert await busy.at_eof()
         assert server.open_connections == 0
+
+
+# -- response heads -------------------------------------------------------------------
+
+
+def test_heads_passed_as_checked_are_ones_h11_accepts() -> None:
+    """``_plainly_valid`` lets a head skip h11's checks: every head it passes must be
+    one h11 would accept, with the same bytes on the wire."""
+    rng = random.Random(7)
+    plain = [b"a", b"Z", b"0", b"-", b"=", b",", b"\xe9", b" ", b"\t"]
+    hostile = [b"\r", b"\n", b"\x00", b"\x01", b"\x7f", b":", b"(", b"\x0b"]
+
+    def text(most: int) -> bytes:
+        return b"".join(rng.choice(hostile if rng.random() < 0.1 else plain) for _ in range(rng.randint(0, most)))
+
+    passed = 0
+    for _ in range(5000):
+        headers = [(text(4), text(6)) for _ in range(rng.randint(1, 3))]
+        if not _plainly_valid(headers):
+            continue
+        passed += 1
+        checked = h11.Response(status_code=200, headers=headers, reason=b"OK")
+        trusted = h11.Response(status_code=200, headers=headers, reason=b"OK", http_version=b"1.1", _parsed=True)
+        assert checked == trusted, headers
+    assert passed > 100
+
+
+@pytest.mark.parametrize("value", ["a\r\nset-cookie: x=1", "a\nb", "a\rb", " padded", "nul\x00"])
+async def test_a_header_value_that_would_split_the_head_gets_500(value: str) -> None:
+    async def handler(request: Request) -> Response:
+        return Response(200, [("x-echo", value)], b"hello")
+
+    async with running(handler) as (_, port), connect(port) as client:
+        await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, _ = await client.read_response()
+        assert status.startswith(b"HTTP/1.1 500") and "x-echo" not in headers and "set-cookie" not in headers

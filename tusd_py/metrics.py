@@ -90,6 +90,7 @@ class Metrics:
             ProcessCollector(registry=self.registry)
 
         registry = self.registry
+        self._request_children: dict[tuple[str, int], Histogram] = {}
         self._requests = Histogram(
             "requests_duration_seconds",
             "Time from request head received to response finished, by method and status.",
@@ -153,8 +154,13 @@ class Metrics:
     def request_finished(self, method: str, status: int, duration: float) -> None:
         """A response was sent completely (or the connection failed while sending it).
         ``duration`` in seconds from the request head to the end of the response."""
-        label = method if method in _KNOWN_METHODS else "OTHER"
-        self._requests.labels(label, str(status)).observe(duration)
+        child = self._request_children.get((method, status))
+        if child is None:  # labels() validates and locks on every call: once per pair
+            label = method if method in _KNOWN_METHODS else "OTHER"
+            child = self._requests.labels(label, str(status))
+            if len(self._request_children) < 1024:
+                self._request_children[(method, status)] = child
+        child.observe(duration)
 
     def bytes_received(self, count: int) -> None:
         """``count`` request body bytes were handed to the application. Called per chunk:

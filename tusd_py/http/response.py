@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+import re
 import time
 from collections.abc import AsyncIterable, Callable
 from email.utils import formatdate
@@ -24,6 +25,25 @@ __all__ = ["ConnectionGone", "ResponseWriter", "close_body", "text_response"]
 log = logging.getLogger("tusd_py.http")
 
 _SERVER_HEADER: Final = (b"server", b"tusd-py")
+
+_NOT_TOKEN: Final = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z\n]")
+_NOT_PLAIN_VALUE: Final = re.compile(rb"[^\t\n\x20-\x7e\x80-\xff]|(?:^|\n)[ \t]|[ \t](?:\n|$)")
+
+
+def _plainly_valid(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether every header passes h11's checks, tested with one search over all names
+    and one over all values (h11 runs two regular expressions per header) and a little
+    stricter: non-empty token names; values of visible ASCII, obs-text and inner spaces
+    or tabs (no other control byte, no newline, no space or tab at either end). A head
+    that passes goes to h11 as already checked; any other goes through h11's checks."""
+    names = b"\n".join(name for name, _ in headers)
+    values = b"\n".join(value for _, value in headers)
+    joints = len(headers) - 1
+    return (
+        names.count(b"\n") == joints and values.count(b"\n") == joints
+        and all(name for name, _ in headers)
+        and _NOT_TOKEN.search(names) is None and _NOT_PLAIN_VALUE.search(values) is None
+    )
 
 _REASONS: Final[dict[int, bytes]] = {status.value: status.phrase.encode("ascii") for status in http.HTTPStatus}
 # Not in http.HTTPStatus: the interim response the IETF resumable-upload draft
@@ -189,7 +209,9 @@ class ResponseWriter:
         if cycle.close_after:
             headers.append((b"connection", b"close"))
         reason = response.reason.encode("ascii") if response.reason else _REASONS.get(status, b"")
-        return h11.Response(status_code=status, headers=headers, reason=reason)
+        if not _plainly_valid(headers):
+            return h11.Response(status_code=status, headers=headers, reason=reason)  # h11 says what is wrong
+        return h11.Response(status_code=status, headers=headers, reason=reason, http_version=b"1.1", _parsed=True)
 
     def _send_data(self, conn: h11.Connection, cycle: RequestCycle, data: bytes) -> None:
         # The passthrough variant writes the application's bytes object itself
