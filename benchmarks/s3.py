@@ -62,19 +62,9 @@ from benchmarks.common import (
     random_buffer,
 )
 from benchmarks.countproxy import CountingProxy
-from benchmarks.ingest import (
-    HEADER,
-    HOST,
-    Measurement,
-    Results,
-    Workload,
-    format_row,
-    measure_server,
-    median_figures,
-    median_row,
-    upload_to,
-)
+from benchmarks.ingest import HOST, Results, measure_server, upload_to
 from benchmarks.loads import Concurrent, measure_concurrent
+from benchmarks.measurement import HEADER, Measurement, Workload, format_row, median_figures, median_row
 from benchmarks.tls import tls_terminator
 
 BUCKET = "tusd-py-bench"

@@ -59,7 +59,6 @@ from benchmarks.common import (
     random_buffer,
     source_digest,
 )
-from benchmarks.ingest import Measurement, Workload
 from benchmarks.loads import (
     Concurrent,
     IdleAndSlow,
@@ -68,6 +67,7 @@ from benchmarks.loads import (
     measure_idle_and_slow,
     measure_request_rate,
 )
+from benchmarks.measurement import Measurement, Workload
 from benchmarks.report import (
     MB_PER_S,
     PEER,
