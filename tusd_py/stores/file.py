@@ -28,7 +28,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from tusd_py.lockers.base import LockGeneration
@@ -231,16 +231,6 @@ class FileUpload:
         """Leave the current state for the next hold of the lock."""
         self._directory.kept.keep(self._info.id, self._generation, (self._info, self._identity))
 
-    @contextlib.contextmanager
-    def _keeping(self) -> Iterator[None]:
-        """Around a call: keep the state it ends with, drop it when the call fails."""
-        try:
-            yield
-        except BaseException:
-            self._directory.kept.forget(self._info.id)
-            raise
-        self.keep()
-
     @property
     def info(self) -> UploadInfo:
         return self._info
@@ -254,7 +244,7 @@ class FileUpload:
         reach the file in order and its size (the offset) never counts a gap; after a
         failed write nothing more is written and the error is raised.
         """
-        with self._keeping():
+        with self._directory.kept.keeping(self._info.id, self.keep):
             return await self._write(offset, body)
 
     async def _write(self, offset: int, body: UploadBody) -> UploadInfo:
@@ -319,7 +309,7 @@ class FileUpload:
     async def finish(self) -> UploadInfo:
         """Mark the upload finished in its info document (idempotent)."""
         self._directory.open_files.forget(self._info.id)
-        with self._keeping():
+        with self._directory.kept.keeping(self._info.id, self.keep):
             if not self._info.finished:
                 finished = dataclasses.replace(self._info, finished=True)
                 await self._directory.run(self._directory.write_info_sync, finished)
@@ -328,7 +318,7 @@ class FileUpload:
 
     async def declare_length(self, length: int) -> UploadInfo:
         """Persist the now-known length."""
-        with self._keeping():
+        with self._directory.kept.keeping(self._info.id, self.keep):
             declared = dataclasses.replace(self._info, length=length)
             await self._directory.run(self._directory.write_info_sync, declared)
             self._info = declared

@@ -28,7 +28,9 @@ own last hold needs no thread hand-off to stat the files.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -83,6 +85,17 @@ class KeptStates(Generic[State]):
         self._entries.move_to_end(upload_id)
         while len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
+
+    @contextlib.contextmanager
+    def keeping(self, upload_id: str, keep: Callable[[], None]) -> Iterator[None]:
+        """Around a call under the lock: ``keep`` the state it ends with (the caller's
+        ``keep`` calls ``KeptStates.keep``), drop what was kept when it fails."""
+        try:
+            yield
+        except BaseException:
+            self.forget(upload_id)
+            raise
+        keep()
 
     def forget(self, upload_id: str) -> None:
         """Drop the kept state (the stored bytes are unknown, or the upload is gone)."""

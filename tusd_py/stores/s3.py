@@ -59,7 +59,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from tusd_py.config import S3StoreConfig
@@ -342,16 +342,6 @@ class S3Upload:
             self._info.id, self._generation, Loaded(self._info, self._fields, self._layout, self._listing)
         )
 
-    @contextlib.contextmanager
-    def _keeping(self) -> Iterator[None]:
-        """Around a call: keep the state it ends with, drop it when the call fails."""
-        try:
-            yield
-        except BaseException:
-            self._context.kept.forget(self._info.id)
-            raise
-        self.keep()
-
     def _adopt(self, loaded: Loaded) -> None:
         self._info = loaded.info
         self._fields = loaded.fields
@@ -381,7 +371,7 @@ class S3Upload:
         if info.finished:
             return await self._write_nothing(offset, body)
         config = self._context.config
-        with self._keeping(), store_errors(info.id):
+        with self._context.kept.keeping(self._info.id, self.keep), store_errors(info.id):
             base = await self._current_layout()
             if offset != base.offset:
                 raise StoreError(f"upload {info.id}: stored offset is {base.offset}, not {offset}")
@@ -431,7 +421,7 @@ class S3Upload:
         if length is None:
             raise StoreError(f"upload {self._info.id}: cannot finish before its length is known")
         objects, keys = self._objects, self._keys
-        with self._keeping(), store_errors(self._info.id):
+        with self._context.kept.keeping(self._info.id, self.keep), store_errors(self._info.id):
             layout = await self._complete_layout()
             if layout is None:  # finished meanwhile (a retried finish after a crash)
                 return self._info
@@ -487,7 +477,7 @@ class S3Upload:
                 "(store.s3.deferred_length_ceiling)"
             )
         declared = dataclasses.replace(info, length=length)
-        with self._keeping(), store_errors(info.id):
+        with self._context.kept.keeping(self._info.id, self.keep), store_errors(info.id):
             await self._objects.put_info(self._keys, declared)
             self._info = declared
         return declared
