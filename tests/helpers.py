@@ -49,6 +49,13 @@ def upload_id_of(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[1]
 
 
+def stored_bytes(tmp_path: Path, path: str) -> bytes:
+    """The upload's data file, under ``file_store_config(tmp_path)``, as the store
+    wrote it (none yet: nothing written)."""
+    data = tmp_path / "data" / upload_id_of(path)
+    return data.read_bytes() if data.exists() else b""
+
+
 def patch_head(path: str, offset: int, length: int) -> bytes:
     """The head of a PATCH of ``length`` bytes at ``offset`` (the body is the caller's)."""
     return (

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from helpers import HookReceiver, file_store_config, path_of, tuspy_upload, upload_id_of
+from helpers import HookReceiver, file_store_config, path_of, stored_bytes, tuspy_upload, upload_id_of
 
 from tests.conftest import free_port
 from tests.rawhttp import RawConnection, RawResponse, request
@@ -109,10 +109,6 @@ async def ietf_request(
         return await connection.read_response(method)
     finally:
         await connection.close()
-
-
-def stored_bytes(tmp_path: Path, path: str) -> bytes:
-    return (tmp_path / "data" / upload_id_of(path)).read_bytes()
 
 
 # --- uploads by the owner ----------------------------------------------------------------

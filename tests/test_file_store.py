@@ -74,14 +74,14 @@ async def test_create_write_read(store: FileStore) -> None:
     upload = await store.create(UploadInfo(id="abc", length=10, metadata={"k": "dg=="}))
     assert upload.info.offset == 0 and upload.info.length == 10
     directory = Path(store.directory)
-    assert (directory / "abc").read_bytes() == b""
     document = json.loads((directory / "abc.info").read_text())
     assert document["length"] == 10 and document["metadata"] == {"k": "dg=="}
-    assert files_in(directory) == ["abc", "abc.info"]
+    assert files_in(directory) == ["abc.info"]  # the data file comes with the first bytes
 
     upload = await store.get("abc")
     assert upload.info.offset == 0
     assert (await upload.write(0, chunks([b"01234", b"567"]))).offset == 8
+    assert files_in(directory) == ["abc", "abc.info"]
     upload = await store.get("abc")
     assert upload.info.offset == 8
     assert (await upload.write(8, chunks([b"89"]))).offset == 10
@@ -205,6 +205,39 @@ async def test_duplicate_create_fails(store: FileStore) -> None:
         await store.create(UploadInfo(id="dup", length=1))
 
 
+async def test_a_creation_cut_short_is_no_upload_and_is_swept(store: FileStore) -> None:
+    """A crash between making a new info document and writing it leaves it empty: the
+    creation was never announced, so it is no upload, and the orphan sweep removes it
+    (a written one is left alone)."""
+    directory = Path(store.directory)
+    (directory / "cut.info").write_bytes(b"")
+    await store.create(UploadInfo(id="whole", length=1))
+    with pytest.raises(UploadNotFound):
+        await store.get("cut")
+    assert [info.id async for info in store.list_uploads()] == ["whole"]
+    assert await store.remove_orphans(time.time() + 1) == 1
+    assert files_in(directory) == ["whole.info"]
+    assert (await store.create(UploadInfo(id="cut", length=2))).info.length == 2
+
+
+async def test_an_orphan_data_file_keeps_its_id_taken(store: FileStore) -> None:
+    """Data left by a crashed termination would count as a new upload's bytes."""
+    (Path(store.directory) / "stale").write_bytes(b"old bytes")
+    with pytest.raises(UploadExists):
+        await store.create(UploadInfo(id="stale", length=20))
+    assert files_in(store.directory) == ["stale"]
+
+
+async def test_an_upload_with_nothing_written_reads_and_concatenates(store: FileStore) -> None:
+    upload = await store.create(UploadInfo(id="empty", length=0))
+    empty = await upload.finish()
+    assert await read_all(upload, 0, 0) == b""
+    other = await store.create(UploadInfo(id="other", length=3))
+    await other.write(0, chunks([b"abc"]))
+    final = await store.concatenate(UploadInfo(id="final", length=3), [empty, other.info])
+    assert final.finished and await read_all(await store.get("final"), 0, 3) == b"abc"
+
+
 # -- the write pipeline: batches written by a pool thread while the next is gathered --
 
 
@@ -324,9 +357,9 @@ async def test_kept_file_is_reused_and_closed_when_the_upload_completes(
     opened: list[str] = []
     real_open = file_io.open_for_writing
 
-    def counting_open(path: str) -> Any:
+    def counting_open(path: str, create: bool) -> Any:
         opened.append(path)
-        return real_open(path)
+        return real_open(path, create)
 
     monkeypatch.setattr(file_store_module, "open_for_writing", counting_open)
     await store.create(UploadInfo(id="kept", length=6))

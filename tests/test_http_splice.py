@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import create, file_store_config, head_offset, patch_head, upload_id_of
+from helpers import create, file_store_config, head_offset, patch_head, stored_bytes
 
 from tests.rawhttp import RawConnection, request
 from tusd_py.cli import Running, serving
@@ -262,11 +262,6 @@ async def test_splice_unavailable_falls_back(monkeypatch: pytest.MonkeyPatch, sp
 async def server(tmp_path: Path) -> AsyncIterator[Running]:
     async with serving(file_store_config(tmp_path)) as running:
         yield running
-
-
-def stored_bytes(tmp_path: Path, path: str) -> bytes:
-    """The upload's data file as the store wrote it."""
-    return (tmp_path / "data" / upload_id_of(path)).read_bytes()
 
 
 @pytest.mark.both_loops

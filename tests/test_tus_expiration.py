@@ -148,13 +148,14 @@ async def test_orphans_older_than_the_grace_period_are_removed(setup: Setup) -> 
     (directory / "abc123").write_bytes(b"orphan data")  # its .info is gone
     (directory / "def456.tmp-00ff").write_bytes(b"crashed concatenation")
     (directory / "abc123.info.tmp-1234").write_bytes(b"{")
+    (directory / "cut123.info").write_bytes(b"")  # a creation a crash cut short
     (directory / "notes.txt").write_bytes(b"not ours")
     (directory / "sub").mkdir()
     assert (await setup.sweeper.sweep()).orphans == 0  # all younger than the grace period
     setup.clock.now += GRACE + 1
     result = await setup.sweeper.sweep()
-    assert result.orphans == 3
-    assert sorted(os.listdir(directory)) == sorted(["notes.txt", "sub", upload_id, f"{upload_id}.info"])
+    assert result.orphans == 4
+    assert sorted(os.listdir(directory)) == sorted(["notes.txt", "sub", f"{upload_id}.info"])
     assert await setup.head_status(upload_id) == 200  # has its .info: never an orphan
 
 

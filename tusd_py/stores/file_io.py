@@ -160,8 +160,10 @@ class OpenFiles:
             self._close(fd)
 
 
-def open_for_writing(path: str) -> tuple[int, FileIdentity]:
-    fd = os.open(path, os.O_WRONLY)
+def open_for_writing(path: str, create: bool) -> tuple[int, FileIdentity]:
+    """Open the data file at ``path``; ``create``: make it when missing (the upload's
+    first bytes), else a missing file raises ``FileNotFoundError``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT if create else os.O_WRONLY, 0o644)
     opened = os.fstat(fd)
     return fd, FileIdentity(opened.st_dev, opened.st_ino)
 
