@@ -28,6 +28,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 WAIT = 5.0  # seconds: a generous bound so a broken server fails the test instead of hanging it
 
 MiB = 1024 * 1024
+KiB = 1024
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -534,6 +535,12 @@ async def test_backpressure_keeps_the_body_buffer_near_the_high_mark() -> None:
     # Reading pauses after the read that crossed the mark: at most one body read more.
     assert max(buffered_at_pause) <= limits.body_high_water + BODY_READ_SIZE
     assert buffered_at_pause[0] > limits.body_high_water
+
+
+def test_an_unread_body_holds_at_most_a_quarter_mib_more_than_one_read() -> None:
+    # What each upload waiting for its store holds (see the test above for where
+    # reading pauses): 16 uploads to the S3 store held 2 MiB each with a 1 MiB mark.
+    assert HTTPLimits().body_high_water + BODY_READ_SIZE <= BODY_READ_SIZE + 256 * KiB
 
 
 @pytest.mark.both_loops

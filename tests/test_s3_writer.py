@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 
+from tusd_py.stores import s3_spool
 from tusd_py.stores.base import StoreUnavailable
 from tusd_py.stores.s3_client import PartEntry, S3TransientError
 from tusd_py.stores.s3_parts import Layout, Segment
@@ -241,3 +243,28 @@ async def test_a_cancelled_write_stops_its_uploads_and_frees_every_slot() -> Non
     # Nothing leaks: no slot, no task.
     assert ring.slots_in_use == 0 and not ring.full
     assert asyncio.all_tasks() == tasks_before
+
+
+async def test_a_complete_part_waits_for_its_upload_with_no_bytes_in_memory(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file slot keeps up to a flush batch in memory while it fills; once its part
+    is complete, the batch goes to the spool file before the part waits for its turn
+    to upload (16 uploads with 3 parts waiting each held ~48 MiB of batches)."""
+    monkeypatch.setattr(s3_spool, "FILE_FLUSH_SIZE", 3 * CHUNK)  # PART is not a whole number of batches
+    data = data_of(3 * PART)
+    held_in_memory: dict[int, int] = {}
+
+    class WatchingSink(MemorySink):
+        async def upload_part(self, number: int, data: list[bytes], slot: SpoolSlot | None) -> PartEntry:
+            assert slot is not None
+            held_in_memory[number] = slot.in_memory
+            return await super().upload_part(number, data, slot)
+
+    sink = WatchingSink(1, 2, 3)
+    write = asyncio.create_task(writer(sink, SpoolRing(3, "file", str(tmp_path)), len(data)).run(Body(data)))
+    await asyncio.wait([write, asyncio.ensure_future(sink.started[3].wait())], return_when=asyncio.FIRST_COMPLETED)
+    assert held_in_memory == {1: 0, 2: 0, 3: 0}
+    sink.release(1, 2, 3)
+    outcome = await write
+    assert outcome.error is None and b"".join(sink.parts[number] for number in (1, 2, 3)) == data

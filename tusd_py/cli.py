@@ -30,10 +30,8 @@ from tusd_py.http.loop import new_event_loop
 from tusd_py.http.server import HTTPServer
 from tusd_py.http.types import Handler, Request, Response
 from tusd_py.lockers.base import Locker, LockObserver, LockUnavailable
-from tusd_py.lockers.consul import ConsulLocker
 from tusd_py.lockers.file import FileLocker
 from tusd_py.lockers.memory import MemoryLocker
-from tusd_py.lockers.redis import RedisLocker
 from tusd_py.logs import setup_logging
 from tusd_py.metrics import Metrics
 from tusd_py.sd_notify import notify_ready, notify_stopping
@@ -71,9 +69,15 @@ def build_locker(config: Config, observer: LockObserver | None = None, store: St
         return S3Locker.from_config(
             store.client, lock.s3, s3.bucket, s3.prefix, lock.acquire_timeout, observer=observer
         )
+    # The Consul and Redis lockers (and their clients: requests, urllib3, redis-py) are
+    # imported only when configured: ~6 MiB of resident modules in every other server.
     if lock.backend == "consul":
+        from tusd_py.lockers.consul import ConsulLocker
+
         return ConsulLocker.from_config(lock.consul, lock.acquire_timeout, observer=observer)
     if lock.backend == "redis":
+        from tusd_py.lockers.redis import RedisLocker
+
         return RedisLocker.from_config(lock.redis, lock.acquire_timeout, observer=observer)
     if lock.backend == "file":
         return FileLocker(lock_directory(config), lock.acquire_timeout, observer=observer)
@@ -92,12 +96,15 @@ async def start_locker(locker: Locker) -> None:
     """
     if isinstance(locker, FileLocker):
         await locker.start()
-    elif isinstance(locker, ConsulLocker):
+        return
+    # A Consul or Redis locker exists only if build_locker imported its module.
+    consul, redis = sys.modules.get("tusd_py.lockers.consul"), sys.modules.get("tusd_py.lockers.redis")
+    if consul is not None and isinstance(locker, consul.ConsulLocker):
         try:
             await locker.start()
         except LockUnavailable as error:
             log.warning("starting without a Consul session; requests get 503 until Consul answers: %s", error)
-    elif isinstance(locker, RedisLocker):
+    elif redis is not None and isinstance(locker, redis.RedisLocker):
         try:
             await locker.start()
         except LockUnavailable as error:

@@ -45,9 +45,13 @@ class HTTPLimits:
     drain_timeout: float = 5.0
     """Seconds the drain described above may take before the connection is closed."""
 
-    body_high_water: int = 1 * MiB
+    body_high_water: int = 256 * KiB
     """Bytes of received but unread body above which reading from the socket pauses,
-    so a slow store slows the client instead of filling memory."""
+    so a slow store slows the client instead of filling memory. Reading pauses after
+    the read that crossed the mark, so an upload waiting for its store holds up to
+    this plus one body read (1 MiB); the kernel's socket buffer keeps the client
+    sending meanwhile. 256 KiB rather than 1 MiB: 16 concurrent uploads to the S3
+    store peaked 11 MiB lower (218 -> 207 MiB), same CPU per GiB (S3 benchmark)."""
 
     body_low_water: int = 256 * KiB
     """Bytes of unread body below which reading resumes. The gap between the marks

@@ -58,6 +58,16 @@ class SpoolSlot(Protocol):
         """Add ``data`` at the end."""
         ...
 
+    @property
+    def in_memory(self) -> int:
+        """Bytes of it held in memory (not, or not only, in a file)."""
+        ...
+
+    async def spill(self) -> None:
+        """Move what is held in memory to the slot's file, if it has one: a complete
+        part waiting for its upload then holds no body bytes in memory."""
+        ...
+
     async def read_chunks(self) -> list[bytes]:
         """Everything appended, as a list of byte strings (joined by the caller)."""
         ...
@@ -89,9 +99,16 @@ class MemorySlot:
     def size(self) -> int:
         return self._size
 
+    @property
+    def in_memory(self) -> int:
+        return self._size
+
     async def append(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
+
+    async def spill(self) -> None:
+        pass  # a memory slot has no file
 
     async def read_chunks(self) -> list[bytes]:
         return list(self._chunks)
@@ -132,6 +149,10 @@ class FileSlot:
     def size(self) -> int:
         return self._size
 
+    @property
+    def in_memory(self) -> int:
+        return self._pending_size
+
     async def append(self, data: bytes) -> None:
         # Write what is pending before it would grow past FILE_FLUSH_SIZE, not once it
         # has: bytes that end up no more than that (a 1 MiB PATCH's tail) are read
@@ -142,6 +163,12 @@ class FileSlot:
         self._pending_size += len(data)
         self._size += len(data)
         if self._pending_size > FILE_FLUSH_SIZE:  # one chunk larger than a batch
+            await self._flush()
+
+    async def spill(self) -> None:
+        # Without a file all the bytes are in memory (at most one flush's worth: a
+        # short final part), and stay there: they are read back from memory.
+        if self._file is not None:
             await self._flush()
 
     async def _flush(self) -> None:
@@ -246,8 +273,15 @@ class _CountedSlot:
     def size(self) -> int:
         return self._inner.size
 
+    @property
+    def in_memory(self) -> int:
+        return self._inner.in_memory
+
     async def append(self, data: bytes) -> None:
         await self._inner.append(data)
+
+    async def spill(self) -> None:
+        await self._inner.spill()
 
     async def read_chunks(self) -> list[bytes]:
         return await self._inner.read_chunks()

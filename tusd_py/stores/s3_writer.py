@@ -200,6 +200,11 @@ class PatchWriter:
 
     async def _upload(self, job: _PartJob) -> PartEntry:
         try:
+            if job.slot is not None:
+                # The part may wait a while for its turn (the process-wide bound on
+                # UploadPart calls): meanwhile its last received bytes wait in the
+                # spool file, not in memory (up to a flush batch per waiting part).
+                await job.slot.spill()
             if self.stale_cleanup is not None:
                 # A new part moves the end of the parts forward; a stale segment that
                 # starts there must be gone first, or it would start to count.
