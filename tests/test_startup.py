@@ -9,6 +9,8 @@ start is one line on stderr and a non-zero exit, before systemd hears READY=1.
   write. A path below a regular file ("Not a directory") is the other case.
 - A worker that cannot start: its own line (with its number and pid), one line of
   the supervisor's, no traceback, and no "started".
+- What is not a reason to stop: a Redis or Consul that does not answer yet (the
+  server starts, logs one warning, and answers 503 where it needs a lock).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import pytest
 
 from tests.instances import ROOT, START_TIMEOUT, Settings, merged, running, s3_settings, toml_text
+from tests.rawhttp import request
 
 UNWRITABLE = "/sys/kernel"
 """A directory that exists and in which not even root can create a file."""
@@ -185,3 +188,19 @@ async def test_started_is_logged_once_every_worker_listens(tmp_path: Path) -> No
     numbers = sorted(re.search(r" worker=(\d) pid=\d+$", lines[index]).group(1)  # type: ignore[union-attr]
                      for index in listening)
     assert numbers == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize(("backend", "layer", "missing"), [
+    ("redis", {"lock.redis": {"url": "redis://127.0.0.1:1/0"}}, "starting without Redis; requests get 503"),
+    ("consul", {"lock.consul": {"address": "127.0.0.1:1"}}, "starting without a Consul session; requests get 503"),
+])
+async def test_an_unreachable_lock_service_does_not_stop_the_start(
+    tmp_path: Path, backend: str, layer: Settings, missing: str
+) -> None:
+    """The lock service may come back after the server: it starts, says so in one line,
+    and answers 503 to what needs a lock."""
+    settings = merged(_file_settings(tmp_path / "data"), {"lock": {"backend": backend}}, layer)
+    async with running(tmp_path, {"server": settings}) as (server,):
+        answer = await request(server.port, "POST", "/files/", {"Upload-Length": "10"})
+        assert answer.status == 503, answer
+        assert missing in server.log()

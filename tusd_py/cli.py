@@ -19,7 +19,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tusd_py import __version__
 from tusd_py.config import Config, ConfigError, load_config
@@ -41,6 +41,10 @@ from tusd_py.tus.cors import Cors
 from tusd_py.tus.handler import TusHandler
 from tusd_py.tus.options import TusOptions
 from tusd_py.workers import bind_listener, supervise
+
+if TYPE_CHECKING:  # imported when configured (build_locker)
+    from tusd_py.lockers.consul import ConsulLocker
+    from tusd_py.lockers.redis import RedisLocker
 
 log = logging.getLogger("tusd_py")
 
@@ -84,7 +88,11 @@ def build_locker(config: Config, observer: LockObserver | None = None, store: St
     return MemoryLocker(acquire_timeout=lock.acquire_timeout, observer=observer)
 
 
-async def start_locker(locker: Locker) -> None:
+_LOCK_SERVICES_REACHED_LATER = {"consul": ("a Consul session", "Consul"), "redis": ("Redis", "Redis")}
+"""Lock backends whose service may be unreachable at startup: what is missing, who answers."""
+
+
+async def start_locker(locker: Locker, backend: str) -> None:
     """Get the locker ready before the server listens.
 
     A file locker that cannot use its directory stops the startup (``LockUnavailable``:
@@ -97,18 +105,13 @@ async def start_locker(locker: Locker) -> None:
     if isinstance(locker, FileLocker):
         await locker.start()
         return
-    # A Consul or Redis locker exists only if build_locker imported its module.
-    consul, redis = sys.modules.get("tusd_py.lockers.consul"), sys.modules.get("tusd_py.lockers.redis")
-    if consul is not None and isinstance(locker, consul.ConsulLocker):
-        try:
-            await locker.start()
-        except LockUnavailable as error:
-            log.warning("starting without a Consul session; requests get 503 until Consul answers: %s", error)
-    elif redis is not None and isinstance(locker, redis.RedisLocker):
-        try:
-            await locker.start()
-        except LockUnavailable as error:
-            log.warning("starting without Redis; requests get 503 until Redis answers: %s", error)
+    service = _LOCK_SERVICES_REACHED_LATER.get(backend)
+    if service is None:
+        return  # memory and s3 lockers have nothing to start
+    try:
+        await cast("ConsulLocker | RedisLocker", locker).start()
+    except LockUnavailable as error:
+        log.warning("starting without %s; requests get 503 until %s answers: %s", service[0], service[1], error)
 
 
 HookCallables = Mapping[str, HookCallable | Iterable[HookCallable]]
@@ -198,7 +201,7 @@ async def serving(
     try:
         locker = build_locker(config, metrics, store)
         try:
-            await start_locker(locker)
+            await start_locker(locker, config.lock.backend)
             handler = TusHandler(store, locker, tus_options(config), hooks=the_hooks, metrics=metrics)
             application: Handler = handler
             if config.metrics.enabled:
@@ -250,7 +253,7 @@ async def cleanup(config: Config) -> SweepResult:
             raise StoreError(f"the {config.store.backend} store cannot expire uploads")
         locker = build_locker(config, store=store)
         try:
-            await start_locker(locker)
+            await start_locker(locker, config.lock.backend)
             if config.lock.backend == "memory":
                 log.warning(
                     "lock.backend is \"memory\": cleanup cannot see the locks of a running server. Run it while "

@@ -35,7 +35,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Sequence
 from typing import Any, TypeVar
 
 from tusd_py.lockers.base import LockGeneration
@@ -538,22 +538,16 @@ class FileStore:
         with os.scandir(self.directory) as entries:
             names = {entry.name: entry for entry in entries if entry.is_file(follow_symlinks=False)}
         for name, entry in names.items():
-            upload_id, mark, _ = name.partition(_TEMP_MARK)
-            unfinished_creation = False
-            if mark:
-                upload_id = upload_id.removesuffix(".info")
-            elif name.endswith(".info"):
-                upload_id = name.removesuffix(".info")
-                unfinished_creation = True  # if empty: see below
-            elif f"{name}.info" in names:
-                continue
-            if not is_valid_upload_id(upload_id):
-                continue  # not ours
+            upload_id, kind = _orphan_candidate(name, names)
+            if kind is None or not is_valid_upload_id(upload_id):
+                continue  # never an orphan, or not ours
             try:
                 stat = entry.stat(follow_symlinks=False)
-                if stat.st_mtime >= created_before or (unfinished_creation and stat.st_size > 0):
+                if stat.st_mtime >= created_before:
                     continue
-                if not mark and not unfinished_creation and os.path.exists(self._directory.info_path(upload_id)):
+                if kind == "info" and stat.st_size > 0:
+                    continue  # a written document: an upload
+                if kind == "data" and os.path.exists(self._directory.info_path(upload_id)):
                     continue  # created meanwhile
                 os.unlink(entry.path)
             except FileNotFoundError:
@@ -561,3 +555,16 @@ class FileStore:
             log.info("removed orphan %s", name)
             removed += 1
         return removed
+
+
+def _orphan_candidate(name: str, names: Container[str]) -> tuple[str, str | None]:
+    """The upload a file of the store's directory belongs to, and what it may be:
+    ``"temp"`` (a temporary file: an orphan once old), ``"info"`` (an info document:
+    one if empty, a creation a crash cut short) or ``"data"`` (a data file: one without
+    its info document); ``None``: never an orphan (a data file with its document)."""
+    upload_id, mark, _ = name.partition(_TEMP_MARK)
+    if mark:
+        return upload_id.removesuffix(".info"), "temp"
+    if name.endswith(".info"):
+        return name.removesuffix(".info"), "info"
+    return name, None if f"{name}.info" in names else "data"
