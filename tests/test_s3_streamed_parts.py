@@ -7,18 +7,25 @@ memory, not the part. Here over moto's plain http with ``payload_signing = "neve
 from __future__ import annotations
 
 import base64
+import datetime
+import hashlib
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
+import botocore.crt.auth
 from awscrt import checksums as crt_checksums
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
 
 from tests.helpers import data_of, make_bucket, object_bytes
 from tests.test_s3_support import FAST_RETRIES, MiB, SeamWrapper, s3_config, upload
 from tusd_py.config import Size
 from tusd_py.stores.base import UploadInfo, new_upload_id
 from tusd_py.stores.s3 import S3Store
-from tusd_py.stores.s3_botocore import AioS3Client
+from tusd_py.stores.s3_botocore import AioS3Client, _KnownPayloadCrtS3Auth, _KnownPayloadS3Auth, _StreamedParameter
 from tusd_py.stores.s3_client import S3Client, S3TransientError
 from tusd_py.stores.s3_retry import RetryingS3Client
 from tusd_py.stores.s3_spool import STREAM_PIECE_SIZE
@@ -81,15 +88,75 @@ async def test_whole_spooled_parts_are_streamed_when_unsigned(fast_moto: str) ->
         assert _text(request.headers["x-amz-checksum-crc32c"]) == _crc32c(expected)
 
 
-async def test_signed_parts_are_sent_whole(fast_moto: str) -> None:
-    """SigV4 hashes the body before the request goes out: no streaming then."""
+async def test_signed_spooled_parts_are_streamed_with_the_sha256_of_the_spool(fast_moto: str) -> None:
+    """SigV4 signs the SHA-256 of the body before the request goes out: the spool
+    computed it while it wrote the part, so the part still goes in pieces."""
     bucket = await make_bucket(fast_moto)
     seen: list[Any] = []
-    store = await _store(fast_moto, bucket, sign=True, part_size=2 * MiB, seen=seen)
-    data = data_of(4 * MiB + 3)
+    part = 3 * MiB
+    store = await _store(fast_moto, bucket, sign=True, part_size=part, seen=seen)
+    data = data_of(2 * part + 3)
     upload_id = await _upload_all(store, data)
     assert await object_bytes(fast_moto, bucket, upload_id) == data
-    assert seen and not any(type(request.body).__name__ == "_StreamedPayload" for request in seen)
+    streamed = [request for request in seen if type(request.body).__name__ == "_StreamedPayload"]
+    assert len(streamed) == 2 and len(seen) == 3, [(type(r.body).__name__, r.headers["Content-Length"]) for r in seen]
+    for request in streamed:
+        number = int(request.url.split("partNumber=")[1].split("&")[0])
+        expected = data[(number - 1) * part:number * part]
+        assert _text(request.headers["X-Amz-Content-SHA256"]) == hashlib.sha256(expected).hexdigest()
+        assert "x-amz-content-sha256" in _text(request.headers["Authorization"])  # a signed header
+
+
+def test_a_streamed_body_is_signed_as_botocores_crt_signer_signs_its_bytes(monkeypatch: Any) -> None:
+    """The CRT signer (botocore's with awscrt installed) given the spool's SHA-256
+    signs a streamed part as it signs the same bytes, without reading the body."""
+    data = data_of(100_000)
+    monkeypatch.setattr(botocore.crt.auth, "get_current_datetime", lambda **_: datetime.datetime(2026, 1, 1))
+    credentials = Credentials("testing", "testing")
+
+    class Streamed:
+        sha256 = hashlib.sha256(data).hexdigest()
+
+        def __len__(self) -> int:
+            return len(data)
+
+    def signed(auth: Any, body: Any) -> str:
+        made = AWSRequest("PUT", "http://127.0.0.1:9/bucket/key?partNumber=1&uploadId=u", data=body)
+        made.context["client_config"] = Config(s3={"payload_signing_enabled": True})
+        auth.add_auth(made)
+        return str(made.headers["Authorization"])
+
+    expected = signed(botocore.crt.auth.CrtS3SigV4Auth(credentials, "s3", "us-east-1"), data)
+    assert signed(_KnownPayloadCrtS3Auth(credentials, "s3", "us-east-1"), _StreamedParameter(Streamed())) == expected  # type: ignore[arg-type]
+
+
+def test_a_streamed_body_is_signed_as_botocore_signs_its_bytes() -> None:
+    """The signer of streamed parts computes the canonical request that botocore's
+    SigV4 computes over the same bytes; other bodies it signs as botocore does."""
+    data = data_of(100_000)
+    credentials = Credentials("testing", "testing")
+
+    class Streamed:
+        sha256 = hashlib.sha256(data).hexdigest()
+
+        def __len__(self) -> int:
+            return len(data)
+
+    def request(body: Any) -> AWSRequest:
+        made = AWSRequest("PUT", "http://127.0.0.1:9/bucket/key?partNumber=1&uploadId=u", data=body)
+        made.context["client_config"] = Config(s3={"payload_signing_enabled": True})
+        made.context["timestamp"] = "20260101T000000Z"
+        return made
+
+    def canonical(auth: S3SigV4Auth, made: AWSRequest) -> str:
+        auth._modify_request_before_signing(made)
+        return str(auth.canonical_request(made))
+
+    ours = _KnownPayloadS3Auth(credentials, "s3", "us-east-1")
+    botocores = S3SigV4Auth(credentials, "s3", "us-east-1")
+    expected = canonical(botocores, request(data))
+    assert canonical(ours, request(_StreamedParameter(Streamed()))) == expected  # type: ignore[arg-type]
+    assert canonical(ours, request(data)) == expected
 
 
 class _FailsMidBody(SeamWrapper):
@@ -145,10 +212,10 @@ async def _peak_traced_while_uploading(endpoint: str, *, sign: bool) -> int:
 
 
 async def test_a_streamed_part_in_flight_holds_pieces_not_the_part(fast_moto: str) -> None:
-    """Python allocations while 4 parts of 8 MiB go out, 2 at a time: whole bodies
-    (signed) need at least one 8 MiB part in memory; streamed, a few 1 MiB pieces."""
-    streamed = await _peak_traced_while_uploading(fast_moto, sign=False)
-    whole = await _peak_traced_while_uploading(fast_moto, sign=True)
-    print(f"\npeak traced: streamed {streamed / MiB:.1f} MiB, whole {whole / MiB:.1f} MiB")
-    assert whole >= 8 * MiB
-    assert streamed < 6 * MiB
+    """Python allocations while 4 parts of 8 MiB go out, 2 at a time, signed (plain
+    http) or not: never a whole 8 MiB part in memory, only a few pieces."""
+    unsigned = await _peak_traced_while_uploading(fast_moto, sign=False)
+    signed = await _peak_traced_while_uploading(fast_moto, sign=True)
+    print(f"\npeak traced: unsigned {unsigned / MiB:.1f} MiB, signed {signed / MiB:.1f} MiB")
+    assert unsigned < 6 * MiB
+    assert signed < 6 * MiB

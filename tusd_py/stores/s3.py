@@ -378,7 +378,7 @@ class S3Upload:
             info = self._info
             ring = SpoolRing(
                 config.max_buffered_parts, config.spool, config.spool_dir, self._context.spool_observer,
-                hasher=checksum_named(self._fields.checksum).hasher,
+                hasher=checksum_named(self._fields.checksum).hasher, payload_sha256=signs_payload(config),
             )
             sink = UploadPartSink(
                 self._objects, self._keys, self._fields.multipart_upload_id or "", self._fields.checksum

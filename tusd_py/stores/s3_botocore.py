@@ -16,11 +16,13 @@ from typing import Any
 
 import aiohttp
 import aiohttp.payload
+import botocore.auth
+import botocore.crt.auth
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.handlers import convert_body_to_file_like_object
+from botocore.handlers import convert_body_to_file_like_object, set_operation_specific_signer
 
 from tusd_py.stores.s3_client import (
     NOT_FOUND_ERROR_CODES,
@@ -121,8 +123,9 @@ _FIRST_PIECE = 16 * 1024
 class _StreamedParameter:
     """A ``StreamedBody`` as botocore's ``Body`` parameter: botocore checks that a
     body it does not know has ``read`` and measures it with ``len``; it must not read
-    it (it would only to sign it, and a streamed body goes unsigned): ``before-send``
-    puts the ``_StreamedPayload`` in its place."""
+    it (it would only to sign it: a streamed body goes unsigned, or signed with the
+    SHA-256 it carries, see ``_KnownPayloadS3Auth``): ``before-send`` puts the
+    ``_StreamedPayload`` in its place."""
 
     def __init__(self, body: StreamedBody) -> None:
         self.body = body
@@ -137,6 +140,52 @@ class _StreamedParameter:
         """For botocore's CRT signer, which wraps a body with ``seek`` as a stream
         and, for an unsigned payload, never reads it."""
         return 0
+
+
+def _known_sha256(request: Any) -> str | None:
+    body = request.body
+    return body.body.sha256 if isinstance(body, _StreamedParameter) else None
+
+
+class _KnownPayloadS3Auth(botocore.auth.S3SigV4Auth):  # type: ignore[misc]  # botocore is untyped
+    """botocore's SigV4 for S3, except that a streamed body that knows its SHA-256
+    (computed while it was spooled) is signed with it instead of being read whole
+    first: a signed part (plain http) is then sent in pieces like an unsigned one.
+    Any other body is signed as botocore does."""
+
+    def payload(self, request: Any) -> str:
+        known = _known_sha256(request)
+        if known is not None and self._should_sha256_sign_payload(request):
+            return known
+        return str(super().payload(request))
+
+
+class _KnownPayloadCrtS3Auth(botocore.crt.auth.CrtS3SigV4Auth):  # type: ignore[misc]  # botocore is untyped
+    """``_KnownPayloadS3Auth`` for botocore's CRT signer (botocore's choice when awscrt
+    is installed, as it is here): it signs a SHA-256 it is given and never reads the
+    body for it."""
+
+    def _get_existing_sha256(self, request: Any) -> str | None:
+        return _known_sha256(request)
+
+
+_KNOWN_PAYLOAD_SIGNER = "s3v4-tusd-py-known-payload"
+"""The name ``choose-signer`` gives our signer in botocore's table of signers (a name
+of our own, so no other client is affected): the CRT one where botocore signs S3
+requests with the CRT, else the Python one."""
+botocore.auth.AUTH_TYPE_MAPS.setdefault(
+    _KNOWN_PAYLOAD_SIGNER,
+    _KnownPayloadCrtS3Auth if issubclass(botocore.auth.AUTH_TYPE_MAPS["s3v4"], botocore.crt.auth.CrtS3SigV4Auth)
+    else _KnownPayloadS3Auth,
+)
+
+
+def _choose_known_payload_signer(context: Any, signing_name: str, **kwargs: Any) -> Any:
+    """UploadPart's signer: botocore's choice (this handler runs before botocore's
+    own, which it calls), with ours in place of plain SigV4 for S3 (any other, e.g.
+    S3 Express or SigV4a, stays)."""
+    chosen = set_operation_specific_signer(context=context, signing_name=signing_name, **kwargs)
+    return _KNOWN_PAYLOAD_SIGNER if chosen == "s3v4" else chosen
 
 
 class _StreamedPayload(aiohttp.payload.Payload):
@@ -192,6 +241,7 @@ def _send_bodies_as_bytes(client: Any) -> None:
     for operation in ("PutObject", "UploadPart"):
         events.unregister(f"before-parameter-build.s3.{operation}", convert_body_to_file_like_object)
         events.register(f"before-send.s3.{operation}", _bytes_body_before_send)
+    events.register("choose-signer.s3.UploadPart", _choose_known_payload_signer)
 
 
 _CHECKSUM_ALGORITHMS = {"crc64nvme": "CRC64NVME", "crc32c": "CRC32C", "crc32": "CRC32", "sha256": "SHA256"}
@@ -344,7 +394,7 @@ class AioS3Client:
     async def upload_part(
         self, bucket: str, key: str, upload_id: str, part_number: int, body: PartBody, checksum: BodyChecksum | None
     ) -> str:
-        if not isinstance(body, bytes) and not self._streams_bodies:
+        if not isinstance(body, bytes) and not self._streams_bodies and body.sha256 is None:
             body = await body.read_all()  # to be signed, the body must be whole first
         sent: bytes | _StreamedParameter = body if isinstance(body, bytes) else _StreamedParameter(body)
         async with self._request("UploadPart", bucket, key, self._deadlines.for_body(len(body))):

@@ -133,7 +133,14 @@ class StreamedBody(Protocol):
     """A part body read, while it is sent, in pieces from where it waits (a spool
     file): a part is then never whole in memory. ``pieces`` starts over at the first
     byte on every call (one call per attempt); ``read_all`` is for a client that
-    must see the whole body before sending (to sign it)."""
+    must see the whole body before sending (to sign it) unless ``sha256`` gives the
+    SHA-256 the signature needs."""
+
+    @property
+    def sha256(self) -> str | None:
+        """The hex SHA-256 of the whole body when it is known without reading it
+        (computed while it was spooled), else None."""
+        ...
 
     def __len__(self) -> int: ...
 
@@ -149,6 +156,10 @@ class ChunksBody:
     def __init__(self, chunks: Sequence[bytes]) -> None:
         self._chunks = chunks
         self._size = sum(len(chunk) for chunk in chunks)
+
+    @property
+    def sha256(self) -> str | None:
+        return None
 
     def __len__(self) -> int:
         return self._size

@@ -12,13 +12,16 @@ anonymous temporary file (unlinked at once, so nothing is left behind on a crash
 file I/O runs in a worker thread, never on the event loop. Given a ``hasher`` factory,
 a file slot also hashes the bytes in that thread as it writes them (the part's
 integrity checksum then costs no pass of its own, and covers the spool file's round
-trip too). Memory slots keep the chunks as received.
+trip too). Given ``payload_sha256``, it also computes each part's SHA-256 there, which
+SigV4 signs (plain http): the part can then be sent in pieces while it is read, like an
+unsigned one, instead of whole. Memory slots keep the chunks as received.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import os
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -131,7 +134,9 @@ class FileSlot:
     with ``hasher`` (a factory such as ``hashlib.md5``), every byte written to the file
     is hashed in the same worker-thread call that writes it."""
 
-    def __init__(self, directory: str = "", hasher: Callable[[], Hasher] | None = None) -> None:
+    def __init__(
+        self, directory: str = "", hasher: Callable[[], Hasher] | None = None, payload_sha256: bool = False
+    ) -> None:
         self._directory = directory or None
         self._file: IO[bytes] | None = None
         self._pending: list[bytes] = []
@@ -139,6 +144,7 @@ class FileSlot:
         self._size = 0
         self._busy: asyncio.Future[Any] | None = None
         self._hash = hasher() if hasher is not None else None
+        self._sha256 = hashlib.sha256() if payload_sha256 else None
 
     async def _in_thread(self, function: Callable[[], T]) -> T:
         """Run file I/O in a worker thread. Shielded: a cancelled caller must not
@@ -190,6 +196,9 @@ class FileSlot:
         if self._hash is not None:
             for chunk in chunks:
                 self._hash.update(chunk)
+        if self._sha256 is not None:
+            for chunk in chunks:
+                self._sha256.update(chunk)
         for first in range(0, len(chunks), WRITEV_MAX_BUFFERS):
             batch: list[bytes | memoryview] = list(chunks[first:first + WRITEV_MAX_BUFFERS])
             while batch:
@@ -210,7 +219,8 @@ class FileSlot:
         if self._file is None:
             return None
         await self._flush()
-        return _SpoolFileBody(self)
+        sha256 = self._sha256.hexdigest() if self._sha256 is not None else None
+        return _SpoolFileBody(self, sha256)
 
     def digest(self) -> bytes | None:
         if self._hash is None or self._file is None or self._pending:
@@ -247,9 +257,14 @@ class _SpoolFileBody:
     """A file slot's bytes (all in its file) as a ``StreamedBody``: read back in
     ``STREAM_PIECE_SIZE`` pieces, each in a worker thread."""
 
-    def __init__(self, slot: FileSlot) -> None:
+    def __init__(self, slot: FileSlot, sha256: str | None) -> None:
         self._slot = slot
         self._size = slot.size
+        self._sha256 = sha256
+
+    @property
+    def sha256(self) -> str | None:
+        return self._sha256
 
     def __len__(self) -> int:
         return self._size
@@ -306,17 +321,19 @@ class SpoolRing:
     """At most ``slots`` slots in use at once; ``kind`` is "file" or "memory".
     ``on_change`` (optional, e.g. a metrics gauge) hears +1 per new slot and -1 when
     a slot is closed. ``hasher`` (optional) makes file slots hash their bytes as they
-    write them (``SpoolSlot.digest``)."""
+    write them (``SpoolSlot.digest``); ``payload_sha256``, also with SHA-256 for SigV4
+    (``StreamedBody.sha256``)."""
 
     def __init__(
         self, slots: int, kind: str = "file", directory: str = "", on_change: Callable[[int], None] | None = None,
-        hasher: Callable[[], Hasher] | None = None,
+        hasher: Callable[[], Hasher] | None = None, payload_sha256: bool = False,
     ) -> None:
         self._free = asyncio.Semaphore(slots)
         self._kind = kind
         self._directory = directory
         self._on_change = on_change
         self._hasher = hasher
+        self._payload_sha256 = payload_sha256
 
     @property
     def full(self) -> bool:
@@ -326,7 +343,9 @@ class SpoolRing:
     async def acquire(self) -> SpoolSlot:
         """A new empty slot; waits while every slot is taken (backpressure)."""
         await self._free.acquire()
-        slot: SpoolSlot = FileSlot(self._directory, self._hasher) if self._kind == "file" else MemorySlot()
+        slot: SpoolSlot = (
+            FileSlot(self._directory, self._hasher, self._payload_sha256) if self._kind == "file" else MemorySlot()
+        )
         return slot if self._on_change is None else _CountedSlot(slot, self._on_change)
 
     def release(self) -> None:
