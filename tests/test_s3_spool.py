@@ -57,20 +57,6 @@ async def test_a_body_of_one_flush_never_reaches_the_file(tmp_path: Any) -> None
     await slot.close()
 
 
-async def test_a_streamed_part_is_read_in_pieces_of_at_most_256_kib(tmp_path: Any) -> None:
-    """The memory of a part in flight is its pieces (held as read, and encrypted in
-    the transport over TLS): larger ones raised the S3 benchmark's peak RSS."""
-    data = os.urandom(4 * 1024 * 1024 + 5)
-    slot = FileSlot(str(tmp_path))
-    await slot.append(data)
-    streamed = await slot.streamed()
-    assert streamed is not None
-    pieces = [piece async for piece in streamed.pieces()]
-    assert b"".join(pieces) == data
-    assert max(len(piece) for piece in pieces) <= 256 * 1024
-    await slot.close()
-
-
 async def test_ring_gives_file_slots_its_hasher(tmp_path: Any) -> None:
     seen: list[int] = []
     ring = SpoolRing(1, "file", str(tmp_path), seen.append, hasher=hashlib.md5)

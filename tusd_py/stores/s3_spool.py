@@ -34,12 +34,9 @@ T = TypeVar("T")
 FILE_FLUSH_SIZE = 1024 * 1024
 """A file slot writes to disk in batches of at most this many bytes (or one larger
 chunk): one thread hop per MiB instead of one per (possibly tiny) body chunk."""
-STREAM_PIECE_SIZE = 256 * 1024
+STREAM_PIECE_SIZE = 1024 * 1024
 """A part streamed from its spool file (``FileSlot.streamed``) is read in pieces of
-this size: the memory of a part in flight, and one thread hop per piece. A piece is
-held as read, then (over TLS) once more encrypted in the transport while the next is
-read: 16 uploads of 64 MiB into S3 over TLS peaked at 151 MiB RSS with 256 KiB pieces,
-184 MiB with 1 MiB ones (128 KiB: 146 MiB at ~0.9 more CPU s/GiB; S3 benchmark)."""
+this size: the memory of a part in flight, and one thread hop per piece."""
 WRITEV_MAX_BUFFERS = 512
 """Chunks per ``os.writev`` call (well below Linux's IOV_MAX of 1024)."""
 
