@@ -10,7 +10,7 @@ import base64
 import datetime
 import hashlib
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import botocore.crt.auth
@@ -25,7 +25,14 @@ from tests.test_s3_support import FAST_RETRIES, MiB, SeamWrapper, s3_config, upl
 from tusd_py.config import Size
 from tusd_py.stores.base import UploadInfo, new_upload_id
 from tusd_py.stores.s3 import S3Store
-from tusd_py.stores.s3_botocore import AioS3Client, _KnownPayloadCrtS3Auth, _KnownPayloadS3Auth, _StreamedParameter
+from tusd_py.stores.s3_botocore import (
+    AioS3Client,
+    _BytesBody,
+    _KnownPayloadCrtS3Auth,
+    _KnownPayloadS3Auth,
+    _StreamedParameter,
+    _StreamedPayload,
+)
 from tusd_py.stores.s3_client import S3Client, S3TransientError
 from tusd_py.stores.s3_retry import RetryingS3Client
 from tusd_py.stores.s3_spool import STREAM_PIECE_SIZE
@@ -219,3 +226,45 @@ async def test_a_streamed_part_in_flight_holds_pieces_not_the_part(fast_moto: st
     print(f"\npeak traced: unsigned {unsigned / MiB:.1f} MiB, signed {signed / MiB:.1f} MiB")
     assert unsigned < 6 * MiB
     assert signed < 6 * MiB
+
+
+class _RecordingWriter:
+    """aiohttp's request writer as a body payload sees it: records each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    async def write(self, chunk: Any) -> None:
+        self.writes.append(bytes(chunk))
+
+
+class _Pieces:
+    def __init__(self, data: bytes, piece: int) -> None:
+        self._data = data
+        self._piece = piece
+
+    @property
+    def sha256(self) -> str | None:
+        return None
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self._data), self._piece):
+            yield self._data[start:start + self._piece]
+
+    async def read_all(self) -> bytes:
+        return self._data
+
+
+async def test_bodies_reach_the_transport_in_slices_not_whole_pieces() -> None:
+    """Over TLS the transport encrypts all it is given at once and keeps the
+    ciphertext until the socket takes it: a body handed over in 1 MiB pieces (or a
+    whole part) would be held in memory twice. Both kinds of body go in slices."""
+    data = data_of(3 * MiB + 5)
+    for payload in (_StreamedPayload(_Pieces(data, MiB)), _BytesBody(data)):
+        writer = _RecordingWriter()
+        await payload.write_with_length(writer, None)
+        assert b"".join(writer.writes) == data
+        assert max(len(write) for write in writer.writes) <= 256 * 1024, [len(w) for w in writer.writes]

@@ -92,9 +92,8 @@ class _BytesBody(aiohttp.payload.BytesPayload):
     """A request body sent straight from its ``bytes``: aiohttp's ``BytesPayload``
     without the ResourceWarning it raises for bodies over 1 MiB (which suggests
     ``io.BytesIO`` instead; that route costs the copies ``_send_bodies_as_bytes``
-    avoids), and without joining all of it with the request head. One write hands the
-    rest of the body to the transport, which keeps a reference to what the socket did
-    not take at once instead of copying it."""
+    avoids), and without joining all of it with the request head. The rest goes to
+    the transport as views of the body, in slices (``_write_in_slices``), not copied."""
 
     def __init__(self, value: bytes) -> None:
         aiohttp.payload.Payload.__init__(self, value, content_type="application/octet-stream")
@@ -112,12 +111,22 @@ class _BytesBody(aiohttp.payload.BytesPayload):
         if content_length is not None:
             view = view[:content_length]
         await writer.write(view[:_FIRST_PIECE])
-        if len(view) > _FIRST_PIECE:
-            await writer.write(view[_FIRST_PIECE:])
+        await _write_in_slices(writer, view[_FIRST_PIECE:])
 
 
 _FIRST_PIECE = 16 * 1024
 """Body bytes sent joined with the request head (see ``_BytesBody.write_with_length``)."""
+_SEND_SLICE = 256 * 1024
+"""Most body bytes handed to the transport in one write. Over TLS the transport
+encrypts all it is given at once and holds the ciphertext until the socket takes it:
+a whole part (or piece) written at once would be in memory twice."""
+
+
+async def _write_in_slices(writer: Any, view: memoryview) -> None:
+    """Write ``view`` in slices of at most ``_SEND_SLICE`` bytes, each once the
+    transport took the last (aiohttp's writer drains above 64 KiB)."""
+    for start in range(0, len(view), _SEND_SLICE):
+        await writer.write(view[start:start + _SEND_SLICE])
 
 
 class _StreamedParameter:
@@ -189,9 +198,8 @@ def _choose_known_payload_signer(context: Any, signing_name: str, **kwargs: Any)
 
 
 class _StreamedPayload(aiohttp.payload.Payload):
-    """A ``StreamedBody`` sent piece by piece, each written once the transport took
-    the last (aiohttp's writer drains above 64 KiB): the memory of one part in flight
-    is one piece, not the part."""
+    """A ``StreamedBody`` sent piece by piece, each in slices (``_write_in_slices``):
+    the memory of one part in flight is one piece, not the part."""
 
     def __init__(self, body: StreamedBody) -> None:
         aiohttp.payload.Payload.__init__(self, body, content_type="application/octet-stream")
@@ -212,8 +220,7 @@ class _StreamedPayload(aiohttp.payload.Payload):
                     first = False
                     await writer.write(view[:_FIRST_PIECE])
                     view = view[_FIRST_PIECE:]
-                if view:
-                    await writer.write(view)
+                await _write_in_slices(writer, view)
 
 
 def _bytes_body_before_send(request: Any, **_: Any) -> None:
