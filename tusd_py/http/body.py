@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable
 from typing import Protocol, TypeVar
 
 from tusd_py.http.splice import pwrite_chunks
@@ -126,9 +125,8 @@ class RequestBody:
         if self._first_read:
             self._first_read = False
             self._flow.body_first_read()
-        if max_bytes <= 0:
-            return 0
-        loop = self._loop
+        if max_bytes <= 0 or (self._complete and not self._chunks):
+            return 0  # (a complete body: nothing to hold reading for)
         if stop is None:
             stop = CopyStop()  # so that a cancellation can end a running splice
         splice.hold(True)
@@ -143,7 +141,7 @@ class RequestBody:
                     return 0
                 count = min(max_bytes, splice.waiting())
                 if count:
-                    result = await _finish_uncancelled(loop, splice.move(target, count, stop), stop)
+                    result = await _finish_uncancelled(splice.move(target, count, stop), stop)
                     if result.file_error is not None:
                         raise result.file_error
                     if result.moved:
@@ -184,12 +182,12 @@ class RequestBody:
         if size < max_bytes and not chunks and not self._complete:
             count = min(max_bytes - size, splice.waiting())  # one readiness check per call
         if count:
-            result = await _finish_uncancelled(loop, splice.move(target, count, stop, taken), stop)
+            result = await _finish_uncancelled(splice.move(target, count, stop, taken), stop)
             if result.file_error is not None:
                 raise result.file_error
             return result.written_first + result.moved
         written, error = await _finish_uncancelled(
-            loop, loop.run_in_executor(target.executor, pwrite_chunks, target.fd, taken, target.offset), None
+            loop.run_in_executor(target.executor, pwrite_chunks, target.fd, taken, target.offset), None
         )
         if error is not None:
             raise error
@@ -287,13 +285,10 @@ class RequestBody:
             self._timer = None
 
 
-async def _finish_uncancelled(
-    loop: asyncio.AbstractEventLoop, awaitable: Awaitable[T], stop: CopyStop | None
-) -> T:
-    """Await work on a worker thread to its end even if the task is cancelled
-    meanwhile (asking it to stop early through ``stop``), then re-raise the
+async def _finish_uncancelled(future: asyncio.Future[T], stop: CopyStop | None) -> T:
+    """Await ``future`` (work on a worker thread) to its end even if the task is
+    cancelled meanwhile (asking it to stop early through ``stop``), then re-raise the
     cancellation: the bytes it moved are in the file and must be counted first."""
-    future = asyncio.ensure_future(awaitable, loop=loop)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:

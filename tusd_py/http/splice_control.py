@@ -15,7 +15,6 @@ import fcntl
 import os
 import struct
 import termios
-import threading
 from collections.abc import Sequence
 from typing import Final, Protocol
 
@@ -87,7 +86,7 @@ class SpliceControl:
         self._source = source
         self._wanted = False
         self._release_scheduled = False
-        self._abort: threading.Event | None = None
+        self._abort: CopyStop | None = None
         """Set when the connection is lost while a splice thread runs."""
 
     @property
@@ -129,14 +128,20 @@ class SpliceControl:
             return 0
         return budget if waiting >= min(SPLICE_MIN_WAITING, budget) else 0
 
-    async def move(
+    def move(
         self, target: CopyTarget, count: int, stop: CopyStop, first: Sequence[bytes | memoryview] = ()
-    ) -> _splice.SpliceResult:
-        """On a worker thread: write ``first`` (body bytes already read) at
+    ) -> asyncio.Future[_splice.SpliceResult]:
+        """Start, on a worker thread: write ``first`` (body bytes already read) at
         ``target.offset``, then move up to ``count`` body bytes from the socket into
         the file right after them (``count`` comes from ``waiting``; reading is held).
-        The connection is told what was taken from the socket."""
-        abort = self._abort = threading.Event()
+        Returns the worker's future. When it is done, the connection is told what was
+        taken from the socket before any other callback of the future runs (it was
+        added first), so an awaiting body sees the accounting done; and also when
+        nobody awaits it any more (a cancelled request).
+
+        Not a coroutine: the work starts now, not one event loop turn later in a task
+        of its own, and its result reaches the awaiting body one turn sooner."""
+        abort = self._abort = CopyStop()
         # The thread gets its own descriptor: if the transport closes the socket
         # meanwhile, its number cannot be reused by another connection under us.
         sock_fd = os.dup(self._sock_fd)
@@ -148,7 +153,7 @@ class SpliceControl:
                 target.fd,
                 target.offset,
                 count,
-                (abort, stop.event),
+                (abort, stop),
                 SPLICE_IDLE_SECONDS,
                 first,
             )
@@ -156,9 +161,12 @@ class SpliceControl:
             os.close(sock_fd)
             self._abort = None
             raise
-        try:
-            result = await work
-        finally:
-            self._abort = None
+        work.add_done_callback(self._moved)
+        return work
+
+    def _moved(self, work: asyncio.Future[_splice.SpliceResult]) -> None:
+        self._abort = None
+        if work.cancelled() or work.exception() is not None:
+            return  # nothing to count: the awaiting body gets the error
+        result = work.result()
         self._source.body_spliced(result.consumed, result.eof, result.file_error is not None)
-        return result
