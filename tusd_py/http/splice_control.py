@@ -20,6 +20,7 @@ from typing import Final, Protocol
 
 from tusd_py.http import splice as _splice
 from tusd_py.http.flow import ReadingGate
+from tusd_py.http.handoff import WorkerCall
 from tusd_py.http.limits import KiB
 from tusd_py.http.loop import pause_reading_is_strict
 from tusd_py.http.types import CopyStop, CopyTarget
@@ -130,43 +131,35 @@ class SpliceControl:
 
     def move(
         self, target: CopyTarget, count: int, stop: CopyStop, first: Sequence[bytes | memoryview] = ()
-    ) -> asyncio.Future[_splice.SpliceResult]:
+    ) -> WorkerCall[_splice.SpliceResult]:
         """Start, on a worker thread: write ``first`` (body bytes already read) at
         ``target.offset``, then move up to ``count`` body bytes from the socket into
         the file right after them (``count`` comes from ``waiting``; reading is held).
-        Returns the worker's future. When it is done, the connection is told what was
-        taken from the socket before any other callback of the future runs (it was
-        added first), so an awaiting body sees the accounting done; and also when
-        nobody awaits it any more (a cancelled request).
+        The connection is told what was taken from the socket as soon as the call
+        ends, before a waiting body is woken, and also when nobody waits any more (a
+        cancelled request).
 
         Not a coroutine: the work starts now, not one event loop turn later in a task
-        of its own, and its result reaches the awaiting body one turn sooner."""
+        of its own."""
         abort = self._abort = CopyStop()
         # The thread gets its own descriptor: if the transport closes the socket
         # meanwhile, its number cannot be reused by another connection under us.
         sock_fd = os.dup(self._sock_fd)
         try:
-            work = self._loop.run_in_executor(
+            return WorkerCall(
+                self._loop,
                 target.executor,
                 _splice.write_then_splice,
-                sock_fd,
-                target.fd,
-                target.offset,
-                count,
-                (abort, stop),
-                SPLICE_IDLE_SECONDS,
-                first,
+                (sock_fd, target.fd, target.offset, count, (abort, stop), SPLICE_IDLE_SECONDS, first),
+                self._moved,
             )
         except BaseException:
             os.close(sock_fd)
             self._abort = None
             raise
-        work.add_done_callback(self._moved)
-        return work
 
-    def _moved(self, work: asyncio.Future[_splice.SpliceResult]) -> None:
+    def _moved(self, call: WorkerCall[_splice.SpliceResult]) -> None:
         self._abort = None
-        if work.cancelled() or work.exception() is not None:
-            return  # nothing to count: the awaiting body gets the error
-        result = work.result()
-        self._source.body_spliced(result.consumed, result.eof, result.file_error is not None)
+        result = call.result
+        if result is not None:  # else the call failed: the waiting body gets the error
+            self._source.body_spliced(result.consumed, result.eof, result.file_error is not None)
