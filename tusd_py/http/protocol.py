@@ -323,6 +323,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         if (
             cycle.expect_continue
             and not cycle.continue_sent
+            and not cycle.response_started  # (a response written without h11 leaves its state)
             and not self._closing
             and self._conn.our_state is h11.SEND_RESPONSE
         ):
@@ -357,7 +358,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         cycle.response_done = True
         if self._closing:
             return
-        if cycle.close_after or self._context.stopping or self._conn.our_state is not h11.DONE:
+        if cycle.close_after or self._context.stopping or not cycle.keep_alive:
             # Unread body bytes may still be on their way: linger.
             self._close(linger=not cycle.body.complete)
             return
