@@ -28,6 +28,7 @@ from helpers import create, file_store_config, head_offset, patch_head, stored_b
 
 from tests.rawhttp import RawConnection, request
 from tusd_py.cli import Running, serving
+from tusd_py.http import intake as http_intake
 from tusd_py.http import splice as http_splice
 from tusd_py.http import splice_control as http_splice_control
 from tusd_py.http.body import RequestBody
@@ -330,6 +331,29 @@ async def test_file_store_falls_back_without_splice(
         assert response.status == 204
         assert sha(stored_bytes(tmp_path, path)) == sha(payload)
     assert spy.calls == 0
+
+
+async def test_a_head_read_leaves_the_body_in_the_socket(spy: SpliceSpy, tmp_path: Path) -> None:
+    """A head and its body sent at once: the head read takes at most
+    ``HEAD_READ_SIZE`` bytes, so all but a few KiB of the body are spliced, not
+    copied into a ``bytes`` object and written on their own."""
+    payload = os.urandom(1 * MiB)
+    gate = HeldHandler()
+    handler = SplicingHandler(tmp_path, gate.before_splice)
+    request_head = head(len(payload))
+    async with running(handler) as port:
+        connection = await RawConnection.open(port)
+        try:
+            await connection.send(request_head + payload)
+            already = await asyncio.wait_for(gate.queued, WAIT)
+            gate.proceed.set()
+            assert await read_text_response(connection) == str(len(payload)).encode()
+        finally:
+            await connection.close()
+    total, error, stored = await handler.results.get()
+    assert error is None and sha(stored) == sha(payload)
+    assert already <= http_intake.HEAD_READ_SIZE - len(request_head)
+    assert spy.consumed == len(payload) - already
 
 
 async def test_copy_into_a_complete_body_leaves_reading_alone(
