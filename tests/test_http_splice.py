@@ -391,11 +391,13 @@ async def test_copy_into_a_complete_body_leaves_reading_alone(
 async def test_file_store_patch_runs_in_its_request_task_alone(
     spy: SpliceSpy, server: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A spliced PATCH needs no task besides its request's and no ``threading.Event``:
-    the worker call is awaited as a plain future (no task of its own, which cost a
-    loop turn before the thread started and another after it ended), a lost lock is
-    watched by a callback (not a task waiting on the event), and the copy's stop
-    flags are plain attributes (an Event is a lock and a condition per copy)."""
+    """A spliced PATCH needs no task besides its request's, no ``threading.Event`` and
+    no generator-based context manager: the worker call is awaited as a plain future
+    (no task of its own, which cost a loop turn before the thread started and another
+    after it ended), a lost lock is watched by a callback (not a task waiting on the
+    event), the copy's stop flags are plain attributes (an Event is a lock and a
+    condition per copy), and the lock, the store's kept state and the progress events
+    are plain context managers (the generator machinery cost more than their work)."""
     payload = os.urandom(2 * MiB)
     path = await create(server.port, 2 * len(payload))
     loop = asyncio.get_running_loop()
@@ -419,11 +421,20 @@ async def test_file_store_patch_runs_in_its_request_task_alone(
                 events.append(caller)
             super().__init__()
 
+    generator_managers: list[str] = []
+    real_manager_init = contextlib._GeneratorContextManagerBase.__init__  # type: ignore[attr-defined]
+
+    def counting_manager_init(self: Any, func: Any, args: Any, kwds: Any) -> None:
+        if func.__module__.startswith("tusd_py"):
+            generator_managers.append(func.__qualname__)
+        real_manager_init(self, func, args, kwds)
+
     connection = await RawConnection.open(server.port)
     try:
         for offset in (0, len(payload)):  # a PATCH that creates the data file, one that reuses it
             loop.set_task_factory(counting_factory)
             monkeypatch.setattr(threading, "Event", CountingEvent)
+            monkeypatch.setattr(contextlib._GeneratorContextManagerBase, "__init__", counting_manager_init)
             try:
                 await connection.send(patch_head(path, offset, len(payload)) + payload)
                 response = await connection.read_response("PATCH", timeout=WAIT)
@@ -433,6 +444,7 @@ async def test_file_store_patch_runs_in_its_request_task_alone(
             assert response.status == 204
             assert tasks == ["RequestCycle.run"]
             assert events == []
+            assert generator_managers == []
             tasks.clear()
     finally:
         await connection.close()
