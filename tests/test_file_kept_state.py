@@ -5,6 +5,7 @@ vouch (no generation) makes it read the files again."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,16 @@ async def test_a_look_without_the_lock_keeps_the_state(one: Instance) -> None:
     reads = one.reads
     assert await one.patch("up1", b"b" * 10) == 20
     assert one.reads == reads
+
+
+def test_with_offset_is_replace_with_an_offset() -> None:
+    """``UploadInfo.with_offset`` (the file store's per-PATCH snapshot) keeps every
+    other field: a field added to ``UploadInfo`` but not to ``with_offset`` fails here."""
+    values = {
+        "id": "abc", "length": 100, "offset": 7, "metadata": {"k": "dg=="}, "created_at": 1.5,
+        "expires_at": 2.5, "is_partial": True, "partial_ids": ("p",), "finished": True,
+        "storage": {"part_size": 5}, "owner": "me",
+    }
+    assert {field.name for field in dataclasses.fields(UploadInfo)} == set(values)
+    info = UploadInfo(**values)  # type: ignore[arg-type]
+    assert info.with_offset(42) == dataclasses.replace(info, offset=42)

@@ -23,6 +23,7 @@ import pytest
 from tests.rawhttp import RawConnection
 from tusd_py.http import splice as http_splice
 from tusd_py.http import splice_control as http_splice_control
+from tusd_py.http.body import RequestBody
 from tusd_py.http.server import HTTPLimits, HTTPServer
 from tusd_py.http.types import Request, Response
 from tusd_py.stores.base import FileTarget
@@ -140,6 +141,32 @@ async def test_whole_body(store: Store) -> None:
         await client.send(payload)
         assert await ended(upload) is EndReason.COMPLETE
     assert upload.stored() == payload
+
+
+@SPLICE_ONLY
+async def test_a_copied_body_ends_without_asking_the_request_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a copy took the body's last byte, the store's next call ends the body
+    (COMPLETE) without a second request-body copy: that round cost a stop flag, the
+    request body's checks and a loop turn on every PATCH."""
+    monkeypatch.setattr(http_splice_control, "SPLICE_MIN_WAITING", 1)
+    calls: list[int] = []
+    real_copy = RequestBody.copy_into
+
+    async def counting(self: RequestBody, *args: Any, **kwargs: Any) -> int | None:
+        moved = await real_copy(self, *args, **kwargs)
+        calls.append(-1 if moved is None else moved)
+        return moved
+
+    monkeypatch.setattr(RequestBody, "copy_into", counting)
+    store = Store(tmp_path / "data", "copy")
+    payload = os.urandom(1024 * 1024 + 7)
+    async with uploading(store, len(payload)) as (upload, client):
+        await client.send(payload)
+        assert await ended(upload) is EndReason.COMPLETE
+    assert upload.stored() == payload
+    assert sum(calls) == len(payload) and 0 not in calls
 
 
 async def test_limit_is_never_passed(store: Store) -> None:

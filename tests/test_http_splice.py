@@ -17,6 +17,7 @@ import hashlib
 import os
 import select
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from helpers import create, file_store_config, head_offset, patch_head, stored_b
 
 from tests.rawhttp import RawConnection, request
 from tusd_py.cli import Running, serving
+from tusd_py.http import intake as http_intake
 from tusd_py.http import splice as http_splice
 from tusd_py.http import splice_control as http_splice_control
 from tusd_py.http.body import RequestBody
@@ -329,6 +331,125 @@ async def test_file_store_falls_back_without_splice(
         assert response.status == 204
         assert sha(stored_bytes(tmp_path, path)) == sha(payload)
     assert spy.calls == 0
+
+
+async def test_a_head_read_leaves_the_body_in_the_socket(spy: SpliceSpy, tmp_path: Path) -> None:
+    """A head and its body sent at once: the head read takes at most
+    ``HEAD_READ_SIZE`` bytes, so all but a few KiB of the body are spliced, not
+    copied into a ``bytes`` object and written on their own."""
+    payload = os.urandom(1 * MiB)
+    gate = HeldHandler()
+    handler = SplicingHandler(tmp_path, gate.before_splice)
+    request_head = head(len(payload))
+    async with running(handler) as port:
+        connection = await RawConnection.open(port)
+        try:
+            await connection.send(request_head + payload)
+            already = await asyncio.wait_for(gate.queued, WAIT)
+            gate.proceed.set()
+            assert await read_text_response(connection) == str(len(payload)).encode()
+        finally:
+            await connection.close()
+    total, error, stored = await handler.results.get()
+    assert error is None and sha(stored) == sha(payload)
+    assert already <= http_intake.HEAD_READ_SIZE - len(request_head)
+    assert spy.consumed == len(payload) - already
+
+
+async def test_copy_into_a_complete_body_leaves_reading_alone(
+    spy: SpliceSpy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy that finds the body complete (every store makes one, to learn that
+    the body ended) returns 0 without holding and releasing the socket's reading,
+    which cost a pause, a resume and a loop turn per request."""
+    holds: list[bool] = []
+    real_hold = http_splice_control.SpliceControl.hold
+
+    def recording(self: http_splice_control.SpliceControl, hold: bool) -> None:
+        holds.append(hold)
+        real_hold(self, hold)
+
+    monkeypatch.setattr(http_splice_control.SpliceControl, "hold", recording)
+    payload = os.urandom(1 * MiB)
+    gate = HeldHandler()
+    handler = SplicingHandler(tmp_path, gate.before_splice)
+    async with running(handler) as port:
+        connection = await RawConnection.open(port)
+        try:
+            await connection.send(head(len(payload)) + payload)
+            await asyncio.wait_for(gate.queued, WAIT)
+            gate.proceed.set()  # the whole body is in the socket: one copy takes it
+            assert await read_text_response(connection) == str(len(payload)).encode()
+        finally:
+            await connection.close()
+    total, error, stored = await handler.results.get()
+    assert error is None and sha(stored) == sha(payload)
+    assert holds == [True, False]  # the copy that moved the body; none for the one that found it complete
+
+
+@pytest.mark.both_loops
+async def test_file_store_patch_runs_in_its_request_task_alone(
+    spy: SpliceSpy, server: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spliced PATCH needs no task besides its request's, no ``threading.Event`` and
+    no generator-based context manager: the worker call is awaited as a plain future
+    (no task of its own, which cost a loop turn before the thread started and another
+    after it ended), a lost lock is watched by a callback (not a task waiting on the
+    event), the copy's stop flags are plain attributes (an Event is a lock and a
+    condition per copy), and the lock, the store's kept state and the progress events
+    are plain context managers (the generator machinery cost more than their work)."""
+    payload = os.urandom(2 * MiB)
+    path = await create(server.port, 2 * len(payload))
+    loop = asyncio.get_running_loop()
+    tasks: list[str] = []
+    real_factory = loop.get_task_factory()
+
+    def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        frame = getattr(coro, "cr_frame", None)
+        if frame is None or not frame.f_globals.get("__name__", "").startswith("tests."):
+            tasks.append(getattr(coro, "__qualname__", repr(coro)))  # the server's, not the test client's
+        if real_factory is not None:
+            return real_factory(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    events: list[str] = []
+
+    class CountingEvent(threading.Event):
+        def __init__(self) -> None:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("tusd_py"):
+                events.append(caller)
+            super().__init__()
+
+    generator_managers: list[str] = []
+    real_manager_init = contextlib._GeneratorContextManagerBase.__init__  # type: ignore[attr-defined]
+
+    def counting_manager_init(self: Any, func: Any, args: Any, kwds: Any) -> None:
+        if func.__module__.startswith("tusd_py"):
+            generator_managers.append(func.__qualname__)
+        real_manager_init(self, func, args, kwds)
+
+    connection = await RawConnection.open(server.port)
+    try:
+        for offset in (0, len(payload)):  # a PATCH that creates the data file, one that reuses it
+            loop.set_task_factory(counting_factory)
+            monkeypatch.setattr(threading, "Event", CountingEvent)
+            monkeypatch.setattr(contextlib._GeneratorContextManagerBase, "__init__", counting_manager_init)
+            try:
+                await connection.send(patch_head(path, offset, len(payload)) + payload)
+                response = await connection.read_response("PATCH", timeout=WAIT)
+            finally:
+                loop.set_task_factory(real_factory)
+                monkeypatch.undo()
+            assert response.status == 204
+            assert tasks == ["RequestCycle.run"]
+            assert events == []
+            assert generator_managers == []
+            tasks.clear()
+    finally:
+        await connection.close()
+    assert sha(stored_bytes(tmp_path, path)) == sha(payload + payload)
+    assert spy.consumed > 0
 
 
 # --- the worker function on its own ---------------------------------------------------------

@@ -193,3 +193,32 @@ async def test_failing_release_callback_does_not_break_the_locker() -> None:
         with pytest.raises(LockTimeout):
             async with locker.lock("u", lambda: None):
                 pass  # pragma: no cover
+
+
+async def test_lost_lock_calls_the_holders_callbacks() -> None:
+    """``held.lost`` tells its callbacks when the lock is lost (how a PATCH stops its
+    body without a task waiting on the event): each once, a removed one never, one
+    added after the loss at once; a failing one does not keep the others from running."""
+    locker = MemoryLocker(5.0)
+    calls: list[str] = []
+
+    def broken() -> None:
+        calls.append("broken")
+        raise RuntimeError("bug")
+
+    def removed() -> None:  # pragma: no cover - removed before the loss
+        calls.append("removed")
+
+    async with locker.lock("u", lambda: None) as held:
+        held.lost.add_callback(broken)
+        held.lost.add_callback(removed)
+        held.lost.add_callback(lambda: calls.append("stop"))
+        held.lost.remove_callback(removed)
+        held.lost.remove_callback(removed)  # not there any more: no error
+        await locker.close()
+        assert held.lost.is_set()
+        assert calls == ["broken", "stop"]
+        held.lost.set()  # again: nobody is told twice
+        held.lost.add_callback(lambda: calls.append("late"))
+        assert calls == ["broken", "stop", "late"]
+        await asyncio.wait_for(held.lost.wait(), 1.0)  # still an asyncio.Event

@@ -8,16 +8,13 @@ byte is copied at most once between the socket buffer and the application.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
-from collections.abc import Awaitable
-from typing import Protocol, TypeVar
+from typing import Protocol
 
+from tusd_py.http.handoff import WorkerCall
 from tusd_py.http.splice import pwrite_chunks
 from tusd_py.http.splice_control import SpliceControl
 from tusd_py.http.types import BodyTimeout, ClientDisconnected, CopyStop, CopyTarget
-
-T = TypeVar("T")
 
 __all__ = ["BodyFlow", "RequestBody"]
 
@@ -126,9 +123,8 @@ class RequestBody:
         if self._first_read:
             self._first_read = False
             self._flow.body_first_read()
-        if max_bytes <= 0:
-            return 0
-        loop = self._loop
+        if max_bytes <= 0 or (self._complete and not self._chunks):
+            return 0  # (a complete body: nothing to hold reading for)
         if stop is None:
             stop = CopyStop()  # so that a cancellation can end a running splice
         splice.hold(True)
@@ -143,7 +139,7 @@ class RequestBody:
                     return 0
                 count = min(max_bytes, splice.waiting())
                 if count:
-                    result = await _finish_uncancelled(loop, splice.move(target, count, stop), stop)
+                    result = await splice.move(target, count, stop).wait(stop)
                     if result.file_error is not None:
                         raise result.file_error
                     if result.moved:
@@ -179,18 +175,16 @@ class RequestBody:
         self._buffered -= size
         self._received += size
         self._flow.body_consumed(self._buffered)
-        loop = self._loop
         count = 0
         if size < max_bytes and not chunks and not self._complete:
             count = min(max_bytes - size, splice.waiting())  # one readiness check per call
         if count:
-            result = await _finish_uncancelled(loop, splice.move(target, count, stop, taken), stop)
+            result = await splice.move(target, count, stop, taken).wait(stop)
             if result.file_error is not None:
                 raise result.file_error
             return result.written_first + result.moved
-        written, error = await _finish_uncancelled(
-            loop, loop.run_in_executor(target.executor, pwrite_chunks, target.fd, taken, target.offset), None
-        )
+        write = WorkerCall(self._loop, target.executor, pwrite_chunks, (target.fd, taken, target.offset))
+        written, error = await write.wait(None)
         if error is not None:
             raise error
         return written
@@ -285,20 +279,3 @@ class RequestBody:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-async def _finish_uncancelled(
-    loop: asyncio.AbstractEventLoop, awaitable: Awaitable[T], stop: CopyStop | None
-) -> T:
-    """Await work on a worker thread to its end even if the task is cancelled
-    meanwhile (asking it to stop early through ``stop``), then re-raise the
-    cancellation: the bytes it moved are in the file and must be counted first."""
-    future = asyncio.ensure_future(awaitable, loop=loop)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        if stop is not None:
-            stop.set()
-        with contextlib.suppress(BaseException):
-            await future
-        raise

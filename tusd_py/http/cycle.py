@@ -68,6 +68,7 @@ class RequestCycle:
         "framed_here",
         "response_started",
         "response_done",
+        "keep_alive",
         "close_after",
         "draining",
         "drained",
@@ -90,6 +91,8 @@ class RequestCycle:
         """The body has a Content-Length and is framed by the connection, not h11."""
         self.response_started = False
         self.response_done = False
+        self.keep_alive = False
+        """The response written leaves the connection open for the next request."""
         self.close_after = False
         """The connection cannot be reused after this response."""
         self.draining = False

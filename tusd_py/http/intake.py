@@ -24,11 +24,19 @@ from tusd_py.http.limits import HTTPLimits, KiB, MiB
 if TYPE_CHECKING:
     from tusd_py.http.cycle import RequestCycle
 
-__all__ = ["BODY_READ_SIZE", "READ_SIZE", "BodyIntake", "IntakeHost"]
+__all__ = ["BODY_READ_SIZE", "HEAD_READ_SIZE", "READ_SIZE", "BodyIntake", "IntakeHost"]
 
 READ_SIZE: Final = 64 * KiB
 """Bytes per socket read, and so the most h11 is ever fed at once (see
 ``protocol.py``)."""
+
+HEAD_READ_SIZE: Final = 4 * KiB
+"""Bytes per socket read while no request is in flight (reading a request head).
+A client sends a PATCH's head and body back to back, so a head read also takes the
+body bytes that fit: at 64 KiB that was a 64 KiB copy into a ``bytes`` object and a
+separate write of it on the worker per request, where the rest of the body is
+spliced in the kernel. 4 KiB holds a tus head (a few hundred bytes; a larger one
+takes more reads); bodies h11 frames (chunked) are read ``READ_SIZE`` at a time."""
 
 BODY_READ_SIZE: Final = 1 * MiB
 """Bytes per socket read of a body framed here (never fed to h11). Every read costs a
@@ -48,6 +56,7 @@ class _ReadBuffer(threading.local):
     def __init__(self) -> None:
         self.view = memoryview(bytearray(BODY_READ_SIZE))
         self.small_view = self.view[:READ_SIZE]
+        self.head_view = self.view[:HEAD_READ_SIZE]
 
 
 _read_buffer = _ReadBuffer()
@@ -97,14 +106,17 @@ class BodyIntake:
         self.pending = b""
         """Bytes after a body framed here, kept for the next request."""
 
-    def get_buffer(self) -> memoryview:
-        """Where the transport reads next (``BufferedProtocol.get_buffer``)."""
+    def get_buffer(self, head: bool) -> memoryview:
+        """Where the transport reads next (``BufferedProtocol.get_buffer``); ``head``:
+        no request is in flight (the bytes are a request head)."""
         remaining = self.remaining
         if remaining > READ_SIZE:
             # Inside a body framed here: read large, but never past its end, so the
             # bytes of a pipelined next request still go through the 64 KiB buffer.
             view = _read_buffer.view
             read_view = view if remaining >= BODY_READ_SIZE else view[:remaining]
+        elif head:
+            read_view = _read_buffer.head_view
         else:
             read_view = _read_buffer.small_view
         self._read_view = read_view

@@ -2,7 +2,8 @@
 
 Reading. ``get_buffer`` hands the transport one preallocated 64 KiB buffer, so a
 read allocates nothing and h11 is never fed more than 64 KiB at once (larger feeds
-cross glibc's mmap threshold and make h11 ~10x slower). h11 parses every request
+cross glibc's mmap threshold and make h11 ~10x slower); a request head is read 4 KiB
+at a time (``HEAD_READ_SIZE``), leaving the body that follows it in the socket. h11 parses every request
 head and chunked bodies. A body with a Content-Length is framed here instead: once
 h11 has parsed the head, the next ``length`` bytes are the body, and handing them to
 the application straight from the read buffer saves h11's three copies and its
@@ -128,7 +129,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         self._timer.set(ConnectionTimer.HEADER, self._limits.header_timeout)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._intake.get_buffer()
+        return self._intake.get_buffer(self._cycle is None)
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._closing:
@@ -323,6 +324,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         if (
             cycle.expect_continue
             and not cycle.continue_sent
+            and not cycle.response_started  # (a response written without h11 leaves its state)
             and not self._closing
             and self._conn.our_state is h11.SEND_RESPONSE
         ):
@@ -357,7 +359,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         cycle.response_done = True
         if self._closing:
             return
-        if cycle.close_after or self._context.stopping or self._conn.our_state is not h11.DONE:
+        if cycle.close_after or self._context.stopping or not cycle.keep_alive:
             # Unread body bytes may still be on their way: linger.
             self._close(linger=not cycle.body.complete)
             return

@@ -53,6 +53,38 @@ _REASONS[104] = b"Upload Resumption Supported"
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
+_FRAMING_HEADERS: Final = frozenset({"transfer-encoding", "connection"})
+_PLAIN_REASON: Final = re.compile(rb"[\x20-\x7e]*")
+
+
+class _Plain:
+    """``_head``'s answer for a response written without h11."""
+
+
+_PLAIN: Final = _Plain()
+
+
+def _plain_allowed(cycle: RequestCycle, response: Response) -> bool:
+    """Whether ``response`` may be written without h11: the common answer to a
+    request whose body the connection framed (PATCH, POST with a body). Its h11
+    connection is replaced after the response anyway, so h11 need not follow it;
+    h11 would write the same bytes: an HTTP/1.1 client that keeps the connection
+    open (no ``Connection: close``), a final response with a bytes body (Content-Length
+    added here, none from the application, no Transfer-Encoding or Connection) and
+    the connection staying open. Anything else goes through h11."""
+    if not cycle.framed_here or cycle.close_after or cycle.method == "HEAD":
+        return False
+    if not isinstance(response.body, bytes) or not 200 <= response.status <= 999:
+        return False
+    request = cycle.request
+    if request.http_version != "1.1":
+        return False
+    connection = request.headers.get_all("connection")
+    return not connection or all(
+        token.strip().lower() != "close" for value in connection for token in value.split(",")
+    )
+
+
 class ConnectionGone(Exception):
     """The transport closed while a response was being written."""
 
@@ -81,7 +113,7 @@ class ResponseWriter:
     """Writes one connection's responses to its transport (the h11 connection that
     frames them is passed per call: the connection replaces it between requests)."""
 
-    __slots__ = ("_loop", "_transport", "_count_sent", "_paused", "_closed", "_writable")
+    __slots__ = ("_loop", "_transport", "_count_sent", "_paused", "_closed", "_writable", "_plain_head")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, count_sent: Callable[[int], None] | None) -> None:
         """``count_sent(n)`` (optional) is told about every response body chunk."""
@@ -91,6 +123,8 @@ class ResponseWriter:
         self._paused = False
         self._closed = False
         self._writable: asyncio.Future[None] | None = None
+        self._plain_head = b""
+        """The head ``_head`` serialized for ``_send_plain``."""
 
     def attach(self, transport: asyncio.Transport) -> None:
         """Write to ``transport`` from now on."""
@@ -155,6 +189,11 @@ class ResponseWriter:
             raise ConnectionGone
         cycle.response_started = True
         cycle.status = response.status
+        if head is _PLAIN:
+            self._send_plain(cycle, response)
+            await self.drain()
+            return
+        assert isinstance(head, h11.Response)
         self.write(conn.send(head))
         body = response.body
         with_body = cycle.method != "HEAD" and response.status not in _NO_BODY_STATUSES
@@ -166,6 +205,7 @@ class ResponseWriter:
         else:
             await self._stream(conn, cycle, body)
         self.write(conn.send(h11.EndOfMessage()))
+        cycle.keep_alive = conn.our_state is h11.DONE
         await self.drain()
 
     def reject(self, conn: h11.Connection, status: int, request_id: str) -> int:
@@ -189,17 +229,21 @@ class ResponseWriter:
         self.write(data)
         return len(body)
 
-    def _head(self, cycle: RequestCycle, response: Response) -> h11.Response:
-        """The h11 response head; raises on an invalid status or header."""
+    def _head(self, cycle: RequestCycle, response: Response) -> h11.Response | _Plain:
+        """The h11 response head, or ``_PLAIN`` when the response may be written
+        without h11 (``_plain_allowed``; the head is then kept serialized for
+        ``_send_plain``); raises on an invalid status or header."""
         status = response.status
         headers = [_SERVER_HEADER, (b"date", _http_date())]
-        has_length = has_request_id = False
+        has_length = has_request_id = framing = False
         for name, value in response.headers:
             lower = name.lower()
             if lower == "content-length":
                 has_length = True
             elif lower == "x-request-id":
                 has_request_id = True
+            elif lower in _FRAMING_HEADERS:
+                framing = True
             headers.append((name.encode("latin-1"), value.encode("latin-1")))
         if not has_request_id:
             headers.append((b"x-request-id", cycle.request.request_id.encode("ascii")))
@@ -211,7 +255,26 @@ class ResponseWriter:
         reason = response.reason.encode("ascii") if response.reason else _REASONS.get(status, b"")
         if not _plainly_valid(headers):
             return h11.Response(status_code=status, headers=headers, reason=reason)  # h11 says what is wrong
+        if not (has_length or framing) and _plain_allowed(cycle, response) and _PLAIN_REASON.fullmatch(reason):
+            self._plain_head = b"HTTP/1.1 %d %s\r\n%s\r\n" % (
+                status, reason, b"".join([b"%s: %s\r\n" % header for header in headers])
+            )
+            return _PLAIN
         return h11.Response(status_code=status, headers=headers, reason=reason, http_version=b"1.1", _parsed=True)
+
+    def _send_plain(self, cycle: RequestCycle, response: Response) -> None:
+        """Write a response ``_head`` found plain, in one write with its body."""
+        head, self._plain_head = self._plain_head, b""
+        body = response.body
+        assert isinstance(body, bytes)
+        if response.status in _NO_BODY_STATUSES or not body:
+            self.write(head)
+        else:
+            self.write(head + body)
+            cycle.bytes_out += len(body)
+            if self._count_sent is not None:
+                self._count_sent(len(body))
+        cycle.keep_alive = True
 
     def _send_data(self, conn: h11.Connection, cycle: RequestCycle, data: bytes) -> None:
         # The passthrough variant writes the application's bytes object itself

@@ -24,9 +24,11 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
-__all__ = ["SPLICE_SUPPORTED", "SpliceResult", "pwrite_chunks", "splice_socket_to_file", "write_then_splice"]
+__all__ = [
+    "SPLICE_SUPPORTED", "SpliceResult", "StopFlag", "pwrite_chunks", "splice_socket_to_file", "write_then_splice",
+]
 
 SPLICE_SUPPORTED: Final = hasattr(os, "splice") and hasattr(select, "poll")
 """Whether this platform has ``splice(2)`` (Linux, Python 3.10+)."""
@@ -49,6 +51,13 @@ POLL_SLICE_SECONDS: Final = 0.02
 _SOCKET_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _FILE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0)
 _POLL_IN = select.POLLIN | select.POLLERR | select.POLLHUP if SPLICE_SUPPORTED else 0
+
+
+class StopFlag(Protocol):
+    """Asks a running worker call to return (``types.CopyStop``, or a
+    ``threading.Event``); polled between socket waits."""
+
+    def is_set(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -103,7 +112,7 @@ def splice_socket_to_file(
     fd: int,
     offset: int,
     count: int,
-    stops: Sequence[threading.Event],
+    stops: Sequence[StopFlag],
     idle: float,
 ) -> SpliceResult:
     """Move up to ``count`` bytes from the (non-blocking) socket ``sock_fd`` into file
@@ -166,7 +175,7 @@ def write_then_splice(
     fd: int,
     offset: int,
     count: int,
-    stops: Sequence[threading.Event],
+    stops: Sequence[StopFlag],
     idle: float,
     first: Sequence[bytes | memoryview],
 ) -> SpliceResult:

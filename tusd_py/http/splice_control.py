@@ -15,12 +15,12 @@ import fcntl
 import os
 import struct
 import termios
-import threading
 from collections.abc import Sequence
 from typing import Final, Protocol
 
 from tusd_py.http import splice as _splice
 from tusd_py.http.flow import ReadingGate
+from tusd_py.http.handoff import WorkerCall
 from tusd_py.http.limits import KiB
 from tusd_py.http.loop import pause_reading_is_strict
 from tusd_py.http.types import CopyStop, CopyTarget
@@ -87,7 +87,7 @@ class SpliceControl:
         self._source = source
         self._wanted = False
         self._release_scheduled = False
-        self._abort: threading.Event | None = None
+        self._abort: CopyStop | None = None
         """Set when the connection is lost while a splice thread runs."""
 
     @property
@@ -129,36 +129,37 @@ class SpliceControl:
             return 0
         return budget if waiting >= min(SPLICE_MIN_WAITING, budget) else 0
 
-    async def move(
+    def move(
         self, target: CopyTarget, count: int, stop: CopyStop, first: Sequence[bytes | memoryview] = ()
-    ) -> _splice.SpliceResult:
-        """On a worker thread: write ``first`` (body bytes already read) at
+    ) -> WorkerCall[_splice.SpliceResult]:
+        """Start, on a worker thread: write ``first`` (body bytes already read) at
         ``target.offset``, then move up to ``count`` body bytes from the socket into
         the file right after them (``count`` comes from ``waiting``; reading is held).
-        The connection is told what was taken from the socket."""
-        abort = self._abort = threading.Event()
+        The connection is told what was taken from the socket as soon as the call
+        ends, before a waiting body is woken, and also when nobody waits any more (a
+        cancelled request).
+
+        Not a coroutine: the work starts now, not one event loop turn later in a task
+        of its own."""
+        abort = self._abort = CopyStop()
         # The thread gets its own descriptor: if the transport closes the socket
         # meanwhile, its number cannot be reused by another connection under us.
         sock_fd = os.dup(self._sock_fd)
         try:
-            work = self._loop.run_in_executor(
+            return WorkerCall(
+                self._loop,
                 target.executor,
                 _splice.write_then_splice,
-                sock_fd,
-                target.fd,
-                target.offset,
-                count,
-                (abort, stop.event),
-                SPLICE_IDLE_SECONDS,
-                first,
+                (sock_fd, target.fd, target.offset, count, (abort, stop), SPLICE_IDLE_SECONDS, first),
+                self._moved,
             )
         except BaseException:
             os.close(sock_fd)
             self._abort = None
             raise
-        try:
-            result = await work
-        finally:
-            self._abort = None
-        self._source.body_spliced(result.consumed, result.eof, result.file_error is not None)
-        return result
+
+    def _moved(self, call: WorkerCall[_splice.SpliceResult]) -> None:
+        self._abort = None
+        result = call.result
+        if result is not None:  # else the call failed: the waiting body gets the error
+            self._source.body_spliced(result.consumed, result.eof, result.file_error is not None)

@@ -7,7 +7,6 @@ or a socket, and the HTTP layer never sees tus. An application is an async calla
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -100,24 +99,26 @@ class CopyTarget(Protocol):
 
 class CopyStop:
     """Asks a running ``CopyableBody.copy_into`` to return early (with what it has
-    moved so far). ``set`` is called on the event loop thread; worker threads see it
-    through ``event``."""
+    moved so far). ``set`` is called on the event loop thread; worker threads poll
+    ``is_set``. A plain flag, not a ``threading.Event``: a worker only ever polls it
+    (between socket waits of at most ``splice.POLL_SLICE_SECONDS``), and an Event
+    (a lock and a condition) would be built for every copy of every request."""
 
-    __slots__ = ("event", "_on_set")
+    __slots__ = ("_stopped", "_on_set")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self._stopped = False
         self._on_set: Callable[[], None] | None = None
 
     def set(self) -> None:
         """Stop the copy (idempotent)."""
-        self.event.set()
+        self._stopped = True
         if self._on_set is not None:
             self._on_set()
 
     def is_set(self) -> bool:
-        """Whether ``set`` was called."""
-        return self.event.is_set()
+        """Whether ``set`` was called (safe to ask from any thread)."""
+        return self._stopped
 
     def on_set(self, callback: Callable[[], None] | None) -> None:
         """Call ``callback`` (on the event loop thread) when ``set`` is called; used by

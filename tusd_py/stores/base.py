@@ -127,6 +127,14 @@ class UploadInfo:
     """An opaque text the pre-create hook chose (e.g. the uploader's user id), kept
     with the upload and passed to every later hook; never sent to clients."""
 
+    def with_offset(self, offset: int) -> UploadInfo:
+        """This snapshot at ``offset``: ``dataclasses.replace(self, offset=offset)``
+        at half the cost (no walk over the fields; every PATCH takes one)."""
+        return UploadInfo(
+            self.id, self.length, offset, self.metadata, self.created_at, self.expires_at, self.is_partial,
+            self.partial_ids, self.finished, self.storage, self.owner,
+        )
+
     @property
     def is_final(self) -> bool:
         return self.partial_ids is not None

@@ -182,7 +182,7 @@ class _Directory:
             return info, None  # nothing written yet
         size = data.st_size
         offset = size if info.length is None else min(size, info.length)
-        return dataclasses.replace(info, offset=offset), FileIdentity(data.st_dev, data.st_ino)
+        return info.with_offset(offset), FileIdentity(data.st_dev, data.st_ino)
 
 
     def _cached_info(self, upload_id: str, info_path: str) -> UploadInfo:
@@ -306,7 +306,7 @@ class FileUpload:
                         # closed only once that thread is done with it.
                         entry.in_flight = writer.in_flight
         finally:
-            self._info = dataclasses.replace(info, offset=position)
+            self._info = info.with_offset(position)
             # Kept for the next PATCH unless the upload is complete.
             self._directory.open_files.check_in(entry, keep=info.length is None or position < info.length)
         return self._info

@@ -28,11 +28,11 @@ own last hold needs no thread hand-off to stat the files.
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from types import TracebackType
+from typing import Any, Generic, TypeVar
 
 from tusd_py.lockers.base import LockGeneration
 
@@ -86,17 +86,34 @@ class KeptStates(Generic[State]):
         while len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
 
-    @contextlib.contextmanager
-    def keeping(self, upload_id: str, keep: Callable[[], None]) -> Iterator[None]:
+    def keeping(self, upload_id: str, keep: Callable[[], None]) -> _Keeping:
         """Around a call under the lock: ``keep`` the state it ends with (the caller's
         ``keep`` calls ``KeptStates.keep``), drop what was kept when it fails."""
-        try:
-            yield
-        except BaseException:
-            self.forget(upload_id)
-            raise
-        keep()
+        return _Keeping(self, upload_id, keep)
 
     def forget(self, upload_id: str) -> None:
         """Drop the kept state (the stored bytes are unknown, or the upload is gone)."""
         self._entries.pop(upload_id, None)
+
+
+class _Keeping:
+    """``KeptStates.keeping``: a plain class, not a generator-based context manager
+    (one per store call of every request)."""
+
+    __slots__ = ("_states", "_upload_id", "_keep")
+
+    def __init__(self, states: KeptStates[Any], upload_id: str, keep: Callable[[], None]) -> None:
+        self._states = states
+        self._upload_id = upload_id
+        self._keep = keep
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self._keep()
+        else:
+            self._states.forget(self._upload_id)

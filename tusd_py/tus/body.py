@@ -187,6 +187,7 @@ class GuardedBody:
                 if self._remaining is not None:
                     self._remaining -= moved
                 self.yielded += moved
+                self._note_complete()
                 return moved
             if not stop.is_set():
                 self.reason = EndReason.COMPLETE
@@ -196,6 +197,22 @@ class GuardedBody:
                 return 0
             # Stopped by ``stop()`` while nothing had moved: ask the policy again
             # (drain what still arrives, or end at once if the lock was lost).
+
+    def _note_complete(self) -> None:
+        """After a copy: when it took the last byte of the body (and nothing stops the
+        body or bounds it), the body ended, and the store's next call (every store
+        makes one to learn that) ends at once instead of asking the request body
+        again. What ``_plan`` would find then (a stop, the limit) keeps deciding."""
+        body = self._body
+        length = body.length
+        if (
+            length is not None
+            and body.received >= length
+            and self._remaining != 0
+            and self._stop_reason is None
+            and (self._lost is None or not self._lost.is_set())
+        ):
+            self.reason = EndReason.COMPLETE
 
     async def _read(self, cancellable: bool) -> bytes:
         if self._chunks is None:

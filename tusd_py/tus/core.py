@@ -7,7 +7,7 @@ once, so the two protocols store bytes and finish uploads in exactly one way.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -147,8 +147,8 @@ class UploadCore:
             raise TusError(ERR_LOCK_LOST)
 
         body.stop_when_lost(held.lost)
-        lost_watch = asyncio.ensure_future(held.lost.wait())
-        lost_watch.add_done_callback(lambda task: None if task.cancelled() else body.stop(EndReason.LOST))
+        stop_lost = functools.partial(body.stop, EndReason.LOST)
+        held.lost.add_callback(stop_lost)
         self._bodies.add(body)
         if self._shutting_down:
             body.stop(EndReason.RELEASED)
@@ -168,7 +168,7 @@ class UploadCore:
             raise TusError(ERR_STORE_UNAVAILABLE, headers=[("Upload-Offset", str(stored))]) from error
         finally:
             self._bodies.discard(body)
-            lost_watch.cancel()
+            held.lost.remove_callback(stop_lost)
         offset = info.offset
         self.events.received(info, request)
 

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -221,6 +222,10 @@ class UploadObserver(Protocol):
         ...
 
 
+_NO_PROGRESS: Final = contextlib.nullcontext()
+"""``UploadEvents.receiving`` without a post-receive hook (stateless, so shared)."""
+
+
 class UploadEvents:
     """Hook events and upload counters of one handler; both parts are optional."""
 
@@ -261,17 +266,20 @@ class UploadEvents:
         if self._hooks is not None and self._wants(POST_CREATE):
             self._hooks.post_create(info, self._context(request))
 
-    @contextlib.contextmanager
-    def receiving(self, info: UploadInfo, body: GuardedBody, request: Request) -> Iterator[None]:
+    def receiving(self, info: UploadInfo, body: GuardedBody, request: Request) -> AbstractContextManager[None]:
         """Offer post-receive progress while the block (``store.write``) runs.
 
         ``info.offset`` must be the offset the write starts at. Progress is read from
-        ``body.yielded`` by a timer, so the hot path pays nothing per chunk.
+        ``body.yielded`` by a timer, so the hot path pays nothing per chunk; without a
+        post-receive hook nothing at all (a shared no-op context manager).
         """
         hooks = self._hooks
         if hooks is None or not hooks.wants(POST_RECEIVE):
-            yield
-            return
+            return _NO_PROGRESS
+        return self._reporting(hooks, info, body, request)
+
+    @contextlib.contextmanager
+    def _reporting(self, hooks: UploadHooks, info: UploadInfo, body: GuardedBody, request: Request) -> Iterator[None]:
         loop = asyncio.get_running_loop()
         context = self._context(request)
         start = info.offset
