@@ -54,8 +54,8 @@ _POLL_IN = select.POLLIN | select.POLLERR | select.POLLHUP if SPLICE_SUPPORTED e
 
 
 class StopFlag(Protocol):
-    """Asks a running worker call to return (``types.CopyStop``, or a
-    ``threading.Event``); polled between socket waits."""
+    """Asks a running worker call to return (``types.CopyStop``); polled between
+    socket waits."""
 
     def is_set(self) -> bool: ...
 
