@@ -1,9 +1,10 @@
-"""Responses to requests whose body the connection framed, written without h11.
+"""Responses to requests whose body the connection framed, or whose plain head h11
+never saw, written without h11.
 
 Over real sockets: the bytes on the wire must be exactly what h11 writes for the same
 response (checked against h11 itself), the connection must serve the next request,
 and whatever h11 decides differently (a client that asks to close, HTTP/1.0, an
-application's own framing headers, HEAD, no body) must still go through h11.
+application's own framing headers, a head h11 parsed) must still go through h11.
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ def h11_bytes(request_head: bytes, response: h11.Response, body: bytes) -> bytes
     return data + (conn.send(h11.EndOfMessage()) or b"")
 
 
-async def read_exactly_response(connection: RawConnection) -> bytes:
+async def read_exactly_response(connection: RawConnection, with_body: bool = True) -> bytes:
     head = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), WAIT)
+    if not with_body:
+        return head
     length = 0
     for line in head.split(b"\r\n"):
         name, _, value = line.partition(b":")
@@ -91,6 +94,16 @@ def header_value(response: bytes, name: bytes) -> bytes:
 
 @pytest.mark.both_loops
 @pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"PATCH /u HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        # Plain heads without a body are parsed without h11 (``http/head.py``).
+        b"HEAD /u HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n\r\n",
+        b"POST /u HTTP/1.1\r\nhost: x\r\nConnection: keep-alive\r\nUpload-Length: 3\r\n\r\n",
+    ],
+    ids=["PATCH", "HEAD", "POST"],
+)
+@pytest.mark.parametrize(
     ("status", "headers", "body", "reason"),
     [
         (204, [("Upload-Offset", "5"), ("Tus-Resumable", "1.0.0")], b"", ""),
@@ -100,16 +113,18 @@ def header_value(response: bytes, name: bytes) -> bytes:
     ],
 )
 async def test_same_bytes_as_h11_without_h11(
-    h11_sends: list[type], status: int, headers: list[tuple[str, str]], body: bytes, reason: str
+    h11_sends: list[type], request_bytes: bytes, status: int, headers: list[tuple[str, str]], body: bytes,
+    reason: str
 ) -> None:
     handler = Answering(lambda _: Response(status, list(headers), body, reason))
-    request_head = b"PATCH /u HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+    request_head = request_bytes[:request_bytes.index(b"\r\n\r\n") + 4]
+    is_head = request_bytes.startswith(b"HEAD ")
     async with running(handler) as port:
         connection = await RawConnection.open(port)
         try:
             for _ in range(2):  # and the connection serves the next request
-                await connection.send(request_head + b"hello")
-                written = await read_exactly_response(connection)
+                await connection.send(request_bytes)
+                written = await read_exactly_response(connection, with_body=not is_head)
                 request_id = header_value(written, b"x-request-id")
                 date = header_value(written, b"date")
                 expected_headers = [(b"server", b"tusd-py"), (b"date", date)]
@@ -119,7 +134,7 @@ async def test_same_bytes_as_h11_without_h11(
                     expected_headers.append((b"content-length", str(len(body)).encode()))
                 expected = h11.Response(status_code=status, headers=expected_headers, reason=reason.encode()
                                         or h11_reason(status))
-                assert written == h11_bytes(request_head, expected, b"" if status == 204 else body)
+                assert written == h11_bytes(request_head, expected, b"" if status == 204 or is_head else body)
         finally:
             await connection.close()
     assert h11_sends == []  # neither response went through h11
@@ -164,16 +179,29 @@ async def test_what_h11_decides_goes_through_h11(
     assert h11.Response in h11_sends
 
 
-async def test_a_request_without_a_body_goes_through_h11(h11_sends: list[type]) -> None:
-    """Its h11 connection goes on to the next request, so h11 must see the response."""
+@pytest.mark.parametrize(
+    ("plain_head", "through_h11"),
+    [
+        (b"HEAD /u HTTP/1.1\r\nHost: x\r\n\r\n", 0),
+        # Not plain (``http/head.py``): h11 parses the head, so it must see the response.
+        (b"HEAD /u HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n", 2),
+        (b"HEAD /u HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, x-foo\r\n\r\n", 2),
+    ],
+)
+async def test_a_request_without_a_body_goes_through_h11_unless_its_head_is_plain(
+    h11_sends: list[type], plain_head: bytes, through_h11: int
+) -> None:
+    """Its h11 connection goes on to the next request: h11 must see the response to a
+    head it parsed, and must not see one to a head it never saw."""
     handler = Answering(lambda _: Response(204, [("Upload-Offset", "0")]))
     async with running(handler) as port:
         connection = await RawConnection.open(port)
         try:
+            # Both requests in one write: the second waits (pipelined) for the first.
+            await connection.send(plain_head * 2)
             for _ in range(2):
-                await connection.send(b"HEAD /u HTTP/1.1\r\nHost: x\r\n\r\n")
                 written = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), WAIT)
                 assert written.startswith(b"HTTP/1.1 204 No Content\r\n")
         finally:
             await connection.close()
-    assert h11_sends.count(h11.Response) == 2
+    assert h11_sends.count(h11.Response) == through_h11

@@ -58,6 +58,7 @@ class RequestCycle:
     __slots__ = (
         "_host",
         "_conn",
+        "_unparsed_head",
         "request",
         "body",
         "method",
@@ -78,10 +79,14 @@ class RequestCycle:
         "aborted",
     )
 
-    def __init__(self, host: CycleHost, conn: h11.Connection, method: str, target: str, expect_continue: bool) -> None:
-        """``conn``: the h11 connection that parsed the request and frames its response."""
+    def __init__(self, host: CycleHost, conn: h11.Connection, method: str, target: str, expect_continue: bool,
+                 unparsed_head: bytes | None = None) -> None:
+        """``conn``: the h11 connection that parsed the request and frames its
+        response; or, with ``unparsed_head`` (a head parsed without h11), the idle h11
+        connection that is handed that head if a response needs h11."""
         self._host = host
         self._conn = conn
+        self._unparsed_head = unparsed_head
         self.method = method
         self.target = target
         self.started = time.perf_counter()
@@ -106,6 +111,23 @@ class RequestCycle:
         """The client hung up before the end of the request body."""
         self.request: Request
         self.body: RequestBody
+
+    def h11_connection(self) -> h11.Connection:
+        """The h11 connection that frames this exchange's responses; a head parsed
+        without h11 is handed to it first (then h11 follows as if it had parsed it)."""
+        head = self._unparsed_head
+        if head is not None:
+            self._unparsed_head = None
+            self._conn.receive_data(head)
+            event = self._conn.next_event()
+            if type(event) is not h11.Request:
+                raise RuntimeError(f"h11 did not parse a head parsed before: {event!r}")
+        return self._conn
+
+    @property
+    def h11_untouched(self) -> bool:
+        """Whether this exchange left its h11 connection as it found it (idle, empty)."""
+        return self._unparsed_head is not None
 
     # -- BodyFlow ------------------------------------------------------------------
 
@@ -159,7 +181,7 @@ class RequestCycle:
                 response = text_response(500)
             if self._must_close_after(context):
                 self.close_after = True
-            await writer.send_response(self._conn, self, response)
+            await writer.send_response(self, response)
         except ConnectionGone:
             pass
         except Exception:

@@ -37,6 +37,7 @@ from tusd_py.http.access_log import log_rejected, new_request_id, request_id_fro
 from tusd_py.http.body import RequestBody
 from tusd_py.http.cycle import RequestCycle
 from tusd_py.http.flow import ReadingGate
+from tusd_py.http.head import parse_simple_head
 from tusd_py.http.intake import BODY_READ_SIZE, READ_SIZE, BodyIntake
 from tusd_py.http.response import ResponseWriter
 from tusd_py.http.splice_control import SpliceControl, splice_socket
@@ -62,6 +63,8 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         self._limits = context.limits
         self._loop = asyncio.get_running_loop()
         self._conn = self._new_h11()
+        self._h11_empty = True
+        """``_conn`` is idle and holds no bytes: a plain head may bypass it."""
         self._transport: asyncio.Transport | None = None
         self._client: tuple[str, int] | None = None
         self._client_text = "-"
@@ -145,10 +148,19 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         if cycle is not None and cycle.framed_here:
             self._intake.on_framed_bytes(cycle, self._intake.read(nbytes))
             return
-        if cycle is None:
-            self._idle_bytes += nbytes
-        # h11 copies the bytes into its own buffer, so the view can be passed as is.
-        self._conn.receive_data(cast(bytes, self._intake.read(nbytes)))
+        self._receive(self._intake.read(nbytes))
+
+    def _receive(self, data: bytes | memoryview) -> None:
+        """Bytes of request heads (or of a body h11 frames): a plain head complete
+        in them while h11 holds nothing starts a request without h11; anything else
+        goes to h11."""
+        if self._cycle is None:
+            if self._h11_empty and self._start_simple(data):
+                return
+            self._idle_bytes += len(data)
+        self._h11_empty = False
+        # h11 copies the bytes into its own buffer, so a view can be passed as is.
+        self._conn.receive_data(cast(bytes, data))
         self._process_events()
 
     def eof_received(self) -> bool:
@@ -242,6 +254,28 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         if self._cycle is None and not self._closing:
             self._arm_idle_timer()
 
+    def _start_simple(self, data: bytes | memoryview) -> bool:
+        """Start the request whose head begins ``data`` without h11, if the head is
+        complete and plain (``head.py``); the rest of ``data`` is its body or the
+        next request's. False: nothing was done."""
+        head = parse_simple_head(data, self._limits.max_header_size)
+        if head is None:
+            return False
+        self._timer.cancel()
+        self._idle_bytes = 0
+        headers = Headers.lowered(head.headers)
+        cycle = RequestCycle(self, self._conn, head.method, head.target, False, head.raw)
+        self._start_cycle(cycle, headers, head.length, "1.1")
+        self._intake.frame(cycle, head.length)
+        if head.length:
+            self._reading.hold(ReadingGate.FIRST_READ)
+        else:
+            cycle.body.finish()
+        end = len(head.raw)
+        if end < len(data):
+            self._intake.on_framed_bytes(cycle, data[end:])
+        return True
+
     def _on_request(self, event: h11.Request) -> None:
         self._timer.cancel()
         self._idle_bytes = 0
@@ -255,24 +289,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         method = event.method.decode("ascii")
         target = event.target.decode("latin-1")
         cycle = RequestCycle(self, self._conn, method, target, self._conn.they_are_waiting_for_100_continue)
-        # Only a body framed here can be spliced: h11 holds none of its bytes.
-        splice = self._splice if length else None
-        body = RequestBody(cycle, self._loop, length, self._limits.body_timeout, splice)
-        cycle.body = body
-        cycle.request = Request(
-            method=method,
-            target=target,
-            headers=headers,
-            body=body,
-            send_informational=cycle.send_informational,
-            client=self._client,
-            http_version=event.http_version.decode("ascii"),
-            request_id=request_id_from(headers.get("x-request-id")),
-        )
-        self._cycle = cycle
-        task = self._loop.create_task(cycle.run(self._context, self._writer, self._client_text))
-        self._task = task
-        task.add_done_callback(self._on_task_done)
+        self._start_cycle(cycle, headers, length, event.http_version.decode("ascii"))
         if length:
             self._intake.frame(cycle, length)
             # A framed body is not read from the socket before the application first
@@ -287,6 +304,27 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             trailing = self._conn.trailing_data[0]
             if trailing:
                 self._intake.on_framed_bytes(cycle, trailing)
+
+    def _start_cycle(self, cycle: RequestCycle, headers: Headers, length: int | None, http_version: str) -> None:
+        """Give ``cycle`` its request and start the application on it."""
+        # Only a body framed here can be spliced: h11 holds none of its bytes.
+        splice = self._splice if length else None
+        body = RequestBody(cycle, self._loop, length, self._limits.body_timeout, splice)
+        cycle.body = body
+        cycle.request = Request(
+            method=cycle.method,
+            target=cycle.target,
+            headers=headers,
+            body=body,
+            send_informational=cycle.send_informational,
+            client=self._client,
+            http_version=http_version,
+            request_id=request_id_from(headers.get("x-request-id")),
+        )
+        self._cycle = cycle
+        task = self._loop.create_task(cycle.run(self._context, self._writer, self._client_text))
+        self._task = task
+        task.add_done_callback(self._on_task_done)
 
     # -- IntakeHost --------------------------------------------------------------------
 
@@ -326,10 +364,10 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             and not cycle.continue_sent
             and not cycle.response_started  # (a response written without h11 leaves its state)
             and not self._closing
-            and self._conn.our_state is h11.SEND_RESPONSE
+            and cycle.h11_connection().our_state is h11.SEND_RESPONSE
         ):
             cycle.continue_sent = True
-            self._writer.write_informational(self._conn, 100, [])
+            self._writer.write_informational(cycle.h11_connection(), 100, [])
 
     def body_consumed(self, cycle: RequestCycle, buffered: int) -> None:
         """Resume reading once the application of ``cycle`` has read the body down
@@ -343,7 +381,7 @@ class HTTPProtocol(asyncio.BufferedProtocol):
             raise RuntimeError("the final response was already sent")
         if self._closing:
             return  # nobody to tell
-        self._writer.write_informational(self._conn, status, headers)
+        self._writer.write_informational(cycle.h11_connection(), status, headers)
         if status == 100:
             cycle.continue_sent = True
         await self._writer.drain()
@@ -379,15 +417,20 @@ class HTTPProtocol(asyncio.BufferedProtocol):
         self._cycle = None
         self._timer.cancel()
         pending = self._intake.end()
+        self._reading.release(ReadingGate.BACKPRESSURE | ReadingGate.PIPELINE | ReadingGate.FIRST_READ)
         if cycle.framed_here:
-            self._conn = self._new_h11()
-            self._idle_bytes = len(pending)
+            if not cycle.h11_untouched:
+                self._conn = self._new_h11()
+                self._h11_empty = True
+            self._idle_bytes = 0
             if pending:
-                self._conn.receive_data(pending)
+                self._receive(pending)
+                return
         else:
             self._conn.start_next_cycle()
-            self._idle_bytes = len(self._conn.trailing_data[0])
-        self._reading.release(ReadingGate.BACKPRESSURE | ReadingGate.PIPELINE | ReadingGate.FIRST_READ)
+            trailing = self._conn.trailing_data[0]
+            self._idle_bytes = len(trailing)
+            self._h11_empty = not trailing
         self._process_events()
 
     # -- closing, errors and timers ----------------------------------------------------

@@ -66,13 +66,14 @@ _PLAIN: Final = _Plain()
 
 def _plain_allowed(cycle: RequestCycle, response: Response) -> bool:
     """Whether ``response`` may be written without h11: the common answer to a
-    request whose body the connection framed (PATCH, POST with a body). Its h11
-    connection is replaced after the response anyway, so h11 need not follow it;
-    h11 would write the same bytes: an HTTP/1.1 client that keeps the connection
-    open (no ``Connection: close``), a final response with a bytes body (Content-Length
-    added here, none from the application, no Transfer-Encoding or Connection) and
+    request whose body the connection framed (PATCH, POST with a body) or whose head
+    h11 never saw (``head.py``). Its h11 connection is replaced after the response or
+    never learnt of the request, so h11 need not follow it; h11 would write the same
+    bytes: an HTTP/1.1 client that keeps the connection open (no ``Connection:
+    close``), a final response with a bytes body (Content-Length added here, none
+    from the application, no Transfer-Encoding or Connection; no body for HEAD) and
     the connection staying open. Anything else goes through h11."""
-    if not cycle.framed_here or cycle.close_after or cycle.method == "HEAD":
+    if not cycle.framed_here or cycle.close_after:
         return False
     if not isinstance(response.body, bytes) or not 200 <= response.status <= 999:
         return False
@@ -171,7 +172,7 @@ class ResponseWriter:
         if self._closed:
             raise ConnectionGone
 
-    async def send_response(self, conn: h11.Connection, cycle: RequestCycle, response: Response) -> None:
+    async def send_response(self, cycle: RequestCycle, response: Response) -> None:
         """Write ``response`` to ``cycle``'s request, body included (none for HEAD,
         204 and 304). An invalid status or header from the application becomes a
         500 (nothing of it is written). Raises ``ConnectionGone``."""
@@ -194,6 +195,7 @@ class ResponseWriter:
             await self.drain()
             return
         assert isinstance(head, h11.Response)
+        conn = cycle.h11_connection()
         self.write(conn.send(head))
         body = response.body
         with_body = cycle.method != "HEAD" and response.status not in _NO_BODY_STATUSES
@@ -267,7 +269,7 @@ class ResponseWriter:
         head, self._plain_head = self._plain_head, b""
         body = response.body
         assert isinstance(body, bytes)
-        if response.status in _NO_BODY_STATUSES or not body:
+        if response.status in _NO_BODY_STATUSES or not body or cycle.method == "HEAD":
             self.write(head)
         else:
             self.write(head + body)
