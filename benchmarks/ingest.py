@@ -59,6 +59,7 @@ from benchmarks.common import (
     median,
     parse_size,
     random_buffer,
+    retire_files,
     warm_free_memory,
 )
 from benchmarks.measurement import (
@@ -304,6 +305,11 @@ class FileTargets(ServerGroup):
         flush_page_cache()
         if self.options.warm_memory:
             warm_free_memory(self.disk_dir, size, self.buffer)
+
+    def retire_uploads(self, target: str) -> None:
+        """Move ``target``'s uploads out of its data directory without deleting them
+        (see ``retire_files``)."""
+        retire_files(self.data_dir(target), self.options.data_dir / "retired")
 
     def measure(self, target: str, workload: Workload) -> Measurement:
         """Measure ``target`` taking ``workload`` once, prepared like every other one."""

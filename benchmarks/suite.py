@@ -92,6 +92,11 @@ CONNECTION_LIMIT = "loopback"
 
 # Goals from the issues and DESIGN.md, checked against the ratios.
 FILE_THROUGHPUT_GOAL = Target("limit", ingest.THROUGHPUT_TARGET, "≥ 0.60 of min(loopback, disk)")
+# Many small PATCHes (issue 14): half the limit.
+FILE_SMALL_PATCH_GOAL = Target("limit", 0.5, "≥ 0.5 of min(loopback, disk)")
+SMALL_PATCH = 1 * MiB
+# Small requests (issue 14), one worker, against @tus/server in the same run.
+RATE_GOAL = Target("peer", 1.5, "≥ 1.5x @tus/server")
 S3_TIME_GOAL = Target("limit", 1 / 1.15, "time ≤ 1.15x the limit's (ratio ≥ 0.87)")
 S3_PEER_GOAL = Target("peer", 1.0, "faster than @tus/s3-store (> 1)")
 # Each byte of a 1 MiB-PATCH upload reaches S3 at most twice (once in a tail segment,
@@ -218,9 +223,11 @@ class Suite:
                 return _row_from(targets.measure(target, workload), FILE, run, target)
             return action
 
-        def on_server(target: str, size: int, measure: Callable[[ServerProcess], Row]) -> Callable[[], Row]:
+        def on_server(target: str, size: int, measure: Callable[[ServerProcess], Row],
+                      retire: bool = False) -> Callable[[], Row]:
             """``measure(server)`` on a freshly started server, between two cleanups of its
-            data directory (``size``: how much warm free memory the measurement needs).
+            data directory (``size``: how much warm free memory the measurement needs;
+            ``retire``: move the uploads away after it instead, see ``retire_files``).
 
             Fresh, because a server's heap keeps what an earlier workload grew it to
             (glibc rarely returns it): without a restart, every peak RSS after the 200
@@ -232,6 +239,8 @@ class Suite:
                 try:
                     return measure(server)
                 finally:
+                    if retire:
+                        targets.retire_uploads(target)
                     targets.prepare(target, 0)
             return action
 
@@ -253,7 +262,7 @@ class Suite:
                 for target in connection_targets:
                     measure = partial(measure_request_rate, store=FILE, run=run, load=rate)
                     steps.append(Step(f"file {rate.name} {target} ({tag})", rate.seconds + 2.5 + rate.held_idle / 2000,
-                                      on_server(target, 0, measure)))
+                                      on_server(target, 0, measure, retire=True)))
             for target in connection_targets:
                 measure = partial(measure_idle_and_slow, store=FILE, run=run, load=idle, buffer=self.buffer)
                 steps.append(Step(f"file {idle.name} {target} ({tag})", idle.seconds + 5,
@@ -375,11 +384,37 @@ def _goals(results: SuiteResults, median_rows: list[Row], sizes: Sizes) -> list[
             met = row.peak_rss_mib < ingest.RSS_TARGET_BYTES / MiB
             lines.append(f"- file {single}: tusd-py peak RSS {row.peak_rss_mib:.1f} MiB "
                          f"(goal < {ingest.RSS_TARGET_BYTES // MiB} MiB: {'met' if met else '**missed**'})")
+    lines += _connection_goals(median_rows, sizes)
     for traffic in results.traffic:
         if traffic.target == "tusd-py":
             met = traffic.up_ratio <= S3_TRAFFIC_GOAL_RATIO
             lines.append(f"- s3 {traffic.workload}: tusd-py sent {traffic.up_ratio:.2f}x the upload to S3 "
                          f"(goal ≤ {S3_TRAFFIC_GOAL_RATIO}x, linear: {'met' if met else '**missed**'})")
+    return lines
+
+
+IDLE_KIB_GOAL = 16.0
+HELD_RATE_GOAL = 0.9
+
+
+def _connection_goals(median_rows: list[Row], sizes: Sizes) -> list[str]:
+    """Issue 14's idle-connection goals: RSS per idle connection, and the HEAD rate
+    while idle connections are held against the rate without them."""
+    lines = []
+    ours = [row for row in median_rows if row.store == FILE and row.target == TUSD_PY]
+    for row in ours:
+        if row.rss_per_idle_kib is not None:
+            met = row.rss_per_idle_kib <= IDLE_KIB_GOAL
+            lines.append(f"- file {row.workload}: tusd-py {row.rss_per_idle_kib:.1f} KiB per idle connection "
+                         f"(goal ≤ {IDLE_KIB_GOAL:.0f} KiB: {'met' if met else '**missed**'})")
+    rates = {row.workload: row.value for row in ours}
+    for rate in sizes.rates:
+        alone = RequestRate(rate.method, rate.connections, rate.seconds).name
+        if rate.held_idle and rate.name in rates and rates.get(alone):
+            share = rates[rate.name] / rates[alone]
+            met = share >= HELD_RATE_GOAL
+            lines.append(f"- file {rate.name}: tusd-py at {share:.2f} of its rate without them "
+                         f"(goal ≥ {HELD_RATE_GOAL}: {'met' if met else '**missed**'})")
     return lines
 
 
@@ -452,7 +487,11 @@ def write_results(results: SuiteResults, sizes: Sizes, out: Path) -> None:
 def _ratio_goals(sizes: Sizes) -> dict[tuple[str, str], list[Target]]:
     goals: dict[tuple[str, str], list[Target]] = {}
     for workload in _throughput_workloads(sizes.file_size, sizes):
-        goals[(FILE, workload.name)] = [FILE_THROUGHPUT_GOAL]
+        small = workload.patch_size <= SMALL_PATCH < workload.size
+        goals[(FILE, workload.name)] = [FILE_SMALL_PATCH_GOAL if small else FILE_THROUGHPUT_GOAL]
+    for rate in sizes.rates:
+        if not rate.held_idle:
+            goals[(FILE, rate.name)] = [RATE_GOAL]
     for workload in _throughput_workloads(sizes.s3_size, sizes):
         goals[(S3, workload.name)] = [S3_TIME_GOAL, S3_PEER_GOAL]
     return goals
