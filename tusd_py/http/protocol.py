@@ -3,8 +3,9 @@
 Reading. ``get_buffer`` hands the transport one preallocated 64 KiB buffer, so a
 read allocates nothing and h11 is never fed more than 64 KiB at once (larger feeds
 cross glibc's mmap threshold and make h11 ~10x slower); a request head is read 4 KiB
-at a time (``HEAD_READ_SIZE``), leaving the body that follows it in the socket. h11 parses every request
-head and chunked bodies. A body with a Content-Length is framed here instead: once
+at a time (``HEAD_READ_SIZE``), leaving the body that follows it in the socket. A plain head
+complete in one read is parsed by ``head.py`` and never reaches h11 (unless its response needs
+h11); h11 parses every other request head and chunked bodies. A body with a Content-Length is framed here instead: once
 h11 has parsed the head, the next ``length`` bytes are the body, and handing them to
 the application straight from the read buffer saves h11's three copies and its
 per-event overhead -- the difference between ~2 GB/s and the wire speed of loopback.
