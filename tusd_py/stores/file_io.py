@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tusd_py.stores.base import StoreUnavailable
 
@@ -332,6 +332,40 @@ def log_close_error(future: concurrent.futures.Future[None]) -> None:
 def unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+async def run_on(pool: concurrent.futures.Executor, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on ``pool``, as ``loop.run_in_executor`` runs it (a call
+    still queued when the caller is cancelled never starts), but the worker reports
+    the end with one loop callback: no concurrent future chained to an asyncio one.
+    A POST's create is one such call; the chaining cost about 7% of the POST rate."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def work() -> None:
+        if future.cancelled():  # a read of one attribute: safe off the loop
+            return
+        try:
+            result = function(*args)
+        except BaseException as error:
+            loop.call_soon_threadsafe(_give_error, future, error)
+        else:
+            loop.call_soon_threadsafe(_give_result, future, result)
+
+    pool.submit(work)
+    return await future
+
+
+def _give_result(future: asyncio.Future[T], result: T) -> None:
+    """On the loop: a worker's result, to a caller still waiting."""
+    if not future.cancelled():
+        future.set_result(result)
+
+
+def _give_error(future: asyncio.Future[Any], error: BaseException) -> None:
+    """On the loop: a worker's error, to a caller still waiting."""
+    if not future.cancelled():
+        future.set_exception(error)
 
 
 async def wait_uncancellable(awaitable: Awaitable[T]) -> T:
