@@ -144,6 +144,24 @@ def reset_peak_rss(pid: int) -> bool:
         return False
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a supervisor's workers), from each thread's
+    ``/proc/<pid>/task/<tid>/children``."""
+    tree = [pid]
+    for parent in tree:  # grows while it is walked: breadth first
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:  # the process ended while we looked
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as file:
+                    tree.extend(int(child) for child in file.read().split())
+            except OSError:
+                continue
+    return tree
+
+
 def thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
     """Thread id -> (thread name, CPU seconds so far) for every thread of ``pid``."""
     threads: dict[int, tuple[str, float]] = {}
@@ -184,7 +202,9 @@ class ProcessUsage:
 
 
 class ProcessMonitor:
-    """Measures a process's CPU time and peak RSS over a ``with`` block.
+    """Measures a process's CPU time and peak RSS over a ``with`` block, with the
+    processes it had started when the block began (``server.workers`` > 1: the
+    supervisor and its workers; RSS is then the peak of the sampled sum).
 
     A background thread samples ``VmRSS`` every ``interval`` seconds; a thread rather
     than an asyncio task because the client's event loop is busy sending and would
@@ -204,6 +224,14 @@ class ProcessMonitor:
         self._cpu_start = 0.0
         self._main_cpu_start = 0.0
         self._threads_start: dict[int, tuple[str, float]] = {}
+        self._tree = [pid]
+
+    def _tree_cpu_seconds(self) -> float:
+        total = 0.0
+        for pid in self._tree:
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(pid)
+        return total
 
     def _sample_forever(self) -> None:
         while not self._stop.is_set():
@@ -213,15 +241,17 @@ class ProcessMonitor:
 
     def _sample(self) -> None:
         try:
-            rss = status_kib(self.pid, "VmRSS")
-        except (OSError, KeyError):  # the process ended; the harness reports that
+            rss = sum(status_kib(pid, "VmRSS") for pid in self._tree)
+        except (OSError, KeyError):  # a process ended; the harness reports that
             return
         self._samples += 1
         self._peak_kib = max(self._peak_kib, rss)
 
     def __enter__(self) -> ProcessMonitor:
-        self._hwm_reset = reset_peak_rss(self.pid)
-        self._cpu_start = cpu_seconds(self.pid)
+        self._tree = process_tree(self.pid)
+        # VmHWM is per process: with several processes only the sampled sum is a peak.
+        self._hwm_reset = len(self._tree) == 1 and reset_peak_rss(self.pid)
+        self._cpu_start = self._tree_cpu_seconds()
         self._main_cpu_start = cpu_seconds(self.pid, self.pid)
         self._threads_start = thread_cpu_seconds(self.pid)
         self._sample()
@@ -234,7 +264,7 @@ class ProcessMonitor:
         if self._thread is not None:
             self._thread.join()
         self._sample()
-        cpu = cpu_seconds(self.pid) - self._cpu_start
+        cpu = self._tree_cpu_seconds() - self._cpu_start
         main_cpu = cpu_seconds(self.pid, self.pid) - self._main_cpu_start
         by_thread: dict[str, float] = {}
         for tid, (name, seconds) in thread_cpu_seconds(self.pid).items():

@@ -474,8 +474,10 @@ def write_results(results: SuiteResults, sizes: Sizes, out: Path) -> None:
     (out / "results.md").write_text("\n".join(text))
     if median_rows:
         server_version = meta["peer_versions"].get("@tus/server")
+        workers = meta.get("tusd_py_workers", 1)
         plot(median_rows, out / "results.png",
-             f"tusd-py suite {meta['date']} ({sizes.runs} run(s), medians; load {_load(meta['load_average_before'])})",
+             f"tusd-py suite {meta['date']} ({sizes.runs} run(s), medians; load {_load(meta['load_average_before'])})"
+             + (f"; tusd-py with {workers} workers" if workers > 1 else ""),
              peer_label=f"@tus/server {server_version}" if server_version else PEER)
     document = {"meta": meta, "rows": [asdict(r) for r in results.rows],
                 "medians": [asdict(r) for r in median_rows],
@@ -518,6 +520,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", help="comma-separated substrings of workload names to run (e.g. 'rate,idle'); "
                                        "default every workload")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<date-time>)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="tusd-py's server.workers (default 1); above 1 with lock.backend \"file\", "
+                             "as several processes need")
     return parser
 
 
@@ -534,10 +539,22 @@ def _allow_many_connections() -> None:
     os.environ.setdefault("TUSD_PY_SERVER_MAX_CONNECTIONS", IDLE_MAX_CONNECTIONS)
 
 
+def _tusd_py_workers(workers: int) -> None:
+    """Run every tusd-py server with ``workers`` processes (environment variables,
+    which the servers inherit). Its CPU and RSS are then the sums over the supervisor
+    and its workers (``ProcessMonitor``)."""
+    if workers < 1:
+        raise SystemExit("--workers must be at least 1")
+    if workers > 1:
+        os.environ["TUSD_PY_SERVER_WORKERS"] = str(workers)
+        os.environ["TUSD_PY_LOCK_BACKEND"] = "file"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; 0 when every measurement succeeded, 1 when some failed."""
     args = _parser().parse_args(argv)
     _allow_many_connections()
+    _tusd_py_workers(args.workers)
     sizes = QUICK if args.quick else TINY if args.tiny else FULL
     if args.runs is not None:
         if args.runs < 1:
@@ -559,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         "peer_versions": _peer_versions() if peer else {},
         "sizes": asdict(sizes),
         "stores": stores,
+        "tusd_py_workers": args.workers,
         "load_average_before": load_average(),
         "source_digest_before": source_digest(),
     })
