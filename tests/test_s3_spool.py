@@ -43,15 +43,15 @@ async def test_slots_without_a_complete_hash_report_none(tmp_path: Any) -> None:
 
 
 async def test_a_body_of_one_flush_never_reaches_the_file(tmp_path: Any) -> None:
-    """A 1 MiB PATCH's bytes (one flush batch) stay in memory: they are read back for
+    """A 1 MiB PATCH's bytes (the slot's head) stay in memory: they are read back for
     the tail segment without a write and a read of the spool file."""
-    data = os.urandom(s3_spool.FILE_FLUSH_SIZE)
+    data = os.urandom(s3_spool.MEMORY_HEAD_SIZE)
     slot = FileSlot(str(tmp_path), hashlib.md5)
     for start in range(0, len(data), 64 * 1024):
         await slot.append(data[start:start + 64 * 1024])
     assert slot._file is None
     assert b"".join(await slot.read_chunks()) == data
-    await slot.append(b"+")  # one byte more: the batch goes to the file first
+    await slot.append(b"+")  # one byte more: the head goes to the file
     assert slot._file is not None
     assert b"".join(await slot.read_chunks()) == data + b"+"
     await slot.close()
@@ -61,7 +61,7 @@ async def test_ring_gives_file_slots_its_hasher(tmp_path: Any) -> None:
     seen: list[int] = []
     ring = SpoolRing(1, "file", str(tmp_path), seen.append, hasher=hashlib.md5)
     slot = await ring.acquire()
-    data = os.urandom(s3_spool.FILE_FLUSH_SIZE + 1)
+    data = os.urandom(s3_spool.MEMORY_HEAD_SIZE + 1)
     await slot.append(data)
     await slot.read_chunks()
     assert slot.digest() == hashlib.md5(data).digest()

@@ -251,6 +251,7 @@ async def test_a_complete_part_waits_for_its_upload_with_no_bytes_in_memory(
     """A file slot keeps up to a flush batch in memory while it fills; once its part
     is complete, the batch goes to the spool file before the part waits for its turn
     to upload (16 uploads with 3 parts waiting each held ~48 MiB of batches)."""
+    monkeypatch.setattr(s3_spool, "MEMORY_HEAD_SIZE", 3 * CHUNK)
     monkeypatch.setattr(s3_spool, "FILE_FLUSH_SIZE", 3 * CHUNK)  # PART is not a whole number of batches
     data = data_of(3 * PART)
     held_in_memory: dict[int, int] = {}

@@ -23,6 +23,7 @@ import base64
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from awscrt import checksums as crt_checksums
 
@@ -48,8 +49,9 @@ class _Crc:
         self._size = size
         self._value = 0
 
-    def update(self, data: bytes, /) -> None:
-        self._value = self._function(data, self._value)
+    def update(self, data: bytes | memoryview, /) -> None:
+        # awscrt's C side reads any buffer (a view is not copied); it annotates bytes.
+        self._value = self._function(cast(bytes, data), self._value)
 
     def digest(self) -> bytes:
         return self._value.to_bytes(self._size, "big")

@@ -31,9 +31,16 @@ from tusd_py.stores.s3_client import StreamedBody
 
 T = TypeVar("T")
 
-FILE_FLUSH_SIZE = 1024 * 1024
-"""A file slot writes to disk in batches of at most this many bytes (or one larger
-chunk): one thread hop per MiB instead of one per (possibly tiny) body chunk."""
+MEMORY_HEAD_SIZE = 1024 * 1024
+"""A file slot keeps its first bytes in memory while they are no more than this: a
+body that ends within them (a 1 MiB PATCH's tail) is read back from memory, never
+written to the file and read again."""
+FILE_FLUSH_SIZE = 512 * 1024
+"""Past its head, a file slot writes to disk once this many bytes are pending,
+together with the chunk that brought them there: a slot then holds at most this much
+(and, during the write, the chunk) in memory, not a batch plus the next chunk, and
+small body chunks still cost one thread hop per batch, not one each. 16 uploads
+receiving at once: at most 8 MiB pending in total."""
 STREAM_PIECE_SIZE = 1024 * 1024
 """A part streamed from its spool file (``FileSlot.streamed``) is read in pieces of
 this size: the memory of a part in flight, and one thread hop per piece."""
@@ -41,10 +48,15 @@ WRITEV_MAX_BUFFERS = 512
 """Chunks per ``os.writev`` call (well below Linux's IOV_MAX of 1024)."""
 
 
+Chunk = bytes | memoryview
+"""Bytes as a slot takes them: a view where the writer cut a body chunk at a part
+boundary (not copied)."""
+
+
 class Hasher(Protocol):
     """What a slot needs of a hash object (``hashlib.md5()`` is one)."""
 
-    def update(self, data: bytes, /) -> None: ...
+    def update(self, data: Chunk, /) -> None: ...
 
     def digest(self) -> bytes: ...
 
@@ -57,8 +69,8 @@ class SpoolSlot(Protocol):
         """Bytes appended so far."""
         ...
 
-    async def append(self, data: bytes) -> None:
-        """Add ``data`` at the end."""
+    async def append(self, data: Chunk) -> None:
+        """Add ``data`` at the end (not modified while the slot may use it)."""
         ...
 
     @property
@@ -106,8 +118,8 @@ class MemorySlot:
     def in_memory(self) -> int:
         return self._size
 
-    async def append(self, data: bytes) -> None:
-        self._chunks.append(data)
+    async def append(self, data: Chunk) -> None:
+        self._chunks.append(bytes(data) if isinstance(data, memoryview) else data)
         self._size += len(data)
 
     async def spill(self) -> None:
@@ -136,7 +148,7 @@ class FileSlot:
     ) -> None:
         self._directory = directory or None
         self._file: IO[bytes] | None = None
-        self._pending: list[bytes] = []
+        self._pending: list[Chunk] = []
         self._pending_size = 0
         self._size = 0
         self._busy: asyncio.Future[Any] | None = None
@@ -159,16 +171,15 @@ class FileSlot:
     def in_memory(self) -> int:
         return self._pending_size
 
-    async def append(self, data: bytes) -> None:
-        # Write what is pending before it would grow past FILE_FLUSH_SIZE, not once it
-        # has: bytes that end up no more than that (a 1 MiB PATCH's tail) are read
-        # back from memory, never written to the file and read again.
-        if self._pending and self._pending_size + len(data) > FILE_FLUSH_SIZE:
-            await self._flush()
+    async def append(self, data: Chunk) -> None:
         self._pending.append(data)
         self._pending_size += len(data)
         self._size += len(data)
-        if self._pending_size > FILE_FLUSH_SIZE:  # one chunk larger than a batch
+        # The head stays in memory (MEMORY_HEAD_SIZE); past it, a batch is written
+        # with the chunk that completed it, so nothing is left pending after a large
+        # chunk (holding it until the next one came would keep a chunk per upload).
+        past_head = self._file is not None or self._size > MEMORY_HEAD_SIZE
+        if past_head and self._pending_size >= FILE_FLUSH_SIZE:
             await self._flush()
 
     async def spill(self) -> None:
@@ -185,7 +196,7 @@ class FileSlot:
         self._pending_size = 0
         await self._in_thread(lambda: self._write(chunks))
 
-    def _write(self, chunks: list[bytes]) -> None:
+    def _write(self, chunks: list[Chunk]) -> None:
         """Append ``chunks`` to the file with ``writev`` (no joined copy) and hash them."""
         if self._file is None:
             self._file = tempfile.TemporaryFile(dir=self._directory, prefix="tusd-py-spool-")
@@ -197,7 +208,7 @@ class FileSlot:
             for chunk in chunks:
                 self._sha256.update(chunk)
         for first in range(0, len(chunks), WRITEV_MAX_BUFFERS):
-            batch: list[bytes | memoryview] = list(chunks[first:first + WRITEV_MAX_BUFFERS])
+            batch = chunks[first:first + WRITEV_MAX_BUFFERS]
             while batch:
                 written = os.writev(fd, batch)
                 while batch and written >= len(batch[0]):  # drop what was written in full
@@ -207,8 +218,8 @@ class FileSlot:
                     batch[0] = memoryview(batch[0])[written:]
 
     async def read_chunks(self) -> list[bytes]:
-        if self._file is None:
-            return list(self._pending)
+        if self._file is None:  # the head only: in memory
+            return [bytes(chunk) if isinstance(chunk, memoryview) else chunk for chunk in self._pending]
         await self._flush()
         return [await self._in_thread(self._read_all)]
 
@@ -292,7 +303,7 @@ class _CountedSlot:
     def in_memory(self) -> int:
         return self._inner.in_memory
 
-    async def append(self, data: bytes) -> None:
+    async def append(self, data: Chunk) -> None:
         await self._inner.append(data)
 
     async def spill(self) -> None:

@@ -161,8 +161,12 @@ class PatchWriter:
             ))
         return PatchOutcome(layout)
 
-    async def _feed(self, data: bytes) -> bool:
+    async def _feed(self, chunk: bytes) -> bool:
         """Add received bytes; False once a part upload failed (stop reading)."""
+        # A chunk that crosses a part boundary is cut into views, not copies: the
+        # rest may wait long for a free slot (a full ring), and copies would hold
+        # the chunk's bytes twice meanwhile.
+        data: bytes | memoryview = chunk
         while data:
             if self.failed:
                 return False
@@ -174,7 +178,11 @@ class PatchWriter:
                     self.slot = None
                     return False
             room = self._target() - self.fill
-            piece, data = (data, b"") if len(data) <= room else (data[:room], data[room:])
+            if len(data) <= room:
+                piece, data = data, b""
+            else:
+                view = memoryview(data)
+                piece, data = view[:room], view[room:]
             await self.slot.append(piece)
             self.fill += len(piece)
             self.position += len(piece)

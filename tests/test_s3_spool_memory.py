@@ -1,0 +1,121 @@
+"""What a PATCH body holds in memory on its way into the spool: a file slot keeps
+only its head and a small batch, and a body chunk cut at a part boundary is not
+copied (16 uploads at once held a chunk or two each, ~30 MiB, before)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from tusd_py.stores import s3_spool
+from tusd_py.stores.s3_client import PartEntry
+from tusd_py.stores.s3_parts import Layout, Segment
+from tusd_py.stores.s3_spool import Chunk, FileSlot, MemorySlot, SpoolRing, SpoolSlot
+from tusd_py.stores.s3_writer import PatchWriter
+
+MiB = 1024 * 1024
+
+
+async def test_a_large_chunk_past_the_head_goes_to_the_file_at_once(tmp_path: Any) -> None:
+    """Past its head a slot holds no chunk until the next one comes: with 1 MiB body
+    chunks it keeps nothing in memory between appends."""
+    slot = FileSlot(str(tmp_path), hashlib.sha256)
+    chunks = [os.urandom(s3_spool.MEMORY_HEAD_SIZE) for _ in range(3)]
+    await slot.append(chunks[0])
+    assert slot.in_memory == s3_spool.MEMORY_HEAD_SIZE  # the head waits in memory
+    for chunk in chunks[1:]:
+        await slot.append(chunk)
+        assert slot.in_memory == 0
+    assert b"".join(await slot.read_chunks()) == b"".join(chunks)
+    assert slot.digest() == hashlib.sha256(b"".join(chunks)).digest()
+    await slot.close()
+
+
+async def test_small_chunks_past_the_head_are_written_in_batches(tmp_path: Any, monkeypatch: Any) -> None:
+    """Tiny chunks still cost one write (one thread hop) per batch, and never more
+    than a batch waits in memory."""
+    writes: list[int] = []
+    write = FileSlot._write
+
+    def counted(self: FileSlot, chunks: list[Chunk]) -> None:
+        writes.append(sum(len(chunk) for chunk in chunks))
+        write(self, chunks)
+
+    monkeypatch.setattr(FileSlot, "_write", counted)
+    slot = FileSlot(str(tmp_path))
+    size = 64 * 1024
+    data = os.urandom(s3_spool.MEMORY_HEAD_SIZE + 4 * s3_spool.FILE_FLUSH_SIZE)
+    held: list[int] = []
+    for start in range(0, len(data), size):
+        await slot.append(data[start:start + size])
+        if slot.size > s3_spool.MEMORY_HEAD_SIZE:
+            held.append(slot.in_memory)
+    assert max(held) < s3_spool.FILE_FLUSH_SIZE
+    assert len(writes) <= 1 + len(data) // s3_spool.FILE_FLUSH_SIZE
+    assert b"".join(await slot.read_chunks()) == data
+    await slot.close()
+
+
+class _RecordingSlot(MemorySlot):
+    """A memory slot that remembers what it was given, as given."""
+
+    def __init__(self, seen: list[Chunk]) -> None:
+        super().__init__()
+        self._seen = seen
+
+    async def append(self, data: Chunk) -> None:
+        self._seen.append(data)
+        await super().append(data)
+
+
+class _RecordingRing(SpoolRing):
+    def __init__(self) -> None:
+        super().__init__(4, "memory")
+        self.seen: list[Chunk] = []
+
+    async def acquire(self) -> SpoolSlot:
+        await super().acquire()
+        return _RecordingSlot(self.seen)
+
+
+class _Sink:
+    """Parts and segments kept in memory."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, bytes] = {}
+        self.segments: dict[int, bytes] = {}
+
+    async def upload_part(self, number: int, data: list[bytes], slot: SpoolSlot | None) -> PartEntry:
+        body = b"".join(data + (await slot.read_chunks() if slot is not None else []))
+        self.parts[number] = body
+        return PartEntry(number, len(body), f'"{number}"')
+
+    async def put_segment(self, start: int, data: bytes) -> Segment:
+        self.segments[start] = data
+        return Segment(f"u.tail/{start:016d}", start, len(data), f'"s{start}"')
+
+    async def read_segments(self, segments: Sequence[Segment]) -> list[bytes]:
+        return [self.segments[segment.start] for segment in segments]
+
+    async def delete_quietly(self, keys: Sequence[str]) -> None:
+        pass
+
+
+async def test_a_chunk_across_a_part_boundary_is_cut_into_views() -> None:
+    part = 1000
+    chunk = os.urandom(2 * part + 500)  # ends part 1, is all of part 2, begins the tail
+
+    async def body() -> AsyncIterator[bytes]:
+        yield chunk
+
+    ring = _RecordingRing()
+    sink = _Sink()
+    outcome = await PatchWriter(sink, ring, Layout(part), upload_id="u", length=None, limit=10**9).run(body())
+    assert outcome.error is None
+    assert [len(piece) for piece in ring.seen] == [part, part, 500]
+    for piece in ring.seen:
+        assert isinstance(piece, memoryview) and piece.obj is chunk  # no copy of the chunk's bytes
+    assert sink.parts == {1: chunk[:part], 2: chunk[part:2 * part]}
+    assert sink.segments == {2 * part: chunk[2 * part:]}
