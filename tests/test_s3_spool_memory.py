@@ -1,15 +1,19 @@
-"""What a PATCH body holds in memory on its way into the spool: a file slot keeps
-only its head and a small batch, and a body chunk cut at a part boundary is not
-copied (16 uploads at once held a chunk or two each, ~30 MiB, before)."""
+"""What a PATCH body holds in memory on its way into S3: a file slot keeps only its
+head and a small batch, a body chunk cut at a part boundary is not copied, the
+writer waits for a full ring holding no chunk, and a part streamed from its spool
+file holds one piece at a time (16 uploads at once held ~40 MiB more before)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from tusd_py.stores import s3_spool
+from tusd_py.stores.s3_botocore import _StreamedPayload
 from tusd_py.stores.s3_client import PartEntry
 from tusd_py.stores.s3_parts import Layout, Segment
 from tusd_py.stores.s3_spool import Chunk, FileSlot, MemorySlot, SpoolRing, SpoolSlot
@@ -119,3 +123,92 @@ async def test_a_chunk_across_a_part_boundary_is_cut_into_views() -> None:
         assert isinstance(piece, memoryview) and piece.obj is chunk  # no copy of the chunk's bytes
     assert sink.parts == {1: chunk[:part], 2: chunk[part:2 * part]}
     assert sink.segments == {2 * part: chunk[2 * part:]}
+
+
+class _FullRingWatch(SpoolRing):
+    """A memory ring that notes, whenever the writer must wait for a slot, how many
+    bytes it pulled from the body and how many it had put into slots."""
+
+    def __init__(self, slots: int, pulled: list[int]) -> None:
+        super().__init__(slots, "memory")
+        self.writer: PatchWriter | None = None
+        self._pulled = pulled
+        self.waits: list[tuple[int, int]] = []
+
+    async def acquire(self) -> SpoolSlot:
+        if self.full:
+            assert self.writer is not None
+            self.waits.append((self._pulled[0], self.writer.position))
+        return await super().acquire()
+
+
+class _HeldSink(_Sink):
+    """Parts wait until ``open`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = asyncio.Event()
+
+    async def upload_part(self, number: int, data: list[bytes], slot: SpoolSlot | None) -> PartEntry:
+        await self.open.wait()
+        return await super().upload_part(number, data, slot)
+
+
+async def test_the_writer_waits_for_a_full_ring_holding_no_chunk() -> None:
+    """Chunks that do not divide the part size: the reader takes the next part's
+    slot before it pulls a chunk that may cross into that part, so while the ring is
+    full every byte pulled is in a slot (none in a chunk in hand)."""
+    part, chunk_size = 1000, 300
+    data = os.urandom(5 * part)
+    pulled = [0]
+
+    async def body() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), chunk_size):
+            pulled[0] += len(data[start:start + chunk_size])
+            yield data[start:start + chunk_size]
+
+    ring = _FullRingWatch(2, pulled)
+    sink = _HeldSink()
+    writer = PatchWriter(sink, ring, Layout(part), upload_id="u", length=len(data), limit=len(data))
+    ring.writer = writer
+    write = asyncio.create_task(writer.run(body()))
+    while not ring.waits:
+        await asyncio.sleep(0)
+    sink.open.set()
+    outcome = await write
+    assert outcome.error is None and b"".join(sink.parts[n] for n in sorted(sink.parts)) == data
+    assert ring.waits and all(pulled_then == stored for pulled_then, stored in ring.waits), ring.waits
+
+
+async def test_a_streamed_part_lets_go_of_each_piece_before_reading_the_next() -> None:
+    """A part in flight holds one piece read from its spool file, not two."""
+    held: list[int] = []
+
+    class Pieces:
+        sha256 = None
+
+        def __len__(self) -> int:
+            return 3 * MiB
+
+        async def pieces(self) -> AsyncIterator[bytes]:
+            previous: bytes | None = None
+            for _ in range(3):
+                if previous is not None:
+                    held.append(sys.getrefcount(previous))
+                piece = previous = os.urandom(MiB)
+                alone = sys.getrefcount(piece)
+                yield piece
+                del piece
+            held.append(alone)
+
+        async def read_all(self) -> bytes:
+            raise AssertionError("not read whole")
+
+    class Writer:
+        async def write(self, chunk: Any) -> None:
+            pass
+
+    await _StreamedPayload(Pieces()).write_with_length(Writer(), None)
+    # The previous piece, when the next is read, is referenced from here only.
+    alone = held.pop()
+    assert held == [alone - 1, alone - 1], (held, alone)

@@ -221,6 +221,9 @@ class _StreamedPayload(aiohttp.payload.Payload):
                     await writer.write(view[:_FIRST_PIECE])
                     view = view[_FIRST_PIECE:]
                 await _write_in_slices(writer, view)
+                # Let go of this piece before the next is read: held through the read,
+                # every part in flight kept two pieces in memory.
+                del piece, view
 
 
 def _bytes_body_before_send(request: Any, **_: Any) -> None:

@@ -109,6 +109,10 @@ class PatchWriter:
         self.prefix = list(base.segments)
         self.fill = base.tail_size
         self.slot: SpoolSlot | None = None
+        self.next_slot: SpoolSlot | None = None
+        """The slot of the part after this one, taken before a chunk that may cross
+        into it is pulled (``_reserve_slot``)."""
+        self.largest_chunk = 0
         self.position = base.offset
         self.stale_cleanup: asyncio.Task[None] | None = None
         self.leftover: asyncio.Task[Segment] | None = None
@@ -143,7 +147,7 @@ class PatchWriter:
                         chunk, too_large = chunk[:room], True
                     if chunk and not await self._feed(chunk):
                         break
-                    if too_large:
+                    if too_large or not await self._reserve_slot():
                         break
             except Exception as error:  # the body broke off: store what arrived, then re-raise
                 body_error = error
@@ -161,8 +165,40 @@ class PatchWriter:
             ))
         return PatchOutcome(layout)
 
+    async def _reserve_slot(self) -> bool:
+        """Before the next chunk is pulled: wait for the slot its bytes will need (a
+        first slot, or the next part's when a chunk as large as the largest so far
+        would complete this part); False once a part upload failed (stop reading).
+        Waiting for a full ring holding no chunk leaves the bytes in the request's
+        own bounded buffer: a chunk held here while the ring is full was a chunk per
+        upload in memory (1 MiB each) for as long as S3 took."""
+        if self.position >= self.limit:
+            return True  # no more bytes may come
+        room = self._target() - self.fill
+        final = self.length is not None and self.part_number == final_part_number(self.length, self.part_size)
+        if self.slot is not None and (room >= self.largest_chunk or final or self.next_slot is not None):
+            return True
+        slot = await self._acquire()
+        if slot is None:
+            return False
+        if self.slot is None:
+            self.slot = slot
+        else:
+            self.next_slot = slot
+        return True
+
+    async def _acquire(self) -> SpoolSlot | None:
+        """A slot of the ring (waits while it is full); None once a part upload failed."""
+        slot = await self.ring.acquire()
+        if self.failed:
+            self.ring.release()
+            await slot.close()
+            return None
+        return slot
+
     async def _feed(self, chunk: bytes) -> bool:
         """Add received bytes; False once a part upload failed (stop reading)."""
+        self.largest_chunk = max(self.largest_chunk, len(chunk))
         # A chunk that crosses a part boundary is cut into views, not copies: the
         # rest may wait long for a free slot (a full ring), and copies would hold
         # the chunk's bytes twice meanwhile.
@@ -171,11 +207,8 @@ class PatchWriter:
             if self.failed:
                 return False
             if self.slot is None:
-                self.slot = await self.ring.acquire()  # waits while the ring is full
-                if self.failed:
-                    self.ring.release()
-                    await self.slot.close()
-                    self.slot = None
+                self.slot = await self._acquire()  # waits while the ring is full
+                if self.slot is None:
                     return False
             room = self._target() - self.fill
             if len(data) <= room:
@@ -200,7 +233,7 @@ class PatchWriter:
         self.part_start += self.part_size
         self.prefix = []
         self.fill = 0
-        self.slot = None
+        self.slot, self.next_slot = self.next_slot, None
 
     def _on_part_done(self, task: asyncio.Task[PartEntry]) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -325,6 +358,7 @@ class PatchWriter:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
-        slots = [job.slot for job in self.jobs if job.slot is not None] + ([self.slot] if self.slot else [])
+        slots = [job.slot for job in self.jobs if job.slot is not None]
+        slots += [slot for slot in (self.slot, self.next_slot) if slot is not None]
         for slot in slots:
             await slot.close()
