@@ -134,11 +134,13 @@ class _FullRingWatch(SpoolRing):
         self.writer: PatchWriter | None = None
         self._pulled = pulled
         self.waits: list[tuple[int, int]] = []
+        self.waited = asyncio.Event()
 
     async def acquire(self) -> SpoolSlot:
         if self.full:
             assert self.writer is not None
             self.waits.append((self._pulled[0], self.writer.position))
+            self.waited.set()
         return await super().acquire()
 
 
@@ -172,8 +174,7 @@ async def test_the_writer_waits_for_a_full_ring_holding_no_chunk() -> None:
     writer = PatchWriter(sink, ring, Layout(part), upload_id="u", length=len(data), limit=len(data))
     ring.writer = writer
     write = asyncio.create_task(writer.run(body()))
-    while not ring.waits:
-        await asyncio.sleep(0)
+    await ring.waited.wait()
     sink.open.set()
     outcome = await write
     assert outcome.error is None and b"".join(sink.parts[n] for n in sorted(sink.parts)) == data
