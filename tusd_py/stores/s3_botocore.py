@@ -24,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, Inc
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.handlers import convert_body_to_file_like_object, set_operation_specific_signer
 
+from tusd_py.stores.s3_botocore_data import trimming_loader
 from tusd_py.stores.s3_client import (
     NOT_FOUND_ERROR_CODES,
     STREAM_CHUNK_SIZE,
@@ -350,6 +351,8 @@ class AioS3Client:
         a PEM file of trusted CAs (empty: AWS_CA_BUNDLE, else the system's).
         """
         session = get_session()
+        # Only the data this client needs stays in memory (s3_botocore_data).
+        session.register_component("data_loader", trimming_loader(session.get_config_variable("data_path")))
         # botocore reads its data files (the S3 model, endpoint rules, the AWS config
         # files) the first time a session needs them: tens of milliseconds idle, over
         # half a second on a loaded host. Read them on a worker thread; the session
