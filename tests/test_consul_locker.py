@@ -129,6 +129,23 @@ async def test_release_request_reaches_holder_on_other_host(fake: FakeConsul, lo
     assert RELEASE_KEY not in fake.kv
 
 
+async def test_a_request_for_a_lock_released_before_it_arrived_is_deleted(
+    fake: FakeConsul, lockers: list[ConsulLocker], client: Client
+) -> None:
+    """A waiter killed after writing its request, addressed to a holder that released
+    before the request reached it: nobody else would ever delete that key."""
+    host_a = make(fake, lockers)
+    await _lock_once(host_a)  # host A held up1 and released it; its watcher runs
+    value = json.dumps({"holder": host_a.session_id, "nonce": "n", "host": "killed", "pid": 1}).encode()
+    assert (await client.call("PUT", "/v1/kv/" + RELEASE_KEY, value))[2] is True
+    index = fake.kv[RELEASE_KEY].modify_index
+    await bounded(fake.wait_for_request(lambda r: r.method == "DELETE" and r.path == "/v1/kv/" + RELEASE_KEY))
+    assert RELEASE_KEY not in fake.kv
+    # Only that very request: a newer one written meanwhile would have been kept.
+    deletes = fake.requests_to("DELETE", "/v1/kv/" + RELEASE_KEY)
+    assert [request.query.get("cas") for request in deletes] == [str(index)]
+
+
 async def test_timeout_when_holder_ignores_release_request(fake: FakeConsul, lockers: list[ConsulLocker]) -> None:
     host_a = make(fake, lockers)
     host_b = make(fake, lockers, acquire_timeout=0.5)

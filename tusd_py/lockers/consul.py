@@ -108,7 +108,7 @@ class _ReleaseRequests:
     """Release requests through Consul KV under ``<prefix>release/``: waiters write them
     (``send``), holders delete them (``withdraw``), and one watcher per instance, a
     recursive blocking query, hands each request addressed to the current session to
-    ``deliver(upload_id, holder_session)`` once."""
+    ``deliver(upload_id, holder_session, modify_index)`` once."""
 
     def __init__(
         self,
@@ -116,7 +116,7 @@ class _ReleaseRequests:
         prefix: str,
         identity: dict[str, Any],
         current_session: Callable[[], str | None],
-        deliver: Callable[[str, str], None],
+        deliver: Callable[[str, str, int], None],
     ) -> None:
         """``identity`` (host, pid) goes into each request written, for operators."""
         self._agent = agent
@@ -134,9 +134,12 @@ class _ReleaseRequests:
         value = json.dumps({"holder": holder, "nonce": uuid.uuid4().hex, **self._identity})
         await self._agent.call("request release", self._agent.client.kv.put(self._prefix + upload_id, value))
 
-    async def withdraw(self, upload_id: str) -> None:
-        """Delete the release request of ``upload_id``."""
-        await self._agent.call("delete release request", self._agent.client.kv.delete(self._prefix + upload_id))
+    async def withdraw(self, upload_id: str, modify_index: int | None = None) -> None:
+        """Delete the release request of ``upload_id`` (with ``modify_index``: only
+        that very request, not one written since)."""
+        await self._agent.call(
+            "delete release request", self._agent.client.kv.delete(self._prefix + upload_id, cas=modify_index)
+        )
 
     def watch_for_new_session(self) -> None:
         """Forget the requests handled so far and make sure the watcher runs (called
@@ -187,7 +190,7 @@ class _ReleaseRequests:
                 continue
             if holder is None or holder != self._current_session():
                 continue
-            self._deliver(key[len(self._prefix):], holder)
+            self._deliver(key[len(self._prefix):], holder, modify_index)
         # Forget requests that are gone; the listing is the whole prefix.
         self._seen = seen
 
@@ -432,13 +435,25 @@ class ConsulLocker:
             holding.held.lost.set()
             holding.call_on_release_request()
 
-    def _release_requested(self, upload_id: str, holder: str) -> None:
+    def _release_requested(self, upload_id: str, holder: str, modify_index: int) -> None:
         """Another instance asked session ``holder`` (ours) to release ``upload_id``."""
         holding = self._holdings.get(upload_id)
         if holding is not None and holding.session_id == holder:
             holding.request_release(remote=True)
         elif self._unreleased.get(upload_id) == holder:
             self._background.start(self._retry_release(upload_id, holder))
+        elif holding is None:
+            # We released before the request reached us, so nobody withdraws it: its
+            # writer acquires the free lock and withdraws it then, unless it was killed
+            # first. Delete that very request (a newer one is kept); a waiter that is
+            # still alive needs it no more, the lock being free.
+            self._background.start(self._withdraw_stale(upload_id, modify_index))
+
+    async def _withdraw_stale(self, upload_id: str, modify_index: int) -> None:
+        try:
+            await self._requests.withdraw(upload_id, modify_index)
+        except (LockUnavailable, InvalidSession) as error:
+            log.debug("could not delete the stale release request of upload %s: %s", upload_id, error)
 
     # --- plumbing ----------------------------------------------------------------------
 
