@@ -32,9 +32,10 @@ from tusd_py.stores.s3_client import StreamedBody
 T = TypeVar("T")
 
 MEMORY_HEAD_SIZE = 1024 * 1024
-"""A file slot keeps its first bytes in memory while they are no more than this: a
-body that ends within them (a 1 MiB PATCH's tail) is read back from memory, never
-written to the file and read again."""
+"""The first slot of a PATCH keeps its first bytes in memory while they are no more
+than this: a body that ends within them (a 1 MiB PATCH's tail) is read back from
+memory, never written to the file and read again. Later slots hold the bytes of a
+large body, which would only wait there for the next chunk."""
 FILE_FLUSH_SIZE = 512 * 1024
 """Past its head, a file slot writes to disk once this many bytes are pending,
 together with the chunk that brought them there: a slot then holds at most this much
@@ -141,12 +142,15 @@ class MemorySlot:
 class FileSlot:
     """A slot in an anonymous temporary file in ``directory`` (system temp if empty);
     with ``hasher`` (a factory such as ``hashlib.md5``), every byte written to the file
-    is hashed in the same worker-thread call that writes it."""
+    is hashed in the same worker-thread call that writes it. ``keep_head``: keep the
+    first ``MEMORY_HEAD_SIZE`` bytes in memory until more come."""
 
     def __init__(
-        self, directory: str = "", hasher: Callable[[], Hasher] | None = None, payload_sha256: bool = False
+        self, directory: str = "", hasher: Callable[[], Hasher] | None = None, payload_sha256: bool = False,
+        keep_head: bool = True,
     ) -> None:
         self._directory = directory or None
+        self._keep_head = keep_head
         self._file: IO[bytes] | None = None
         self._pending: list[Chunk] = []
         self._pending_size = 0
@@ -178,9 +182,13 @@ class FileSlot:
         # The head stays in memory (MEMORY_HEAD_SIZE); past it, a batch is written
         # with the chunk that completed it, so nothing is left pending after a large
         # chunk (holding it until the next one came would keep a chunk per upload).
-        past_head = self._file is not None or self._size > MEMORY_HEAD_SIZE
+        past_head = not self._keep_head or self._file is not None or self._size > MEMORY_HEAD_SIZE
         if past_head and self._pending_size >= FILE_FLUSH_SIZE:
             await self._flush()
+        elif isinstance(data, memoryview) and data.nbytes < memoryview(data.obj).nbytes:
+            # A piece cut from a body chunk, kept: a copy of it, so that the whole
+            # chunk is not held until this slot's bytes are written.
+            self._pending[-1] = bytes(data)
 
     async def spill(self) -> None:
         # Without a file all the bytes are in memory (at most one flush's worth: a
@@ -342,6 +350,7 @@ class SpoolRing:
         self._on_change = on_change
         self._hasher = hasher
         self._payload_sha256 = payload_sha256
+        self._first = True
 
     @property
     def full(self) -> bool:
@@ -352,8 +361,10 @@ class SpoolRing:
         """A new empty slot; waits while every slot is taken (backpressure)."""
         await self._free.acquire()
         slot: SpoolSlot = (
-            FileSlot(self._directory, self._hasher, self._payload_sha256) if self._kind == "file" else MemorySlot()
+            FileSlot(self._directory, self._hasher, self._payload_sha256, keep_head=self._first)
+            if self._kind == "file" else MemorySlot()
         )
+        self._first = False  # only a PATCH's first slot can hold all of a small body
         return slot if self._on_change is None else _CountedSlot(slot, self._on_change)
 
     def release(self) -> None:
