@@ -208,6 +208,8 @@ async def _request_rate(port: int, load: RequestRate, request_timeout: float) ->
     elif load.method == "POST":
         post = _request_bytes("POST", BASE_PATH, port, {"Upload-Length": str(MiB), "Content-Length": "0"})
         plans = [([post], b"201", False)] * load.connections
+    elif load.method == "OPTIONS":
+        plans = [([_request_bytes("OPTIONS", BASE_PATH, port, {})], b"204", False)] * load.connections
     else:
         raise ValueError(f"no request-rate plan for {load.method}")
     latencies: list[float] = []
