@@ -213,3 +213,27 @@ async def test_a_streamed_part_lets_go_of_each_piece_before_reading_the_next() -
     # The previous piece, when the next is read, is referenced from here only.
     alone = held.pop()
     assert held == [alone - 1, alone - 1], (held, alone)
+
+
+async def test_only_a_patchs_first_slot_keeps_a_head(tmp_path: Any) -> None:
+    """A later slot holds the bytes of a large body: its first chunk goes to the file
+    at once instead of waiting there for the next one."""
+    ring = SpoolRing(2, "file", str(tmp_path))
+    first, second = await ring.acquire(), await ring.acquire()
+    chunk = os.urandom(s3_spool.MEMORY_HEAD_SIZE)
+    await first.append(chunk)
+    await second.append(chunk)
+    assert (first.in_memory, second.in_memory) == (len(chunk), 0)
+    assert b"".join(await second.read_chunks()) == chunk
+    for slot in (first, second):
+        await slot.close()
+
+
+async def test_a_kept_piece_of_a_chunk_does_not_hold_the_chunk(tmp_path: Any) -> None:
+    chunk = os.urandom(s3_spool.MEMORY_HEAD_SIZE)
+    slot = FileSlot(str(tmp_path))
+    await slot.append(memoryview(chunk)[-1000:])  # the rest of a chunk cut at a part boundary
+    assert slot.in_memory == 1000
+    assert all(type(kept) is bytes for kept in slot._pending)  # a copy, not a view of all of chunk
+    assert await slot.read_chunks() == [chunk[-1000:]]
+    await slot.close()

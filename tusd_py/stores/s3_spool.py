@@ -191,8 +191,8 @@ class FileSlot:
             self._pending[-1] = bytes(data)
 
     async def spill(self) -> None:
-        # Without a file all the bytes are in memory (at most one flush's worth: a
-        # short final part), and stay there: they are read back from memory.
+        # Without a file all the bytes are in memory (at most the head, or less than
+        # a flush batch: a short final part), and stay there: read back from memory.
         if self._file is not None:
             await self._flush()
 
