@@ -295,3 +295,57 @@ def test_redis_config_from_environment() -> None:
     )
     assert (config.lock.backend, config.lock.redis.password) == ("redis", "pw")
     assert config.lock.redis.url == "rediss://redis.internal:6380/2"
+
+
+class _CancellationLosingRedis:
+    """A ``_Redis`` whose subscribe never answers, and which turns a cancellation into
+    ``LockUnavailable``: what Python 3.11's ``wait_for`` can do when its inner call
+    ends just as the task is cancelled (the cancellation is lost)."""
+
+    shown_url = "redis://127.0.0.1:1/0"
+    request_timeout = 1.0
+
+    def __init__(self) -> None:
+        self.client = self
+        self.subscribing = asyncio.Event()
+        self.losing = True
+
+    def pubsub(self, **_: Any) -> Any:
+        return self
+
+    async def subscribe(self, _channel: str) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def call(self, operation: str, request: Any, time_limit: float | None = None) -> Any:
+        request.close()  # never awaited: the answer never comes
+        self.subscribing.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if not self.losing:
+                raise
+            raise LockUnavailable(f"{operation}: the cancellation was lost") from None
+
+
+async def test_subscription_stops_even_when_a_cancellation_is_lost() -> None:
+    """A server stopping while Redis is unreachable once hung until SIGKILL: the
+    subscription's loop went on re-subscribing after its cancellation was lost."""
+    server = _CancellationLosingRedis()
+    subscription = redis_locker._Subscription(server, "channel", lambda _: None)  # type: ignore[arg-type]
+    subscription.start()
+    async with asyncio.timeout(BOUND):
+        await server.subscribing.wait()
+    tasks = subscription.stop()
+    # asyncio.wait does not cancel what is still running when the bound is reached.
+    _, running = await asyncio.wait(tasks, timeout=BOUND)
+    try:
+        assert not running, "the subscription kept running after stop()"
+    finally:
+        server.losing = False  # without the fix: let a cancellation through to end it
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=BOUND)

@@ -220,16 +220,19 @@ class _Subscription:
         self._channel = channel
         self._deliver = deliver
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.subscribed = asyncio.Event()
         """Set while the subscription is confirmed by Redis."""
 
     def start(self) -> None:
         """Start listening (again, if the task ended)."""
         if self._task is None or self._task.done():
+            self._stopping = False
             self._task = asyncio.create_task(self._run())
 
     def stop(self) -> list[asyncio.Task[None]]:
         """Cancel the listener; returns it (if any) for the caller to await."""
+        self._stopping = True
         if self._task is None:
             return []
         self._task.cancel()
@@ -237,7 +240,11 @@ class _Subscription:
 
     async def _run(self) -> None:
         pause = RESUBSCRIBE_SECONDS[0]
-        while True:
+        # The flag, not only the cancellation, ends the loop: on Python 3.11 a
+        # ``wait_for`` whose inner call ends as the task is cancelled loses the
+        # cancellation, and the loop would then go on re-subscribing for ever (a
+        # shutdown that hung until SIGKILL).
+        while not self._stopping:
             pubsub = self._server.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await self._server.call("subscribe", pubsub.subscribe(self._channel))
@@ -250,6 +257,8 @@ class _Subscription:
                 self.subscribed.clear()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.aclose(), self._server.request_timeout)
+            if self._stopping:
+                return
             await asyncio.sleep(pause)
             pause = min(pause * 2, RESUBSCRIBE_SECONDS[1])
 
@@ -468,7 +477,7 @@ class RedisLocker:
     async def _renew_loop(self) -> None:
         """Renew every held lock every ``renew_interval`` (one pipelined round trip)."""
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closed:  # not only the cancellation: see _Subscription._run
             # A periodic timer, not synchronization.
             await asyncio.sleep(self._renew_interval)
             holdings = [h for h in self._holdings.values() if h.acquired and not h.held.lost.is_set()]
