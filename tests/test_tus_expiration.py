@@ -200,3 +200,36 @@ async def test_cleanup_command(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert status == 0
     assert "removed 1 expired uploads and 1 orphans" in capsys.readouterr().out
     assert sorted(os.listdir(directory)) == []
+
+
+async def test_stop_sweeper_ends_a_sweeper_that_lost_a_cancellation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancellation lost inside a sweep (Python 3.11's wait_for can lose one) must not
+    leave the shutdown waiting for the next sweep."""
+    monkeypatch.setattr(cli, "SWEEPER_CANCEL_RETRY_SECONDS", 0.01)
+    sweeping = asyncio.Event()
+    cancellations = 0
+
+    async def sweeper() -> None:
+        nonlocal cancellations
+        while True:
+            sweeping.set()
+            try:
+                await asyncio.Event().wait()  # a sweep's S3 call
+            except asyncio.CancelledError:
+                cancellations += 1
+                if cancellations == 1:
+                    continue  # lost: the sweeper goes on to its next sweep
+                raise
+
+    task = asyncio.create_task(sweeper())
+    await sweeping.wait()
+    stopping = asyncio.create_task(cli.stop_sweeper(task))
+    # asyncio.wait leaves both running at the bound (a timeout would cancel them, and
+    # that second cancellation would end the sweeper by itself).
+    await asyncio.wait([stopping], timeout=10)
+    try:
+        assert stopping.done(), "stop_sweeper still waits for a sweeper that lost its cancellation"
+        assert task.cancelled() and cancellations == 2
+    finally:
+        task.cancel()
+        await asyncio.wait([stopping, task], timeout=10)

@@ -237,11 +237,21 @@ def start_sweeper(config: Config, store: Store, locker: Locker) -> asyncio.Task[
     return asyncio.create_task(sweeper.run(interval), name="tusd-py-expiry-sweeper")
 
 
+SWEEPER_CANCEL_RETRY_SECONDS = 1.0
+"""How long ``stop_sweeper`` waits before cancelling the sweeper again."""
+
+
 async def stop_sweeper(task: asyncio.Task[None] | None) -> None:
-    if task is not None:
+    """Cancel the sweeper and wait for it. Cancelled again while it runs on: inside a
+    sweep, Python 3.11's ``wait_for`` can lose a cancellation (its inner call ended at
+    the same moment), and the sweeper would sleep until its next sweep instead."""
+    if task is None:
+        return
+    while not task.done():
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait([task], timeout=SWEEPER_CANCEL_RETRY_SECONDS)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def cleanup(config: Config) -> SweepResult:
