@@ -194,7 +194,8 @@ def _request_bytes(method: str, target: str, port: int, headers: dict[str, str])
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-async def _request_rate(port: int, load: RequestRate, request_timeout: float) -> tuple[float, list[float]]:
+async def request_rate(port: int, load: RequestRate, request_timeout: float) -> tuple[float, list[float]]:
+    """Drive ``load`` against ``port``: the seconds it ran and each request's latency."""
     loop = asyncio.get_running_loop()
     if load.method == "HEAD":
         # One upload per connection: HEADs of one upload would queue on its lock in
@@ -245,7 +246,7 @@ def measure_request_rate(server: ServerProcess, store: str, run: int, load: Requ
                          timeout: float = 30.0) -> Row:
     """Requests per second over ``load.seconds``, p50/p99 latency, CPU per request."""
     with accounted(server.pid) as cost:
-        seconds, latencies = run_client(_request_rate(server.port, load, timeout), server)
+        seconds, latencies = run_client(request_rate(server.port, load, timeout), server)
     server.check_alive()
     assert cost.server is not None
     count = len(latencies)

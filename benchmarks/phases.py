@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ServerProcess, accounted, free_port
-from benchmarks.loads import BASE_PATH, HOST, RequestRate, _request_rate, run_client
+from benchmarks.loads import BASE_PATH, HOST, RequestRate, request_rate, run_client
 from benchmarks.rawclient import RawConnection, create_upload, patch_upload
 
 MiB = 1024 * 1024
@@ -88,21 +88,21 @@ def phase_shares(raw: str) -> dict[str, float]:
     return {phase: counts[phase] / total for phase in PHASES}
 
 
-async def _patches(port: int, seconds: float) -> int:
+async def _patches(port: int, seconds: float) -> tuple[float, int]:
     buffer = memoryview(os.urandom(PATCH_SIZE))
     async with RawConnection(HOST, port, timeout=30.0) as connection:
         path = await create_upload(connection, BASE_PATH, 1 << 50)
         offset, count = 0, 0
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
             offset = await patch_upload(connection, path, offset, PATCH_SIZE, buffer)
             count += 1
-        return count
+        return time.perf_counter() - start, count
 
 
-async def _requests(port: int, method: str, seconds: float) -> int:
-    _, latencies = await _request_rate(port, RequestRate(method, CONNECTIONS, seconds), 30.0)
-    return len(latencies)
+async def _requests(port: int, method: str, seconds: float) -> tuple[float, int]:
+    elapsed, latencies = await request_rate(port, RequestRate(method, CONNECTIONS, seconds), 30.0)
+    return elapsed, len(latencies)
 
 
 def measure(method: str, seconds: float, py_spy: str, work_dir: Path) -> tuple[float, float, dict[str, float]]:
@@ -121,11 +121,9 @@ def measure(method: str, seconds: float, py_spy: str, work_dir: Path) -> tuple[f
              "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(raw_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        start = time.perf_counter()
         with accounted(server.process.pid) as cost:
             client = _patches(port, seconds) if method == "PATCH" else _requests(port, method, seconds)
-            count = run_client(client, server)
-        elapsed = time.perf_counter() - start
+            elapsed, count = run_client(client, server)  # elapsed: the load alone, not its set-up
         if sampler.wait(timeout=60) != 0:
             raise SystemExit(f"py-spy failed (exit {sampler.returncode}); it needs the right to trace processes")
     assert cost.server is not None

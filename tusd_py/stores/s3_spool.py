@@ -54,6 +54,11 @@ Chunk = bytes | memoryview
 boundary (not copied)."""
 
 
+def _owned(chunk: Chunk) -> bytes:
+    """``chunk`` as bytes of its own (a view is copied, so it no longer holds its chunk)."""
+    return bytes(chunk) if isinstance(chunk, memoryview) else chunk
+
+
 class Hasher(Protocol):
     """What a slot needs of a hash object (``hashlib.md5()`` is one)."""
 
@@ -120,7 +125,7 @@ class MemorySlot:
         return self._size
 
     async def append(self, data: Chunk) -> None:
-        self._chunks.append(bytes(data) if isinstance(data, memoryview) else data)
+        self._chunks.append(_owned(data))
         self._size += len(data)
 
     async def spill(self) -> None:
@@ -227,7 +232,7 @@ class FileSlot:
 
     async def read_chunks(self) -> list[bytes]:
         if self._file is None:  # the head only: in memory
-            return [bytes(chunk) if isinstance(chunk, memoryview) else chunk for chunk in self._pending]
+            return [_owned(chunk) for chunk in self._pending]
         await self._flush()
         return [await self._in_thread(self._read_all)]
 
