@@ -70,7 +70,7 @@ def _body_bytes(body: Any) -> bytes:
         return bytes(body)
     value = getattr(body, "_value", None)  # aiohttp payload wrapping the bytes or a StreamedBody
     if isinstance(value, ChunksBody):
-        return b"".join(value._chunks)
+        return b"".join(value.chunks)
     if isinstance(value, _SpoolFileBody):
         return value._slot._read_all()  # the spool file, as the pieces will read it
     return bytes(value) if value is not None else b""
@@ -104,8 +104,9 @@ def sent() -> Iterator[list[Sent]]:
 async def test_every_body_carries_the_configured_checksum(
     fast_moto: str, checksum: str, sign: bool, sent: list[Sent]
 ) -> None:
-    """Signed, bodies go whole unless a whole part waits in the spool file (then it
-    goes in pieces, signed with the SHA-256 the spool computed); unsigned, parts go
+    """Signed, small bodies go whole; a whole part goes in pieces, signed with the
+    SHA-256 the spool computed (spool file) or a worker thread did (held in memory,
+    ``spool_memory``); unsigned, parts go
     as StreamedBody (from the spool file, or chunk by chunk when a tail segment
     starts them): the checksum must be that of the bytes sent either way."""
     bucket = await make_bucket(fast_moto)

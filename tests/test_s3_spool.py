@@ -12,7 +12,7 @@ from botocore.handlers import convert_body_to_file_like_object
 
 from tusd_py.stores import s3_spool
 from tusd_py.stores.s3_botocore import _bytes_body_before_send, _BytesBody, _send_bodies_as_bytes
-from tusd_py.stores.s3_spool import FileSlot, MemorySlot, SpoolRing
+from tusd_py.stores.s3_spool import FileSlot, MemorySlot, SpoolBudget, SpoolRing
 
 
 async def test_file_slot_hashes_every_byte_it_spools(tmp_path: Any) -> None:
@@ -68,6 +68,30 @@ async def test_ring_gives_file_slots_its_hasher(tmp_path: Any) -> None:
     await slot.close()
     ring.release()
     assert seen == [1, -1]
+
+
+async def test_file_rings_hold_slots_in_memory_while_the_budget_has_a_part_left(tmp_path: Any) -> None:
+    budget = SpoolBudget(2 * 1000)
+    first = SpoolRing(4, "file", str(tmp_path), budget=budget, slot_size=1000)
+    second = SpoolRing(4, "file", str(tmp_path), budget=budget, slot_size=1000)
+    a = await first.acquire()
+    b = await second.acquire()
+    c = await first.acquire()  # the budget is spent: a file
+    assert (type(a), type(b), type(c)) == (MemorySlot, MemorySlot, FileSlot)
+    await b.close()  # its share goes back ...
+    d = await second.acquire()
+    assert isinstance(d, MemorySlot)  # ... and the next slot gets it
+    for slot in (a, c, d):
+        await slot.close()
+    await a.close()  # a second close gives nothing back twice
+    assert budget.take(2 * 1000) and not budget.take(1)  # all of it was given back, once
+
+
+async def test_a_budget_smaller_than_a_part_gives_only_file_slots(tmp_path: Any) -> None:
+    ring = SpoolRing(4, "file", str(tmp_path), budget=SpoolBudget(999), slot_size=1000)
+    slot = await ring.acquire()
+    assert isinstance(slot, FileSlot)
+    await slot.close()
 
 
 def test_large_bodies_go_to_aiohttp_as_bytes() -> None:

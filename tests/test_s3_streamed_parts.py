@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,6 +24,7 @@ from botocore.credentials import Credentials
 from tests.helpers import data_of, make_bucket, object_bytes
 from tests.test_s3_support import FAST_RETRIES, MiB, SeamWrapper, s3_config, upload
 from tusd_py.config import Size
+from tusd_py.stores import s3_botocore
 from tusd_py.stores.base import UploadInfo, new_upload_id
 from tusd_py.stores.s3 import S3Store
 from tusd_py.stores.s3_botocore import (
@@ -35,7 +37,7 @@ from tusd_py.stores.s3_botocore import (
 )
 from tusd_py.stores.s3_client import S3Client, S3TransientError
 from tusd_py.stores.s3_retry import RetryingS3Client
-from tusd_py.stores.s3_spool import STREAM_PIECE_SIZE
+from tusd_py.stores.s3_spool import STREAM_PIECE_SIZE, FileSlot
 
 
 def _crc32c(data: bytes) -> str:
@@ -60,7 +62,7 @@ async def _store(
     client: S3Client = raw if inner_wrap is None else inner_wrap(raw)
     config = s3_config(
         endpoint, bucket, checksum="crc32c", payload_signing="always" if sign else "never",
-        part_size=Size(part_size), **overrides,
+        part_size=Size(part_size), **({"spool_memory": Size(0)} | overrides),
     )
     return S3Store(RetryingS3Client(client, FAST_RETRIES), config)
 
@@ -112,6 +114,35 @@ async def test_signed_spooled_parts_are_streamed_with_the_sha256_of_the_spool(fa
         expected = data[(number - 1) * part:number * part]
         assert _text(request.headers["X-Amz-Content-SHA256"]) == hashlib.sha256(expected).hexdigest()
         assert "x-amz-content-sha256" in _text(request.headers["Authorization"])  # a signed header
+
+
+async def test_signed_parts_held_in_memory_are_hashed_off_the_event_loop(fast_moto: str, monkeypatch: Any) -> None:
+    """A part held in memory (``spool_memory``) and signed gets its SHA-256 from a
+    worker thread, not from botocore on the event loop: it goes in chunks with that
+    digest signed; only the short last part is hashed in place."""
+    loop_thread = threading.get_ident()
+    hashed: list[tuple[int, bool]] = []
+    sha256_hex = s3_botocore._sha256_hex
+
+    def watched(chunks: Any) -> str:
+        hashed.append((sum(len(chunk) for chunk in chunks), threading.get_ident() != loop_thread))
+        return sha256_hex(chunks)
+
+    monkeypatch.setattr(s3_botocore, "_sha256_hex", watched)
+    bucket = await make_bucket(fast_moto)
+    seen: list[Any] = []
+    part = 3 * MiB
+    store = await _store(fast_moto, bucket, sign=True, part_size=part, seen=seen, spool_memory=Size(4 * part))
+    data = data_of(2 * part + 3)
+    upload_id = await _upload_all(store, data)
+    assert await object_bytes(fast_moto, bucket, upload_id) == data
+    assert hashed == [(part, True), (part, True)]
+    streamed = [request for request in seen if type(request.body).__name__ == "_StreamedPayload"]
+    assert len(streamed) == 2 and len(seen) == 3, [(type(r.body).__name__, r.headers["Content-Length"]) for r in seen]
+    for request in streamed:
+        number = int(request.url.split("partNumber=")[1].split("&")[0])
+        expected = data[(number - 1) * part:number * part]
+        assert _text(request.headers["X-Amz-Content-SHA256"]) == hashlib.sha256(expected).hexdigest()
 
 
 def test_a_streamed_body_is_signed_as_botocores_crt_signer_signs_its_bytes(monkeypatch: Any) -> None:
@@ -268,3 +299,27 @@ async def test_bodies_reach_the_transport_in_slices_not_whole_pieces() -> None:
         await payload.write_with_length(writer, None)
         assert b"".join(writer.writes) == data
         assert max(len(write) for write in writer.writes) <= 256 * 1024, [len(w) for w in writer.writes]
+
+
+async def test_parts_within_the_spool_memory_budget_never_touch_a_spool_file(
+    fast_moto: str, monkeypatch: Any,
+) -> None:
+    """With ``spool_memory`` room for the ring's slots, a PATCH's parts wait in memory
+    (no write to a spool file and no read back); without it, in files."""
+    written: list[int] = []
+    write = FileSlot._write
+
+    def counted(self: FileSlot, chunks: list[Any]) -> None:
+        written.append(sum(len(chunk) for chunk in chunks))
+        write(self, chunks)
+
+    monkeypatch.setattr(FileSlot, "_write", counted)
+    part = 3 * MiB
+    data = data_of(3 * part + 1000)
+    for budget, spooled in ((4 * part, 0), (0, 3 * part)):
+        written.clear()
+        bucket = await make_bucket(fast_moto)
+        store = await _store(fast_moto, bucket, sign=False, part_size=part, spool_memory=Size(budget))
+        upload_id = await _upload_all(store, data)
+        assert await object_bytes(fast_moto, bucket, upload_id) == data
+        assert sum(written) == spooled, budget

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiobotocore.session import get_session
 
-from tusd_py.config import S3StoreConfig, Size
+from tusd_py.config import S3StoreConfig, Size, parse_size
 from tusd_py.stores.base import IteratedBody, UploadInfo
 from tusd_py.stores.s3 import S3Store
 from tusd_py.stores.s3_botocore import AioS3Client
@@ -53,6 +53,9 @@ once more per other value (.ci/run)."""
 PAYLOAD_SIGNING_UNDER_TEST = os.environ.get("TUSDPY_TEST_S3_PAYLOAD_SIGNING", "")
 """``never``: parts go unsigned over moto's http, so whole spooled parts are streamed
 (``StreamedBody``) as they are to AWS over https."""
+SPOOL_MEMORY_UNDER_TEST = os.environ.get("TUSDPY_TEST_S3_SPOOL_MEMORY", "")
+"""``store.s3.spool_memory`` (empty: the default, which holds these tests' small parts
+in memory). CI's extra runs set 0, so their parts wait in spool files."""
 
 
 def s3_config(endpoint: str, bucket: str, **overrides: Any) -> S3StoreConfig:
@@ -61,6 +64,8 @@ def s3_config(endpoint: str, bucket: str, **overrides: Any) -> S3StoreConfig:
         config.checksum = CHECKSUM_UNDER_TEST
     if PAYLOAD_SIGNING_UNDER_TEST:
         config.payload_signing = PAYLOAD_SIGNING_UNDER_TEST
+    if SPOOL_MEMORY_UNDER_TEST:
+        config.spool_memory = parse_size(SPOOL_MEMORY_UNDER_TEST, "store.s3.spool_memory")
     for key, value in overrides.items():
         setattr(config, key, value)
     return config

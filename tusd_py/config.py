@@ -177,6 +177,10 @@ class S3StoreConfig:
     """Where received parts wait for upload: "file" (spool_dir) or "memory"."""
     spool_dir: str = ""
     """Empty: the system temp directory."""
+    spool_memory: Size = Size(24 * MiB)
+    """With the file spool: bytes of parts the process keeps in memory, a whole part
+    per slot, before slots go to files; a few uploads at once then skip the file's
+    write and read back. 0: every slot in a file."""
     tail_cache_size: Size = Size(64 * MiB)
     """Bytes of recently written tail segments kept in memory so this instance need
     not read them back from S3 when they complete a part. 0 disables."""

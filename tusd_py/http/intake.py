@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
 from tusd_py.http.flow import ReadingGate
-from tusd_py.http.limits import HTTPLimits, KiB, MiB
+from tusd_py.http.limits import HTTPLimits, KiB
 
 if TYPE_CHECKING:
     from tusd_py.http.cycle import RequestCycle
@@ -38,11 +38,13 @@ separate write of it on the worker per request, where the rest of the body is
 spliced in the kernel. 4 KiB holds a tus head (a few hundred bytes; a larger one
 takes more reads); bodies h11 frames (chunked) are read ``READ_SIZE`` at a time."""
 
-BODY_READ_SIZE: Final = 1 * MiB
+BODY_READ_SIZE: Final = 256 * KiB
 """Bytes per socket read of a body framed here (never fed to h11). Every read costs a
-round of Python (copy out, queue, wake the reader, the store's bookkeeping); 1 MiB
-reads make that 16x rarer than 64 KiB ones (measured on the ingest benchmark: the
-event loop's CPU per GiB down by about a sixth, ~0.7 -> ~0.58 s/GiB)."""
+round of Python (copy out, queue, wake the reader, the store's bookkeeping), so reads
+are large; but a read lands in the body's queue whole, so it is also memory per
+upload. 256 KiB: 16 S3 uploads at once peak 15 MiB lower than with 1 MiB reads, for
+about 3% more server CPU per GiB (``benchmarks.s3 --concurrent 16x64MiB``); file-store
+PATCHes splice their bodies and never read them here."""
 
 
 class _ReadBuffer(threading.local):
@@ -50,8 +52,8 @@ class _ReadBuffer(threading.local):
     connections: ``buffer_updated`` copies the bytes out before it returns (h11's
     ``receive_data`` copies into h11's own buffer; a framed body's bytes are copied
     into ``bytes``), and a transport calls ``get_buffer`` and ``buffer_updated`` back
-    to back, so no connection holds the buffer between reads. Memory stays 1 MiB, not
-    1 MiB per upload nor 64 KiB per connection. Allocated on first use."""
+    to back, so no connection holds the buffer between reads. Memory stays one buffer,
+    not one per upload nor 64 KiB per connection. Allocated on first use."""
 
     def __init__(self) -> None:
         self.view = memoryview(bytearray(BODY_READ_SIZE))

@@ -9,7 +9,7 @@ h11); h11 parses every other request head and chunked bodies. A body with a Cont
 h11 has parsed the head, the next ``length`` bytes are the body, and handing them to
 the application straight from the read buffer saves h11's three copies and its
 per-event overhead -- the difference between ~2 GB/s and the wire speed of loopback.
-Such a body is read ``BODY_READ_SIZE`` (1 MiB) at a time into a buffer shared by the
+Such a body is read ``BODY_READ_SIZE`` (256 KiB) at a time into a buffer shared by the
 thread's connections, never past its last byte, so what follows it still goes to
 h11 in 64 KiB reads (or is spliced into a file by ``SpliceControl``); see
 ``BodyIntake``. After such a request a fresh h11 connection parses what follows.

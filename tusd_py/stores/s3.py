@@ -101,7 +101,7 @@ from tusd_py.stores.s3_parts import (
     resolve_layout,
 )
 from tusd_py.stores.s3_retry import RetryingS3Client, RetryPolicy
-from tusd_py.stores.s3_spool import SpoolRing
+from tusd_py.stores.s3_spool import SpoolBudget, SpoolRing
 from tusd_py.stores.s3_sweep import S3Sweep
 from tusd_py.stores.s3_writer import PatchWriter
 
@@ -156,6 +156,7 @@ class _StoreContext:
     deferred_ceiling: int
     kept: KeptStates[Loaded]
     """What each upload's last hold (on this instance) left (``kept``)."""
+    spool_budget: SpoolBudget
 
 
 class S3Store:
@@ -182,6 +183,7 @@ class S3Store:
         self._context = _StoreContext(
             self._objects, config, observer.spool_in_use if observer is not None else None,
             deferred_length_ceiling(config.deferred_length_ceiling, max_size, config.part_size), KeptStates(),
+            SpoolBudget(config.spool_memory),
         )
         self._sweep = S3Sweep(self._objects)
 
@@ -379,6 +381,7 @@ class S3Upload:
             ring = SpoolRing(
                 config.max_buffered_parts, config.spool, config.spool_dir, self._context.spool_observer,
                 hasher=checksum_named(self._fields.checksum).hasher, payload_sha256=signs_payload(config),
+                budget=self._context.spool_budget, slot_size=self._fields.part_size,
             )
             sink = UploadPartSink(
                 self._objects, self._keys, self._fields.multipart_upload_id or "", self._fields.checksum

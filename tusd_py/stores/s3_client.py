@@ -153,23 +153,24 @@ class ChunksBody:
     """A body already in memory in several chunks, as a ``StreamedBody``: sent chunk by
     chunk instead of joined into one new bytes first (a copy of the whole part)."""
 
-    def __init__(self, chunks: Sequence[bytes]) -> None:
-        self._chunks = chunks
+    def __init__(self, chunks: Sequence[bytes], sha256: str | None = None) -> None:
+        self.chunks = chunks
         self._size = sum(len(chunk) for chunk in chunks)
+        self._sha256 = sha256
 
     @property
     def sha256(self) -> str | None:
-        return None
+        return self._sha256
 
     def __len__(self) -> int:
         return self._size
 
     async def pieces(self) -> AsyncIterator[bytes]:
-        for chunk in self._chunks:
+        for chunk in self.chunks:
             yield chunk
 
     async def read_all(self) -> bytes:
-        return b"".join(self._chunks)
+        return b"".join(self.chunks)
 
 
 PartBody = bytes | StreamedBody
