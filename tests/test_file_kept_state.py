@@ -1,18 +1,21 @@
 """The file store's kept state (``tusd_py.stores.kept``): a HEAD or PATCH whose lock
 follows this instance's own last hold of the upload opens it without reading its files
 (no thread hand-off); any other hold in between, a failed call, or a lock that cannot
-vouch (no generation) makes it read the files again."""
+vouch (no generation) makes it read the files again. With the memory locker (one
+process) and the file locker (worker processes: each instance has its own, on one
+lock directory)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tusd_py.lockers.base import no_release_request
+from tusd_py.lockers.base import Locker, no_release_request
+from tusd_py.lockers.file import FileLocker
 from tusd_py.lockers.memory import MemoryLocker
 from tusd_py.stores.base import IteratedBody, UploadInfo, UploadNotFound
 from tusd_py.stores.file import FileStore
@@ -31,7 +34,7 @@ async def _chunks(data: bytes, fail: bool = False) -> AsyncIterator[bytes]:
 class Instance:
     """A file store whose reads of an upload's files are counted, with its locker."""
 
-    def __init__(self, directory: Path, locker: MemoryLocker, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, directory: Path, locker: Locker, monkeypatch: pytest.MonkeyPatch) -> None:
         self.store = FileStore(str(directory))
         self.locker = locker
         self.reads = 0
@@ -62,16 +65,29 @@ class Instance:
             await (await self.store.get(upload_id)).terminate()
 
 
-@pytest.fixture
-async def locker() -> AsyncIterator[MemoryLocker]:
+@pytest.fixture(params=["memory", "file"])
+async def new_locker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable[[], Locker]]:
+    """The locker of a new instance: the one shared memory locker, or a file locker
+    of its own on the shared lock directory."""
+    made: list[Locker] = []
     shared = MemoryLocker(acquire_timeout=10.0)
-    yield shared
-    await shared.close()
+
+    def new() -> Locker:
+        if request.param == "memory":
+            return shared
+        made.append(FileLocker(str(tmp_path / "locks"), acquire_timeout=10.0))
+        return made[-1]
+
+    yield new
+    for locker in [shared, *made]:
+        await locker.close()
 
 
 @pytest.fixture
-async def one(tmp_path: Path, locker: MemoryLocker, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Instance]:
-    instance = Instance(tmp_path / "data", locker, monkeypatch)
+async def one(
+    tmp_path: Path, new_locker: Callable[[], Locker], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Instance]:
+    instance = Instance(tmp_path / "data", new_locker(), monkeypatch)
     yield instance
     await instance.store.close()
 
@@ -93,11 +109,11 @@ async def test_without_a_generation_every_request_reads_the_files(one: Instance)
 
 
 async def test_another_holder_in_between_is_noticed(
-    one: Instance, tmp_path: Path, locker: MemoryLocker, monkeypatch: pytest.MonkeyPatch
+    one: Instance, tmp_path: Path, new_locker: Callable[[], Locker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another store on the same directory and lock service (another worker) writes
     between two requests of this one: this one reads the files and sees its bytes."""
-    other = Instance(tmp_path / "data", locker, monkeypatch)
+    other = Instance(tmp_path / "data", new_locker(), monkeypatch)
     try:
         await one.create("up1", 30)
         assert await one.patch("up1", b"a" * 10) == 10

@@ -9,6 +9,7 @@ events ("the child acquired after the parent released").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -18,11 +19,15 @@ from pathlib import Path
 import pytest
 
 from tusd_py.lockers.base import LockTimeout, LockUnavailable
-from tusd_py.lockers.file import SOCKET_PREFIX, FileLocker
+from tusd_py.lockers.file import LOCK_FILE_TTL, SOCKET_PREFIX, FileLocker, remove_old_lock_files
 
 HOLDER_SCRIPT = r"""
 import asyncio, sys, time
 from tusd_py.lockers.file import FileLocker
+
+def locker_token(locker: FileLocker, upload_id: str) -> str:
+    generation = locker._holdings[upload_id].held.generation
+    return generation.token if generation is not None else "-"
 
 async def main() -> None:
     directory, upload_id, mode, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
@@ -51,7 +56,7 @@ async def main() -> None:
     say("started")
     try:
         async with locker.lock(upload_id, on_release_request):
-            say("acquired", repr(time.monotonic()))
+            say("acquired", repr(time.monotonic()), locker_token(locker, upload_id))
             await release.wait()
             say("releasing", repr(time.monotonic()))
     except Exception as error:
@@ -264,15 +269,82 @@ async def test_two_lockers_in_one_process_contend_like_processes(lock_dir: Path)
         await second.close()
 
 
-async def test_lock_files_do_not_pile_up(lock_dir: Path) -> None:
+async def test_old_lock_files_are_removed_unless_held(lock_dir: Path) -> None:
+    """Lock files stay between holds (they carry the generation) and are removed
+    once unused for LOCK_FILE_TTL; a held one stays, however old."""
     locker = FileLocker(str(lock_dir), acquire_timeout=1)
     try:
         for index in range(3):
             async with locker.lock(f"up{index}", lambda: None):
-                assert f"up{index}.lock" in os.listdir(lock_dir)
-        assert not [name for name in os.listdir(lock_dir) if name.endswith(".lock")]
+                pass
+        names = sorted(name for name in os.listdir(lock_dir) if name.endswith(".lock"))
+        assert names == ["up0.lock", "up1.lock", "up2.lock"]
+        old = time.time() - LOCK_FILE_TTL - 1
+        for name in names[:2]:
+            os.utime(lock_dir / name, (old, old))
+        async with locker.lock("up0", lambda: None):
+            os.utime(lock_dir / "up0.lock", (old, old))  # held: stays anyway
+            assert remove_old_lock_files(str(lock_dir), time.time() - LOCK_FILE_TTL) == 1
+        assert sorted(name for name in os.listdir(lock_dir) if name.endswith(".lock")) == ["up0.lock", "up2.lock"]
+        # A holder that comes after a removal is told nothing about earlier holds.
+        async with locker.lock("up1", lambda: None) as held:
+            assert held.generation is not None and held.generation.follows is None
     finally:
         await locker.close()
+
+
+async def test_a_hold_names_the_one_before_it_across_processes(lock_dir: Path) -> None:
+    """The generation: this process's next hold follows its own last one when nobody
+    held the lock in between, another process's when it did, and none when that
+    process was killed holding it."""
+    locker = FileLocker(str(lock_dir), acquire_timeout=STEP_TIMEOUT)
+    try:
+        async with locker.lock("up1", lambda: None) as held:
+            assert held.generation is not None and held.generation.follows is None  # a new file
+            first = held.generation.token
+        async with locker.lock("up1", lambda: None) as held:
+            assert held.generation is not None and held.generation.follows == first
+            mine = held.generation.token
+
+        helper = await Helper.start(lock_dir, "up1", "obey")
+        acquired = await helper.expect("acquired")
+        assert acquired[2] != mine
+        await helper.send("release")
+        await helper.expect("closed")
+        await helper.stop()
+        async with locker.lock("up1", lambda: None) as held:
+            assert held.generation is not None and held.generation.follows == acquired[2]
+
+        killed = await Helper.start(lock_dir, "up1", "ignore")
+        await killed.expect("acquired")
+        await killed.kill()
+        async with locker.lock("up1", lambda: None) as held:
+            assert held.generation is not None and held.generation.follows is None
+    finally:
+        await locker.close()
+
+
+async def test_a_hold_released_by_close_names_nothing(lock_dir: Path) -> None:
+    first = FileLocker(str(lock_dir), acquire_timeout=1)
+    entered = asyncio.Event()
+
+    async def hold() -> None:
+        async with first.lock("up1", lambda: None):
+            entered.set()
+            await asyncio.Event().wait()
+
+    holder = asyncio.create_task(hold())
+    await entered.wait()
+    await first.close()  # the hold is lost, not cleanly released
+    holder.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await holder
+    second = FileLocker(str(lock_dir), acquire_timeout=1)
+    try:
+        async with second.lock("up1", lambda: None) as held:
+            assert held.generation is not None and held.generation.follows is None
+    finally:
+        await second.close()
 
 
 async def test_invalid_upload_id_is_rejected(lock_dir: Path) -> None:

@@ -8,9 +8,16 @@ Each worker process has its own ``FileLocker`` on the same directory.
   holder's address would drop our own lock); ``flock`` locks belong to one open file
   description, so two descriptors contend even within one process. The kernel drops the
   lock when its holder dies, so a killed worker never leaves a stuck lock.
-- The holder unlinks the lock file before unlocking, so files do not pile up; a waiter
-  that locked a file which was unlinked meanwhile notices (the inode at the path
-  differs) and tries again.
+- The lock file is a small record rewritten in place: ``<address>\n<token>`` while held
+  (the holder's release-request socket and the token of its hold), ``\n<token>`` once
+  that hold was released. The next holder reads it: a record without an address names
+  the hold it directly follows (``held.generation.follows``), so a worker that finds its
+  own last token there may reuse the state it kept (no other worker held the lock
+  since); a record with an address (its holder was killed) or no record vouches for
+  nothing. Files stay between holds (creating and unlinking one per request cost more
+  than the lock); each locker removes the lock files unused for ``LOCK_FILE_TTL``,
+  unlinking only a file it has locked, and a waiter that locked a file which was
+  unlinked meanwhile notices (the inode at the path differs) and tries again.
 - Release requests between processes go over Unix datagram sockets: every locker binds
   one (``<directory>/.sock-<pid>-<random>``; in the abstract namespace if that path is
   too long for a socket address) and the holder writes its address into the lock file.
@@ -25,11 +32,10 @@ Each worker process has its own ``FileLocker`` on the same directory.
 
 Lock-file operations (open, flock with LOCK_NB, a few-byte read or write) are local
 metadata system calls that never wait for another process, so they run on the event
-loop. A lock held by this locker cannot be lost while the process lives, so
-``held.lost`` is only set by ``close()``. ``held.generation`` is None: the lock file is
-unlinked on release, so nothing records who held it last (a store reads the upload
-back on every request). Create the locker in the worker process
-(after any fork): a forked child shares its parent's lock descriptors.
+loop; removing old lock files (a directory scan) runs in a worker thread. A lock held
+by this locker cannot be lost while the process lives, so ``held.lost`` is only set by
+``close()``. Create the locker in the worker process (after any fork): a forked child
+shares its parent's lock descriptors.
 """
 
 from __future__ import annotations
@@ -43,18 +49,21 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from tusd_py.lockers.base import (
     HeldLock,
+    LockGeneration,
     LockObserver,
     LockTimeout,
     LockUnavailable,
     ReleaseRequest,
     ask_to_release,
     check_lock_name,
+    new_lock_token,
     observed,
 )
 from tusd_py.lockers.memory import MemoryLocker
@@ -72,6 +81,17 @@ MAX_RETRY_SECONDS = 0.25
 """A waiter retries the file lock after at most this long even without a "released"
 answer: the bound on noticing a holder that was killed (the kernel frees its lock)."""
 
+LOCK_RECORD_SIZE = 256
+"""Bytes of a lock file's record, padded with spaces: rewritten in place with one
+``pwrite`` (an address is at most 108 bytes, a token 32)."""
+
+LOCK_FILE_TTL = 900.0
+"""Seconds a lock file may stay unused before a locker removes it. Removing one costs
+only the next holder's reuse of its kept state (it reads the upload back once)."""
+
+SWEEP_EVERY = 4096
+"""Acquisitions between two removals of old lock files (and one at start)."""
+
 RESEND_SECONDS = 1.0
 """A waiter repeats its release request this often: datagrams to a full socket
 buffer are dropped."""
@@ -85,6 +105,18 @@ def _encode_address(address: _Address) -> bytes:
     if isinstance(address, bytes):
         return b"@" + address[1:] if address.startswith(b"\0") else address
     return os.fsencode(address)
+
+
+def _record(address: _Address | None, token: str) -> bytes:
+    """A lock file's record: held by ``address`` (None: released) in hold ``token``."""
+    line = _encode_address(address) if address is not None else b""
+    return (line + b"\n" + token.encode()).ljust(LOCK_RECORD_SIZE)
+
+
+def _read_record(raw: bytes) -> tuple[_Address | None, str | None]:
+    """The holder's address and the hold's token in a lock file's record."""
+    address, _, token = raw.partition(b"\n")
+    return _decode_address(address), token.strip().decode("ascii", "replace") or None
 
 
 def _decode_address(raw: bytes) -> _Address | None:
@@ -136,6 +168,8 @@ class FileLocker:
         self._holdings: dict[str, _Holding] = {}
         self._released_events: dict[str, asyncio.Event] = {}
         self._closed = False
+        self._until_sweep = 0
+        self._sweep: asyncio.Task[int] | None = None
 
     @property
     def address(self) -> _Address | None:
@@ -254,11 +288,15 @@ class FileLocker:
         finally:
             if self._released_events.get(upload_id) is released:
                 del self._released_events[upload_id]
-        if self._address is not None:
-            # Tell waiters where to send release requests.
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, _encode_address(self._address), 0)
+        holder, last = _read_record(os.pread(fd, LOCK_RECORD_SIZE, 0))
+        token = new_lock_token()
+        holding.held.generation = LockGeneration(token, last if holder is None else None)
+        # Tells waiters where to send release requests.
+        os.pwrite(fd, _record(self._address, token), 0)
         holding.fd = fd
+        self._until_sweep -= 1
+        if self._until_sweep <= 0:
+            self._start_sweep()
         if holding.release_requested:
             holding.request_release()
 
@@ -292,7 +330,7 @@ class FileLocker:
     def _read_holder(path: str) -> _Address | None:
         try:
             with open(path, "rb") as file:
-                return _decode_address(file.read(512))
+                return _read_record(file.read(LOCK_RECORD_SIZE))[0]
         except OSError:
             return None
 
@@ -303,12 +341,28 @@ class FileLocker:
         if fd is None:
             return  # already released by close()
         holding.fd = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._lock_path(upload_id))
+        generation = holding.held.generation
+        # A released record names this hold for the next holder; a lost lock's
+        # (close) names none.
+        token = generation.token if generation is not None and not holding.held.lost.is_set() else ""
+        try:
+            os.pwrite(fd, _record(None, token), 0)
+        except OSError as error:  # the record still names a holder: vouches for nothing
+            log.warning("cannot update lock file of %s: %s", upload_id, error)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
         for waiter in holding.waiters:
             self._send(waiter, b"released " + upload_id.encode())
+
+    # --- old lock files ----------------------------------------------------------------
+
+    def _start_sweep(self) -> None:
+        self._until_sweep = SWEEP_EVERY
+        if self._sweep is None or self._sweep.done():
+            self._sweep = asyncio.ensure_future(
+                asyncio.to_thread(remove_old_lock_files, self._directory, time.time() - LOCK_FILE_TTL)
+            )
+            self._sweep.add_done_callback(_log_sweep)
 
     # --- datagrams ---------------------------------------------------------------------
 
@@ -361,6 +415,8 @@ class FileLocker:
             holding.held.lost.set()
             self._release(holding)
         await self._local.close()
+        if self._sweep is not None:
+            self._sweep.cancel()  # the thread finishes its scan; nothing waits for it
         if self._socket is not None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._socket.fileno())
@@ -369,3 +425,46 @@ class FileLocker:
         if isinstance(self._address, str):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._address)
+
+
+def remove_old_lock_files(directory: str, unused_since: float) -> int:
+    """Unlink the lock files in ``directory`` last written before ``unused_since``
+    (epoch seconds) that nobody holds; how many. Each is unlinked while locked by us,
+    after checking it is still the file at its path and still old."""
+    removed = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.name.endswith(LOCK_SUFFIX):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime >= unused_since:
+                    continue
+                fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue  # gone, or not ours to open
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # held
+            try:
+                stat = os.fstat(fd)
+                if stat.st_mtime < unused_since and os.stat(entry.path, follow_symlinks=False).st_ino == stat.st_ino:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                pass
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+    return removed
+
+
+def _log_sweep(task: asyncio.Task[int]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.warning("could not remove old lock files: %s", error)
+    elif task.result():
+        log.info("removed %d lock files unused for %.0f s", task.result(), LOCK_FILE_TTL)
