@@ -287,10 +287,16 @@ async def test_old_lock_files_are_removed_unless_held(lock_dir: Path) -> None:
             assert remove_old_lock_files(str(lock_dir), time.time() - LOCK_FILE_TTL) == 1
         assert sorted(name for name in os.listdir(lock_dir) if name.endswith(".lock")) == ["up0.lock", "up2.lock"]
         # A holder that comes after a removal is told nothing about earlier holds.
-        async with locker.lock("up1", lambda: None) as held:
-            assert held.generation is not None and held.generation.follows is None
+        assert await _follows(locker, "up1") is None
     finally:
         await locker.close()
+
+
+async def _follows(locker: FileLocker, upload_id: str) -> str | None:
+    """The hold that a new hold of ``upload_id`` follows."""
+    async with locker.lock(upload_id, lambda: None) as held:
+        assert held.generation is not None
+        return held.generation.follows
 
 
 async def test_a_hold_names_the_one_before_it_across_processes(lock_dir: Path) -> None:
@@ -318,8 +324,7 @@ async def test_a_hold_names_the_one_before_it_across_processes(lock_dir: Path) -
         killed = await Helper.start(lock_dir, "up1", "ignore")
         await killed.expect("acquired")
         await killed.kill()
-        async with locker.lock("up1", lambda: None) as held:
-            assert held.generation is not None and held.generation.follows is None
+        assert await _follows(locker, "up1") is None
     finally:
         await locker.close()
 
@@ -341,8 +346,7 @@ async def test_a_hold_released_by_close_names_nothing(lock_dir: Path) -> None:
         await holder
     second = FileLocker(str(lock_dir), acquire_timeout=1)
     try:
-        async with second.lock("up1", lambda: None) as held:
-            assert held.generation is not None and held.generation.follows is None
+        assert await _follows(second, "up1") is None
     finally:
         await second.close()
 

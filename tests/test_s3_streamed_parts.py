@@ -97,6 +97,18 @@ async def test_whole_spooled_parts_are_streamed_when_unsigned(fast_moto: str) ->
         assert _text(request.headers["x-amz-checksum-crc32c"]) == _crc32c(expected)
 
 
+def _assert_two_signed_parts_streamed(seen: list[Any], data: bytes, part: int) -> None:
+    """Of the three parts sent, the two whole ones went in pieces, each signed with
+    the SHA-256 of its bytes."""
+    streamed = [request for request in seen if type(request.body).__name__ == "_StreamedPayload"]
+    assert len(streamed) == 2 and len(seen) == 3, [(type(r.body).__name__, r.headers["Content-Length"]) for r in seen]
+    for request in streamed:
+        number = int(request.url.split("partNumber=")[1].split("&")[0])
+        expected = data[(number - 1) * part:number * part]
+        assert _text(request.headers["X-Amz-Content-SHA256"]) == hashlib.sha256(expected).hexdigest()
+        assert "x-amz-content-sha256" in _text(request.headers["Authorization"])  # a signed header
+
+
 async def test_signed_spooled_parts_are_streamed_with_the_sha256_of_the_spool(fast_moto: str) -> None:
     """SigV4 signs the SHA-256 of the body before the request goes out: the spool
     computed it while it wrote the part, so the part still goes in pieces."""
@@ -107,13 +119,7 @@ async def test_signed_spooled_parts_are_streamed_with_the_sha256_of_the_spool(fa
     data = data_of(2 * part + 3)
     upload_id = await _upload_all(store, data)
     assert await object_bytes(fast_moto, bucket, upload_id) == data
-    streamed = [request for request in seen if type(request.body).__name__ == "_StreamedPayload"]
-    assert len(streamed) == 2 and len(seen) == 3, [(type(r.body).__name__, r.headers["Content-Length"]) for r in seen]
-    for request in streamed:
-        number = int(request.url.split("partNumber=")[1].split("&")[0])
-        expected = data[(number - 1) * part:number * part]
-        assert _text(request.headers["X-Amz-Content-SHA256"]) == hashlib.sha256(expected).hexdigest()
-        assert "x-amz-content-sha256" in _text(request.headers["Authorization"])  # a signed header
+    _assert_two_signed_parts_streamed(seen, data, part)
 
 
 async def test_signed_parts_held_in_memory_are_hashed_off_the_event_loop(fast_moto: str, monkeypatch: Any) -> None:
@@ -137,12 +143,7 @@ async def test_signed_parts_held_in_memory_are_hashed_off_the_event_loop(fast_mo
     upload_id = await _upload_all(store, data)
     assert await object_bytes(fast_moto, bucket, upload_id) == data
     assert hashed == [(part, True), (part, True)]
-    streamed = [request for request in seen if type(request.body).__name__ == "_StreamedPayload"]
-    assert len(streamed) == 2 and len(seen) == 3, [(type(r.body).__name__, r.headers["Content-Length"]) for r in seen]
-    for request in streamed:
-        number = int(request.url.split("partNumber=")[1].split("&")[0])
-        expected = data[(number - 1) * part:number * part]
-        assert _text(request.headers["X-Amz-Content-SHA256"]) == hashlib.sha256(expected).hexdigest()
+    _assert_two_signed_parts_streamed(seen, data, part)
 
 
 def test_a_streamed_body_is_signed_as_botocores_crt_signer_signs_its_bytes(monkeypatch: Any) -> None:
