@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.accounting import accounted
 from benchmarks.common import (
     MB,
     PEERS_DIR,
@@ -47,7 +48,6 @@ from benchmarks.common import (
     ServerFailed,
     ServerGroup,
     ServerProcess,
-    accounted,
     clear_directory,
     command_from_template,
     environment,

@@ -2,7 +2,7 @@
 
 Each function drives one server process (``ServerProcess``: tusd-py, the peer, or the
 sink as the limit) with raw-socket asyncio clients and returns a ``report.Row`` with
-the server's cost over the measured span (``common.accounted``). The client runs on
+the server's cost over the measured span (``accounting.accounted``). The client runs on
 uvloop when it is installed: these workloads are many small operations, where the
 client's per-request cost matters most, and the client must not be the bottleneck.
 """
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar, cast
 
-from benchmarks.common import MB, GiB, KiB, MiB, ServerFailed, ServerProcess, accounted, new_event_loop, status_kib
+from benchmarks.accounting import accounted, status_kib
+from benchmarks.common import MB, GiB, KiB, MiB, ServerFailed, ServerProcess, new_event_loop
 from benchmarks.rawclient import TUS_VERSION, HTTPError, RawConnection, create_upload, patch_upload
 from benchmarks.report import MB_PER_S, REQUESTS_PER_S, RSS_MIB, Row
 

@@ -37,7 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ServerProcess, accounted, free_port
+from benchmarks.accounting import accounted
+from benchmarks.common import ServerProcess, free_port
 from benchmarks.loads import BASE_PATH, HOST, RequestRate, request_rate, run_client
 from benchmarks.rawclient import RawConnection, create_upload, patch_upload
 

@@ -43,6 +43,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from awscrt import checksums as crt_checksums
 
+from benchmarks.accounting import accounted
 from benchmarks.common import (
     MB,
     PEERS_DIR,
@@ -51,7 +52,6 @@ from benchmarks.common import (
     ServerFailed,
     ServerGroup,
     ServerProcess,
-    accounted,
     command_from_template,
     environment,
     finish_report,

@@ -32,7 +32,6 @@ import os
 import resource
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import traceback
@@ -56,6 +55,8 @@ from benchmarks.common import (
     environment,
     format_size,
     load_average,
+    node_version,
+    peer_versions,
     random_buffer,
     source_digest,
 )
@@ -359,22 +360,6 @@ class Suite:
 
 # --- output ---------------------------------------------------------------------------------
 
-def _peer_versions() -> dict[str, str]:
-    versions = {}
-    for package in ("server", "file-store", "s3-store"):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            document = json.loads((PEERS_DIR / "node_modules" / "@tus" / package / "package.json").read_text())
-            versions[f"@tus/{package}"] = document["version"]
-    return versions
-
-
-def _node_version() -> str:
-    try:
-        return subprocess.run(["node", "--version"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "not installed"
-
-
 def _goals(results: SuiteResults, median_rows: list[Row], sizes: Sizes) -> list[str]:
     """Goals that are not ratios: the file store's peak RSS and the S3 traffic."""
     lines = []
@@ -572,8 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         **environment(),
         "command": shlex.join(["python", "-m", "benchmarks.suite", *(argv if argv is not None else sys.argv[1:])]),
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
-        "node": _node_version(),
-        "peer_versions": _peer_versions() if peer else {},
+        "node": node_version(),
+        "peer_versions": peer_versions() if peer else {},
         "sizes": asdict(sizes),
         "stores": stores,
         "tusd_py_workers": args.workers,

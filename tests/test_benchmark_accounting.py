@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from benchmarks.common import ProcessMonitor, process_tree
+from benchmarks.accounting import ProcessMonitor, process_tree
 
 MiB = 1024 * 1024
 
