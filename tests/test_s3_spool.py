@@ -3,6 +3,7 @@ S3 client's bodies sent as bytes (no BytesIO copies)."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from typing import Any
@@ -85,6 +86,16 @@ async def test_file_rings_hold_slots_in_memory_while_the_budget_has_a_part_left(
         await slot.close()
     await a.close()  # a second close gives nothing back twice
     assert budget.take(2 * 1000) and not budget.take(1)  # all of it was given back, once
+
+
+async def test_a_memory_slot_never_closed_gives_its_budget_back_when_collected(tmp_path: Any) -> None:
+    budget = SpoolBudget(1000)
+    ring = SpoolRing(4, "file", str(tmp_path), budget=budget, slot_size=1000)
+    slot = await ring.acquire()
+    assert isinstance(slot, MemorySlot) and not budget.take(1)
+    del slot  # e.g. a writer cancelled while it freed its slots
+    gc.collect()
+    assert budget.take(1000)
 
 
 async def test_a_budget_smaller_than_a_part_gives_only_file_slots(tmp_path: Any) -> None:

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import os
 import tempfile
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import IO, Any, Protocol, TypeVar
 
@@ -134,13 +135,13 @@ class SpoolBudget:
 
 
 class MemorySlot:
-    """A slot in memory; ``reserved`` bytes of ``budget`` go back to it on close."""
+    """A slot in memory; ``reserved`` bytes of ``budget`` go back to it on close (or,
+    should a cancelled writer never close it, when the slot is collected)."""
 
     def __init__(self, budget: SpoolBudget | None = None, reserved: int = 0) -> None:
         self._chunks: list[bytes] = []
         self._size = 0
-        self._budget = budget
-        self._reserved = reserved
+        self._give_back = weakref.finalize(self, budget.give, reserved) if budget is not None else None
 
     @property
     def size(self) -> int:
@@ -168,9 +169,8 @@ class MemorySlot:
 
     async def close(self) -> None:
         self._chunks.clear()
-        budget, self._budget = self._budget, None
-        if budget is not None:
-            budget.give(self._reserved)
+        if self._give_back is not None:
+            self._give_back()  # once: a finalizer runs at most once
 
 
 class FileSlot:
