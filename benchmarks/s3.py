@@ -301,7 +301,7 @@ class S3Targets(ServerGroup):
                 "TUSD_PY_STORE_S3_PART_SIZE": str(self.options.part_size),
                 "TUSD_PY_STORE_S3_MAX_CONCURRENT_PART_UPLOADS": str(self.options.concurrency),
                 "TUSD_PY_STORE_S3_SPOOL_DIR": str(self.options.work_dir / "spool"),
-                "MALLOC_ARENA_MAX": "2",  # as systemd/tusd-py.service runs it
+                "MALLOC_ARENA_MAX": "1",  # as systemd/tusd-py.service runs it
             }
             # Only when asked, so that --server-cmd can run a tusd-py from before the key.
             if self.options.checksum != "crc32c":
