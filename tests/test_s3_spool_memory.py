@@ -37,9 +37,8 @@ async def test_a_large_chunk_past_the_head_goes_to_the_file_at_once(tmp_path: An
     await slot.close()
 
 
-async def test_small_chunks_past_the_head_are_written_in_batches(tmp_path: Any, monkeypatch: Any) -> None:
-    """Tiny chunks still cost one write (one thread hop) per batch, and never more
-    than a batch waits in memory."""
+def count_spool_writes(monkeypatch: Any) -> list[int]:
+    """The bytes of every write to a spool file from now on, one entry per write."""
     writes: list[int] = []
     write = FileSlot._write
 
@@ -48,6 +47,13 @@ async def test_small_chunks_past_the_head_are_written_in_batches(tmp_path: Any, 
         write(self, chunks)
 
     monkeypatch.setattr(FileSlot, "_write", counted)
+    return writes
+
+
+async def test_small_chunks_past_the_head_are_written_in_batches(tmp_path: Any, monkeypatch: Any) -> None:
+    """Tiny chunks still cost one write (one thread hop) per batch, and never more
+    than a batch waits in memory."""
+    writes = count_spool_writes(monkeypatch)
     slot = FileSlot(str(tmp_path))
     size = 64 * 1024
     data = os.urandom(s3_spool.MEMORY_HEAD_SIZE + 4 * s3_spool.FILE_FLUSH_SIZE)

@@ -22,6 +22,7 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 
 from tests.helpers import data_of, make_bucket, object_bytes
+from tests.test_s3_spool_memory import count_spool_writes
 from tests.test_s3_support import FAST_RETRIES, MiB, SeamWrapper, s3_config, upload
 from tusd_py.config import Size
 from tusd_py.stores import s3_botocore
@@ -37,7 +38,7 @@ from tusd_py.stores.s3_botocore import (
 )
 from tusd_py.stores.s3_client import S3Client, S3TransientError
 from tusd_py.stores.s3_retry import RetryingS3Client
-from tusd_py.stores.s3_spool import STREAM_PIECE_SIZE, FileSlot
+from tusd_py.stores.s3_spool import STREAM_PIECE_SIZE
 
 
 def _crc32c(data: bytes) -> str:
@@ -307,14 +308,7 @@ async def test_parts_within_the_spool_memory_budget_never_touch_a_spool_file(
 ) -> None:
     """With ``spool_memory`` room for the ring's slots, a PATCH's parts wait in memory
     (no write to a spool file and no read back); without it, in files."""
-    written: list[int] = []
-    write = FileSlot._write
-
-    def counted(self: FileSlot, chunks: list[Any]) -> None:
-        written.append(sum(len(chunk) for chunk in chunks))
-        write(self, chunks)
-
-    monkeypatch.setattr(FileSlot, "_write", counted)
+    written = count_spool_writes(monkeypatch)
     part = 3 * MiB
     data = data_of(3 * part + 1000)
     for budget, spooled in ((4 * part, 0), (0, 3 * part)):

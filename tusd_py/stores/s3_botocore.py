@@ -266,9 +266,10 @@ thread (``_with_sha256``): botocore would hash it on the event loop, about 7 ms 
 async def _with_sha256(body: PartBody) -> ChunksBody:
     """``body`` with its SHA-256 computed in a worker thread: then sent as it is, in
     chunks, with that digest signed (``_KnownPayloadS3Auth``)."""
-    chunks = [body] if isinstance(body, bytes) else body.chunks if isinstance(body, ChunksBody) else [
-        await body.read_all()
-    ]
+    if isinstance(body, ChunksBody):
+        chunks = body.chunks
+    else:
+        chunks = [body if isinstance(body, bytes) else await body.read_all()]
     return ChunksBody(chunks, await asyncio.to_thread(_sha256_hex, chunks))
 
 

@@ -119,9 +119,15 @@ class PatchWriter:
 
     def _target(self) -> int:
         """Size of the part being received (the last part of a known length is short)."""
-        if self.length is not None and self.part_number == final_part_number(self.length, self.part_size):
+        if self._is_final(self.part_number):
+            assert self.length is not None
             return self.length - self.part_start
         return self.part_size
+
+    def _is_final(self, number: int) -> bool:
+        """Whether part ``number`` is the last one of a known length (short, and what
+        ``finish`` completes: never kept as a tail segment)."""
+        return self.length is not None and number == final_part_number(self.length, self.part_size)
 
     async def run(self, body: AsyncIterable[bytes]) -> PatchOutcome:
         """Store ``body``; what is stored once every byte it yielded is (as a part or
@@ -171,12 +177,13 @@ class PatchWriter:
         would complete this part); False once a part upload failed (stop reading).
         Waiting for a full ring holding no chunk leaves the bytes in the request's
         own bounded buffer: a chunk held here while the ring is full was a chunk per
-        upload in memory (1 MiB each) for as long as S3 took."""
+        upload in memory for as long as S3 took."""
         if self.position >= self.limit:
             return True  # no more bytes may come
         room = self._target() - self.fill
-        final = self.length is not None and self.part_number == final_part_number(self.length, self.part_size)
-        if self.slot is not None and (room >= self.largest_chunk or final or self.next_slot is not None):
+        if self.slot is not None and (
+            room >= self.largest_chunk or self._is_final(self.part_number) or self.next_slot is not None
+        ):
             return True
         slot = await self._acquire()
         if slot is None:
@@ -321,14 +328,14 @@ class PatchWriter:
         if self.leftover is not None and not self.leftover.done():
             self.leftover.cancel()
         segments = list(failed_job.prefix)
-        is_final = self.length is not None and failed_job.number == final_part_number(self.length, self.part_size)
         # After a timeout S3 is stalled: saving the bytes would only wait out another
         # deadline per attempt before the client hears what is stored.
-        if failed_job.slot is not None and failed_job.slot.size > 0 and not is_final and not isinstance(
+        slot = failed_job.slot
+        if slot is not None and slot.size > 0 and not self._is_final(failed_job.number) and not isinstance(
             failure, S3Timeout
         ):
             try:
-                segments.append(await self._store_segment(failed_job.slot, failed_job.start + failed_job.prefix_size))
+                segments.append(await self._store_segment(slot, failed_job.start + failed_job.prefix_size))
             except S3Error as error:
                 log.warning("upload %s: could not save part %d as a tail segment: %s",
                             self.upload_id, failed_job.number, error)
